@@ -58,6 +58,20 @@ WORKER_SRC = textwrap.dedent(
             return 0.5 * (fn(p1, z2) + fn(p2, z1))
 
 
+    def sghmc_run(model, net, inputs, rows, steps=6):
+        """A few noisy cSGHMC steps on the byol loss; returns the final parameters by name."""
+        from probssl.posteriors.sghmc import CyclicalSGHMC
+
+        net.load_state_dict(inputs["state"])
+        opt = CyclicalSGHMC(net.parameters(), lr=0.05, num_data=20, temperature=1.0, steps_per_cycle=4,
+                            exploration_fraction=0.25, seed=3)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            model(inputs["x1"][rows], inputs["x2"][rows], "byol").backward()
+            opt.step()
+        return {name: p.detach().clone() for name, p in net.named_parameters()}
+
+
     def main(out):
         torch.set_num_threads(1)
         device = pd.init_distributed()
@@ -88,6 +102,11 @@ WORKER_SRC = textwrap.dedent(
 
         result["mean_of_rank"] = pd.all_reduce_mean(torch.tensor(rank))
         result["broadcast"] = pd.broadcast_from_main(torch.full((3,), rank + 1.0))
+
+        # cSGHMC under DDP: each rank sees other rows, but the all-reduced gradient and the noise
+        # (same seed on every rank) are identical, so the replicas must stay bit-identical.
+        for name, params in sghmc_run(model, net, inputs, rows).items():
+            result["sghmc/" + name] = params
         torch.save(result, out / f"rank{rank}.pt")
 
         del model, net, loss, gathered, x
@@ -184,6 +203,18 @@ def test_all_reduce_mean_and_broadcast(ddp_run) -> None:
     for res in _rank_results(out):
         assert res["mean_of_rank"].item() == pytest.approx((WORLD_SIZE - 1) / 2)
         torch.testing.assert_close(res["broadcast"], torch.ones(3))
+
+
+def test_csghmc_noise_keeps_ddp_replicas_identical(ddp_run) -> None:
+    out, worker, inputs = ddp_run
+    ranks = _rank_results(out)
+    net = worker.Net()
+    reference = worker.sghmc_run(net, net, inputs, slice(None))  # one process, the global batch
+    start = inputs["state"]
+    for name, value in reference.items():
+        assert not torch.equal(value, start[name]), name  # the sampler did move the weights
+        assert torch.equal(ranks[0]["sghmc/" + name], ranks[1]["sghmc/" + name]), name  # in sync, bit for bit
+        torch.testing.assert_close(ranks[0]["sghmc/" + name], value, rtol=0, atol=1e-5, msg=name)
 
 
 def test_single_process_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -93,15 +93,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from probssl.tables import format_table, read_eval
+    from probssl.tables import DEFAULT_COLUMNS, aggregate_seeds, format_table, read_eval
 
     rows = {str(d): read_eval(d) for d in args.run_dirs}
-    columns = args.columns.split(",") if args.columns else None
-    print(
-        format_table(rows, columns, markdown=args.markdown)
-        if columns
-        else format_table(rows, markdown=args.markdown)
-    )
+    columns = args.columns.split(",") if args.columns else list(DEFAULT_COLUMNS)
+    if args.by_seed:
+        rows, columns = aggregate_seeds(rows, columns), ["n", *columns]
+    print(format_table(rows, columns, markdown=args.markdown))
     return 0
 
 
@@ -142,8 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--suite",
         default="full",
-        choices=("basic", "full"),
-        help="basic: kNN + linear probe; full: + calibration, OOD, shift, low-shot, transfer, retrieval",
+        choices=("basic", "uncertainty", "full"),  # probssl.eval.evaluate.SUITES (imported lazily)
+        help="basic: kNN + linear probe; uncertainty: + calibration, selective, OOD; "
+        "full: + corruptions, low-shot, transfer, retrieval",
     )
     p.add_argument("--step", type=int, help="evaluate the kept checkpoint at this step (eval_step<N>.json)")
     p.add_argument("--no-progress", action="store_true")
@@ -151,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--columns", help="comma-separated metric keys")
     p.add_argument("--markdown", action="store_true")
+    p.add_argument(
+        "--by-seed", action="store_true", help="one row per run name without its -s<seed> suffix: mean ± std"
+    )
     p = sub.add_parser("report", help="one static HTML page comparing runs (tables and plots)")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="report.html")

@@ -55,4 +55,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int 
     method = build_model(cfg)
     state, meta = load_model_state(run_dir, step)
     method.load_state_dict(state)
-    return LoadedRun(run_dir=run_dir, config=cfg, method=method.to(device).eval(), weights_meta=meta)
+    method = method.to(device).eval()
+    method.attach_run(run_dir, up_to_step=step)
+    return LoadedRun(run_dir=run_dir, config=cfg, method=method, weights_meta=meta)

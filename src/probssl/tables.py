@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,3 +45,32 @@ def format_table(
         else "  ".join("-" * w for w in widths)
     )
     return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+def seed_group(run_dir: str | Path) -> str:
+    """Runs that differ only by seed share a name up to a ``-s<seed>`` suffix: ``byol-s2`` → ``byol``."""
+    return re.sub(r"-s\d+$", "", Path(run_dir).name)
+
+
+def aggregate_seeds(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Mean ± sample standard deviation per seed group; ``n`` = the number of runs in the group.
+
+    A metric missing from some runs of a group is averaged over the runs that have it (and its
+    count shown), so a half-evaluated group cannot pass for a complete one.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run_dir, result in rows.items():
+        groups.setdefault(seed_group(run_dir), []).append(result)
+    table: dict[str, dict[str, Any]] = {}
+    for name, results in groups.items():
+        cells: dict[str, Any] = {"n": str(len(results))}
+        for col in columns:
+            values = [r[col] for r in results if isinstance(r.get(col), int | float)]
+            if not values:
+                continue
+            mean = statistics.fmean(values)
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            partial = f" (n={len(values)})" if len(values) != len(results) else ""
+            cells[col] = f"{mean:.4f} ± {std:.4f}{partial}"
+        table[name] = cells
+    return table

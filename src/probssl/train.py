@@ -41,6 +41,7 @@ from probssl.distributed import (
     teardown_distributed,
 )
 from probssl.io import atomic_write_json
+from probssl.methods import TrainContext
 from probssl.optim import build_optimizer, warmup_cosine
 from probssl.run_log import MetricLogger
 from probssl.runs import build_model
@@ -147,7 +148,20 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     lr_schedule = warmup_cosine(
         lr, total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch), final=lr * cfg.optim.min_lr_ratio
     )
-    optimizer = build_optimizer(method, cfg.optim, lr) if method.trainable else None
+    context = TrainContext(
+        run_dir=out_dir,
+        is_main=is_main,
+        num_data=len(dataset),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        lr=lr,
+        seed=tc.seed,
+    )
+    optimizer = None
+    if method.trainable:
+        optimizer = method.configure_optimizer(context) or build_optimizer(method, cfg.optim, lr)
+    # A sampler with a cyclical step size owns its schedule; everything else follows warm-up + cosine.
+    owns_schedule = bool(getattr(optimizer, "owns_lr_schedule", False))
     preset = cfg.data.views or preset_for_dataset(cfg.data.dataset)
     augment = MultiViewAugment(
         PRESETS[preset], info.image_size, info.channels, info.mean, info.std, num_global=method.num_views
@@ -229,8 +243,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         views = augment(x)
         if tc.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        for group in optimizer.param_groups:
-            group["lr"] = float(lr_schedule[step])
+        if not owns_schedule:
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr_schedule[step])
 
         with autocast_context(device, tc.precision):
             loss = model(views)
@@ -247,6 +262,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         loss.backward()
         optimizer.step()
         method.update_targets((step + 1) / total_steps)
+        method.after_step(step, context)
 
         window_steps += 1
         bar.update(1)
@@ -258,7 +274,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
                 {
                     "epoch": epoch,
                     "loss": loss_value,
-                    "lr": float(lr_schedule[step]),
+                    "lr": optimizer.current_step_size if owns_schedule else float(lr_schedule[step]),
                     "img_per_s": img_s,
                     **method.extra_state_for_logging(),
                 },

@@ -7,8 +7,8 @@ from typing import Any
 from torch import nn
 
 from probssl.config import method_config
-from probssl.methods import byol, pixels, prosmin, scl, simclr, simsiam, vi_simsiam  # noqa: F401  (registration side effects)
-from probssl.methods.base import MethodConfig, SSLMethod
+from probssl.methods import byol, csghmc, pixels, prosmin, scl, simclr, simsiam, vi_simsiam  # noqa: F401  (registration side effects)
+from probssl.methods.base import MethodConfig, SSLMethod, TrainContext
 from probssl.methods.registry import METHODS
 
 
@@ -19,4 +19,4 @@ def build_method(name: str, backbone: nn.Module, args: dict[str, Any] | None = N
     return method_cls(backbone, cfg)
 
 
-__all__ = ["METHODS", "MethodConfig", "SSLMethod", "build_method"]
+__all__ = ["METHODS", "MethodConfig", "SSLMethod", "TrainContext", "build_method"]

@@ -3,11 +3,20 @@
 A method is an ``nn.Module`` holding a backbone and its own heads. The training loop knows only
 ``loss(views)`` and ``update_targets(progress)``; the evaluation suite knows only ``embed(x)``.
 ``forward`` is ``loss`` so that DistributedDataParallel's gradient hooks see the whole step.
+
+Methods whose posterior lives in *weight* space (cSGHMC's sample bank) need a little more of the
+machinery, through hooks that default to doing nothing: choose their own optimizer
+(:meth:`configure_optimizer`), act after each step (:meth:`after_step`, e.g. store a sample), find
+their artefacts in a run directory (:meth:`attach_run`) and get ready for evaluation on training
+images (:meth:`prepare_for_evaluation`, e.g. re-estimate BatchNorm statistics per sample). The
+shared machinery calls the hooks; it never asks which method it is running.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -19,6 +28,19 @@ from probssl.embedding import Embedding
 @dataclass
 class MethodConfig:
     """Base class of each method's hyper-parameter dataclass (one home per value)."""
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What the training loop tells a method's hooks about the run it is in."""
+
+    run_dir: Path
+    is_main: bool  # rank 0: the one process that writes files
+    num_data: int  # training images (N of a likelihood N·L̂)
+    steps_per_epoch: int
+    total_steps: int
+    lr: float  # the base learning rate after batch-size scaling
+    seed: int
 
 
 class SSLMethod(nn.Module):
@@ -56,3 +78,29 @@ class SSLMethod(nn.Module):
     def extra_state_for_logging(self) -> dict[str, Any]:
         """Scalars worth logging beside the loss (e.g. the current EMA momentum)."""
         return {}
+
+    # ---- hooks for methods with more state than their weights (defaults: nothing to do) --------
+
+    def configure_optimizer(self, ctx: TrainContext) -> torch.optim.Optimizer | None:
+        """An optimizer of the method's own (e.g. a sampler), or ``None`` for the configured one.
+
+        An optimizer with a true ``owns_lr_schedule`` attribute sets its own step sizes; the loop
+        then leaves ``group["lr"]`` alone and logs ``optimizer.current_step_size``.
+        """
+        return None
+
+    def after_step(self, step: int, ctx: TrainContext) -> None:
+        """Called after optimizer step ``step`` (0-based) and ``update_targets``, on every rank."""
+
+    def attach_run(self, run_dir: Path, up_to_step: int | None = None) -> None:
+        """Called when a run is loaded for evaluation: read artefacts kept beside the weights.
+
+        ``up_to_step`` restricts them to what existed at that checkpoint (learning curves).
+        """
+
+    def prepare_for_evaluation(self, train_batches: Callable[[], Iterable[Tensor]]) -> None:
+        """Called once before embedding, with normalised, un-augmented training batches."""
+
+    def cache_tag(self) -> str:
+        """Extra identity for cached features beyond the weights' checksum (e.g. the sample bank)."""
+        return ""

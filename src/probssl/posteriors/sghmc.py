@@ -81,6 +81,7 @@ __all__ = [
     "cycle_phase",
     "cyclical_step_size",
     "is_sampling_stage",
+    "sample_positions",
     "should_store_sample",
 ]
 
@@ -140,6 +141,30 @@ def should_store_sample(step: int, steps_per_cycle: int, samples_per_cycle: int)
     return step % steps_per_cycle >= steps_per_cycle - samples_per_cycle
 
 
+def sample_positions(steps_per_cycle: int, exploration_fraction: float, samples_per_cycle: int) -> list[int]:
+    """In-cycle step indices (0-based, ascending) after which a sample is stored.
+
+    Spread evenly over the sampling stage and ending on the cycle's last step (the smallest step
+    size): position K−1−j·gap for j < n, gap = ⌊(sampling steps)/n⌋ ≥ 1. With per-step samples the
+    released code's "last n epochs" rule would store n nearly identical weights (η_k ≈ 0 for the
+    last few steps); spacing them over the noisy stage gives the sampler time to move between them.
+    A snapshot ensemble (T = 0) uses the same positions, so the two arms differ only in the noise.
+    """
+    _check_cycle(steps_per_cycle)
+    if not 1 <= samples_per_cycle <= steps_per_cycle:
+        raise ValueError(
+            f"samples_per_cycle must be in [1, steps_per_cycle={steps_per_cycle}], got {samples_per_cycle}"
+        )
+    if not 0.0 <= exploration_fraction <= 1.0:
+        raise ValueError(f"exploration_fraction must be in [0, 1], got {exploration_fraction}")
+    first_sampling = next(
+        (k for k in range(steps_per_cycle) if is_sampling_stage(k, steps_per_cycle, exploration_fraction)),
+        steps_per_cycle - 1,
+    )
+    gap = max(1, (steps_per_cycle - first_sampling) // samples_per_cycle)
+    return sorted(steps_per_cycle - 1 - j * gap for j in range(samples_per_cycle))
+
+
 class CyclicalSGHMC(torch.optim.Optimizer):
     """cSGHMC as a ``torch.optim.Optimizer``; the gradient in ``p.grad`` must be that of the mean loss L̂.
 
@@ -157,6 +182,9 @@ class CyclicalSGHMC(torch.optim.Optimizer):
         beta: β of ``paper_code``, which samples at temperature T(1−β). Ignored by ``textbook``.
         seed: seeds the noise generator; use the same seed on every DDP rank.
     """
+
+    #: The sampler computes η_k itself: a training loop must not write ``group["lr"]``.
+    owns_lr_schedule = True
 
     def __init__(
         self,

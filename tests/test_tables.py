@@ -1,0 +1,42 @@
+"""Tables are computed from eval.json files: per-run rows and seed aggregation (mean ± std)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+from probssl.cli import main
+from probssl.tables import aggregate_seeds, format_table, seed_group
+
+
+def test_seed_group_strips_only_a_trailing_seed():
+    assert seed_group("runs/fm/byol-s2") == "byol"
+    assert seed_group("runs/fm/csghmc-T0-s10") == "csghmc-T0"
+    assert seed_group("runs/fm/s1-model") == "s1-model"
+
+
+def test_aggregate_seeds_against_statistics():
+    values = [0.81, 0.84, 0.80]
+    rows = {f"r/byol-s{i}": {"linear/top1": v} for i, v in enumerate(values)}
+    rows["r/simclr-s0"] = {"linear/top1": 0.9}
+    rows["r/simclr-s1"] = {}
+    table = aggregate_seeds(rows, ["linear/top1"])
+    expected = f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+    assert table["byol"] == {"n": "3", "linear/top1": expected}
+    assert table["simclr"]["linear/top1"] == "0.9000 ± 0.0000 (n=1)"  # the missing run is visible
+    assert "0.8167 ± 0.0208" in format_table(table, ["n", "linear/top1"])
+
+
+def test_cli_table_by_seed(tmp_path, capsys):
+    for seed, acc in enumerate([0.5, 0.7]):
+        run = tmp_path / f"m-s{seed}"
+        run.mkdir()
+        (run / "eval.json").write_text(json.dumps({"linear/top1": acc}))
+    assert (
+        main(
+            ["table", *(str(tmp_path / f"m-s{s}") for s in range(2)), "--by-seed", "--columns", "linear/top1"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "0.6000 ± 0.1414" in out and "| " not in out
