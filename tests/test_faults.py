@@ -132,3 +132,52 @@ def test_repeated_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path,
     ref_eval, killed_eval = _eval(reference), _eval(killed)
     ref_eval.pop("config/train.max_steps", None), killed_eval.pop("config/train.max_steps", None)
     assert ref_eval == killed_eval
+
+
+def _children_by_rank(parent: int) -> dict[int, int]:
+    """pid of each torchrun worker under ``parent``, keyed by its RANK environment variable."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != parent:
+                continue
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # the process went away while we looked
+        for entry in env:
+            if entry.startswith(b"RANK="):
+                workers[int(entry[5:])] = int(stat.parent.name)
+    return workers
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs /proc to find torchrun's workers")
+def test_ddp_rank_killed_mid_run_resumes_cleanly(tmp_path):
+    """SIGKILL one of two torchrun workers: the job fails loudly, ``--resume`` under torchrun finishes
+    and reaches exactly the weights of an uninterrupted 2-process run."""
+    extra = ["backbone.norm=group"]  # BatchNorm statistics would differ per rank
+
+    def torchrun(out: Path, resume: bool = False) -> list[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        cmd += ["-m", "probssl.cli"]
+        if resume:
+            return [*cmd, "train", "--resume", "--out", str(out), "--no-progress"]
+        return [*cmd, *_train_args("simclr", out)[3:], *extra]
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    _check(torchrun(reference))
+    proc = subprocess.Popen(torchrun(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and _logged_steps(killed) < 6 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    workers = _children_by_rank(proc.pid)
+    assert proc.poll() is None and 1 in workers, "could not find rank 1 before the run ended"
+    os.kill(workers[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, stderr[-2000:]  # torchrun tears the other rank down and fails
+    assert not (killed / "model.safetensors").exists()
+    _check(torchrun(killed, resume=True))
+
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

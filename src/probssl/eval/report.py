@@ -688,7 +688,7 @@ def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
         ax.hist(clipped, bins=bins, density=True, color=colour, alpha=0.3)
         ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
     criterion = f" · score: {d['criterion']}" if d["criterion"] else ""
-    ax.set_title(f"{run.name}  vs {set_name}{criterion}", loc="left")
+    ax.set_title(f"{run.name}\nvs {set_name}{criterion}", loc="left")
     ax.text(
         0.98,
         0.95,
