@@ -33,4 +33,4 @@ done
 runs=()
 for arm in byol snapshot csghmc; do for seed in $SEEDS; do runs+=("runs/fm/$arm-s$seed"); done; done
 $BIN/probssl table "${runs[@]}" --by-seed --markdown \
-  --columns linear/top1,knn/top1@20,cal/ece,linear/nll,ood/mnist/entropy/auroc,ood/mnist/mi/auroc,ood/mnist/emb/auroc
+  --columns linear/top1,knn/top1@20,cal/ece15,cal/brier,linear/nll,ood/mnist/entropy/auroc,ood/mnist/mi/auroc,ood/mnist/emb/auroc

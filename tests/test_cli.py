@@ -67,3 +67,15 @@ def test_cli_resume_continues_and_refuses_a_changed_config(tmp_path, capsys):
     assert "optim.lr" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", out, "--no-progress"]) == 0
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_overrides_may_sit_anywhere_among_the_flags(tmp_path, capsys):
+    # The second group of key=value pairs is parsed as overrides (its typo is reported as a config key) ...
+    argv = ["train", "optim.lr=0.1", "--method", "simclr", "--no-progress", "method.temprature=1"]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert "unknown config key 'method.temprature'" in capsys.readouterr().err
+    # ... while a stray word that is not key=value is still refused by the argument parser.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--method", "simclr", "stray", "--no-progress", "junk"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: junk" in capsys.readouterr().err
