@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PROBSSL_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -16,3 +17,16 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "fashion_mnist").is_dir():
         pytest.skip(f"official data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for the test, then the previous count back.
+
+    Tiny tensor ops on a shared 2-core box are far slower with two spinning intra-op threads than
+    with one. Test modules opt in with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,14 +9,7 @@ from torch import nn
 from probssl.nn.backbones import BACKBONES, build_backbone
 from probssl.nn.heads import mlp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box are far slower with two spinning intra-op threads than with one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _count(module: nn.Module, kind: type | tuple[type, ...]) -> int:

@@ -18,14 +18,7 @@ from probssl.eval.calibration import (
 )
 from probssl.eval.metrics import brier, nll, top1
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _random_probs(n: int = 200, c: int = 5, seed: int = 0, sharpness: float = 3.0):

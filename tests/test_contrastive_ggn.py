@@ -29,9 +29,7 @@ DT = torch.float64
 MARGIN = 0.7
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _pair_loss(

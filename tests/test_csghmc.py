@@ -17,13 +17,7 @@ from probssl.posteriors.sghmc import cyclical_step_size, is_sampling_stage, samp
 from probssl.runs import load_run
 from probssl.train import train
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 # 512 digits, batch 64 → 8 steps/epoch, 4 epochs = 32 steps; 2 cycles of K = 16 steps; the sampling

@@ -11,14 +11,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from probssl.eval.knn import knn_predict, knn_predict_marginal
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _toy(n: int = 60, m: int = 25, d: int = 6, c: int = 4, seed: int = 0):

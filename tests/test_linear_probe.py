@@ -15,14 +15,7 @@ from probssl.eval.linear import LinearProbe, linear_probe_marginal
 from probssl.eval.metrics import brier, nll, top1
 from probssl.eval.splits import class_balanced_subset, stratified_split
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _blobs(

@@ -10,10 +10,7 @@ import torch
 
 from probssl.losses_metric import contrastive_pair_loss, mine_pairs
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _as_set(pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> set[tuple[int, int, bool]]:

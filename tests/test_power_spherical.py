@@ -13,10 +13,7 @@ from scipy.special import betaln, gammaln, polygamma
 
 from probssl.nn.distributions import PowerSpherical, householder_rotate, log_sphere_area
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _unit(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

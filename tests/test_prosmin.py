@@ -16,10 +16,7 @@ from probssl.methods.prosmin import ProSMINConfig
 from probssl.methods.registry import METHODS
 from probssl.nn import build_backbone
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _method(**overrides):

@@ -15,18 +15,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-import torch
 
 from probssl.eval.report import build_report, metric_direction, shift_summary, table_columns
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box are far slower with two spinning intra-op threads than with one."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 CORRUPTIONS = ("gaussian_noise", "contrast")

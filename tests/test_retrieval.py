@@ -17,14 +17,7 @@ from probssl.eval.retrieval import (
     sparsification,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _toy(n: int = 40, d: int = 5, c: int = 4, seed: int = 0):

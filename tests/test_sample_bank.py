@@ -12,13 +12,7 @@ from torch import nn
 import probssl.posteriors.sample_bank as sample_bank_module
 from probssl.posteriors import SampleBank, SampleBankError, recompute_batchnorm_stats
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _net() -> nn.Module:

@@ -11,10 +11,7 @@ from probssl.methods.scl import SCLConfig, compression_ratio_stats
 from probssl.nn import build_backbone
 from probssl.nn.stochastic import bernoulli_entropy, kl_to_standard_normal
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _views(batch: int = 8) -> list[torch.Tensor]:

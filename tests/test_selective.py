@@ -18,14 +18,7 @@ from probssl.eval.selective import (
     selective_metrics,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny problems: intra-op threads only add synchronisation cost (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _toy(n: int = 120, seed: int = 0, ties: bool = False):

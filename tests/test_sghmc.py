@@ -26,12 +26,7 @@ SIGMA = np.array([[1.0, 0.6], [0.6, 0.5]])
 PRECISION = np.linalg.inv(SIGMA)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 # ---- schedule --------------------------------------------------------------------------------------

@@ -18,10 +18,7 @@ from probssl.nn.stochastic import (
     temperature_at,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 # --------------------------------------------------------------------------------------------- Gaussian

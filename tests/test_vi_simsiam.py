@@ -23,9 +23,7 @@ def _log_c(kappa: torch.Tensor | float, d: int) -> torch.Tensor:
     return torch.as_tensor(-((a + b) * math.log(2) + gammaln(a) - gammaln(a + b) + b * math.log(math.pi)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
 
 def _method(**kwargs: object) -> VISimSiam:
