@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from probssl.data import DatasetError, get_dataset_info, load_dataset, to_float
+from probssl.data import DatasetError, ImageDataset, get_dataset_info, load_dataset, to_float
 from probssl.data.corruptions import corrupt, corruption_names
 from probssl.data.shift_sets import OOD_SETS, TRANSFER_SETS, load_shift_set
 from probssl.eval import suite
@@ -51,6 +51,14 @@ class Evaluator:
         self.data_dir = data_dir or self.cfg.data.data_dir
         self.samples, self.device, self.progress, self.tag = samples, device, progress, tag
         self.info = get_dataset_info(self.cfg.data.dataset)
+        self._datasets: dict[str, ImageDataset] = {}
+
+    def dataset(self, split: str) -> ImageDataset:
+        """One split of the run's own dataset, read (and checksummed) once per evaluation."""
+        if split not in self._datasets:
+            cfg = self.cfg.data
+            self._datasets[split] = load_dataset(cfg.dataset, split, self.data_dir, cfg.download)
+        return self._datasets[split]
 
     def embed(
         self, images: torch.Tensor, labels: torch.Tensor | None = None, desc: str = "features"
@@ -70,7 +78,7 @@ class Evaluator:
     def training_batches(self) -> Iterator[torch.Tensor]:
         """Normalised, un-augmented training images in a fixed shuffled order, one batch at a time
         (what :meth:`SSLMethod.prepare_for_evaluation` gets, e.g. for BatchNorm re-estimation)."""
-        images = load_dataset(self.cfg.data.dataset, "train", self.data_dir, self.cfg.data.download).images
+        images = self.dataset("train").images
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.train.seed))
         for start in range(0, len(images), self.cfg.eval.batch_size):
             batch = images[order[start : start + self.cfg.eval.batch_size]].to(self.device)
@@ -78,7 +86,7 @@ class Evaluator:
 
     def split(self, split: str) -> tuple[FeatureBank, torch.Tensor]:
         """Cached features of one split of the run's own dataset, and its images."""
-        dataset = load_dataset(self.cfg.data.dataset, split, self.data_dir, self.cfg.data.download)
+        dataset = self.dataset(split)
         weights = self.run.weights_meta.get("sha256", "partial")
         key = f"{weights}|{self.run.method.cache_tag()}|{self.cfg.data.dataset}|{split}|S={self.samples}"
         path = self.run.run_dir / "features" / f"{split}_S{self.samples}{self.tag}.safetensors"

@@ -178,20 +178,16 @@ class CyclicalSGHMCSSL(SSLMethod):
         if not (directory / "index.json").is_file():
             return
         bank = SampleBank(directory)
-        device = next(self.parameters()).device
+        reference = self.backbone.state_dict()  # device and dtype of each entry (fp16 banks widen back)
         digest = hashlib.sha256()
         for i in range(len(bank)):
             if up_to_step is not None and bank.meta(i)["step"] > up_to_step:
                 continue
             state, meta = bank.load(i)
-            self._samples.append({k: v.to(device=device, dtype=self._dtype_of(k)) for k, v in state.items()})
+            self._samples.append({k: v.to(reference[k]) for k, v in state.items()})
             digest.update(f"{i}:{meta['step']};".encode())
         digest.update(bank.directory.joinpath("index.json").read_bytes())
         self._samples_fingerprint = f"bank{len(self._samples)}-{digest.hexdigest()[:16]}"
-
-    def _dtype_of(self, key: str) -> torch.dtype:
-        reference = self.backbone.state_dict()[key]
-        return reference.dtype
 
     @property
     def num_posterior_samples(self) -> int:
