@@ -72,6 +72,48 @@ WORKER_SRC = textwrap.dedent(
         return {name: p.detach().clone() for name, p in net.named_parameters()}
 
 
+    class FlatBackbone(nn.Module):
+        """A BatchNorm-free backbone for LAM (batch statistics would differ per rank)."""
+
+        out_dim = 8
+
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 8))
+
+        def forward(self, x):
+            return self.net(x)
+
+
+    def lam_run(model, lam, inputs, rows, steps=3):
+        """Online LAM steps: seeded weight noise, pair loss over the gathered batch, running Hessian."""
+        from pathlib import Path as _Path
+
+        from probssl.methods import TrainContext
+
+        ctx = TrainContext(_Path("."), True, 100, 10, 100, 0.1, 5)
+        lam.load_state_dict(inputs["lam_state"])
+        lam.configure_optimizer(ctx)
+        opt = torch.optim.SGD(lam.parameters(), lr=0.1)
+        losses = []
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = model([inputs["x1"][rows], inputs["x2"][rows]])
+            loss.backward()
+            opt.step()
+            lam.after_step(step, ctx)
+            losses.append(pd.all_reduce_mean(loss))
+        state = {k: v.detach().clone() for k, v in lam.state_dict().items()}
+        return torch.stack(losses), state
+
+
+    def build_lam():
+        from probssl.methods.lam import LAM, LAMConfig
+
+        return LAM(FlatBackbone(), LAMConfig(posterior="online", embed_dim=4, miner="all", max_pairs=20,
+                                             margin=1.2, hessian_memory=0.9))
+
+
     def main(out):
         torch.set_num_threads(1)
         device = pd.init_distributed()
@@ -107,9 +149,14 @@ WORKER_SRC = textwrap.dedent(
         # (same seed on every rank) are identical, so the replicas must stay bit-identical.
         for name, params in sghmc_run(model, net, inputs, rows).items():
             result["sghmc/" + name] = params
+        lam = build_lam()
+        lam_model = DistributedDataParallel(lam)
+        result["lam/losses"], lam_state = lam_run(lam_model, lam, inputs, rows)
+        for key, value in lam_state.items():
+            result["lam/" + key] = value
         torch.save(result, out / f"rank{rank}.pt")
 
-        del model, net, loss, gathered, x
+        del model, net, loss, gathered, x, lam, lam_model
         pd.teardown_distributed()
 
 
@@ -147,6 +194,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModuleType,
         "x1": torch.randn(GLOBAL_BATCH, 6),
         "x2": torch.randn(GLOBAL_BATCH, 6),
         "w": torch.randn(WORLD_SIZE * 3, 2),
+        "lam_state": worker.build_lam().state_dict(),
     }
     torch.save(inputs, out / "inputs.pt")
 
@@ -215,6 +263,19 @@ def test_csghmc_noise_keeps_ddp_replicas_identical(ddp_run) -> None:
         assert not torch.equal(value, start[name]), name  # the sampler did move the weights
         assert torch.equal(ranks[0]["sghmc/" + name], ranks[1]["sghmc/" + name]), name  # in sync, bit for bit
         torch.testing.assert_close(ranks[0]["sghmc/" + name], value, rtol=0, atol=1e-5, msg=name)
+
+
+def test_online_lam_under_ddp_matches_one_process(ddp_run) -> None:
+    """Gathered pairs, (seed, step)-seeded weight noise and the Hessian's pair subset: two ranks
+    follow the one-process run on the global batch, loss, weights and running Hessian alike."""
+    out, worker, inputs = ddp_run
+    lam = worker.build_lam()
+    ref_losses, ref_state = worker.lam_run(lam, lam, inputs, slice(None))
+    assert ref_state["laplace.hessian"].abs().sum() > 0
+    for res in _rank_results(out):
+        torch.testing.assert_close(res["lam/losses"], ref_losses, rtol=0, atol=1e-6)
+        for key, value in ref_state.items():
+            torch.testing.assert_close(res["lam/" + key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_single_process_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,6 +52,8 @@ def _train_args(method: str, out: Path) -> list[str]:
     ]
     if method == "csghmc":  # 30 steps: 2 cycles of 15, samples at in-cycle positions 8, 11, 14
         args += ["method.cycles=2", "method.exploration_fraction=0.5", "method.bn_images=256"]
+    if method == "lam":  # online LAM: the running Hessian and the step counter of its noise are state
+        args += ["method.posterior=online", "method.max_pairs=200"]
     return args
 
 
@@ -85,7 +87,7 @@ def _eval(run: Path) -> dict:
     return {k: v for k, v in results.items() if k not in ("meta/eval_seconds", "config/data.data_dir")}
 
 
-@pytest.mark.parametrize(("method", "kill_after"), [("simclr", 7), ("csghmc", 13)])
+@pytest.mark.parametrize(("method", "kill_after"), [("simclr", 7), ("csghmc", 13), ("lam", 11)])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, method, kill_after):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     _check(_train_args(method, reference))
@@ -105,6 +107,25 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, method, kill_after):
     ref_eval, killed_eval = _eval(reference), _eval(killed)
     ref_eval.pop("config/train.max_steps", None), killed_eval.pop("config/train.max_steps", None)
     assert ref_eval == killed_eval
+
+
+def test_posthoc_hessian_pass_interrupted_before_the_final_weights_is_redone_identically(tmp_path):
+    """Post-hoc LAM's Hessian pass runs after the last checkpoint: a run killed during it has the
+    final checkpoint but no model.safetensors, and ``--resume`` must redo the pass to the same H."""
+    reference = tmp_path / "reference"
+    _check(_train_args("lam", reference)[:-2] + ["method.posterior=posthoc", "method.max_pairs=200"])
+    interrupted = tmp_path / "interrupted"
+    subprocess.run(["cp", "-r", str(reference), str(interrupted)], check=True)
+    for name in ("model.safetensors", "model.json", "train_summary.json"):
+        (interrupted / name).unlink(missing_ok=True)
+    _check(
+        [sys.executable, "-m", "probssl.cli", "train", "--resume", "--out", str(interrupted), "--no-progress"]
+    )
+    a = load_file(str(reference / "model.safetensors"))
+    b = load_file(str(interrupted / "model.safetensors"))
+    assert a["laplace.hessian"].abs().sum() > 0  # the pass did run
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ def test_every_trainable_method_trains_and_embeds(name):
     method.eval()
     emb = method.embed(_views()[0])
     assert isinstance(emb, Embedding)
-    assert emb.mean.shape == (8, method.backbone.out_dim)
+    assert emb.mean.shape[0] == 8 and emb.mean.ndim == 2
     assert emb.uncertainty.shape == (8,) and torch.isfinite(emb.uncertainty).all()
     if name == "csghmc":  # no posterior samples before training: the current weights, deterministic
         assert emb.samples is None and torch.equal(emb.uncertainty, torch.zeros(8))

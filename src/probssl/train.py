@@ -2,8 +2,9 @@
 
 Read top to bottom: set-up (distributed, seeds, data, model, schedules, resume), then the step loop
 (batch → batched augmentation on the device → loss → finite guard → update → EMA → log →
-checkpoint). Data order is a pure function of (seed, epoch) and every rank's RNG state is in the
-checkpoint, so ``--resume`` continues exactly where an uninterrupted run would be.
+checkpoint), then the method's post-training pass and the final weights. Data order is a pure
+function of (seed, epoch) and every rank's RNG state is in the checkpoint, so ``--resume`` continues
+exactly where an uninterrupted run would be.
 """
 
 from __future__ import annotations
@@ -287,6 +288,21 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     logger.close()
 
     finished = stop_step == total_steps or not method.trainable
+
+    def training_views():
+        """One more epoch of augmented views in a fixed order, seeded apart from the training stream."""
+        order = epoch_permutation(len(dataset), tc.seed, tc.epochs)
+        seed_everything(tc.seed * 7919 + 104_729 + rank)
+        for it in range(steps_per_epoch):
+            lo = it * tc.batch_size + rank * local_batch
+            views = augment(images[order[lo : lo + local_batch]].to(device, non_blocking=True))
+            if tc.channels_last:
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            yield views
+
+    if finished and method.trainable:
+        with autocast_context(device, tc.precision):
+            method.after_training(training_views, context)
     if is_main and finished:
         save_model(out_dir, method.state_dict(), {"method": cfg.method, "steps": total_steps})
         atomic_write_json(

@@ -7,7 +7,17 @@ from typing import Any
 from torch import nn
 
 from probssl.config import method_config
-from probssl.methods import byol, csghmc, pixels, prosmin, scl, simclr, simsiam, vi_simsiam  # noqa: F401  (registration side effects)
+from probssl.methods import (  # noqa: F401  (registration side effects)
+    byol,
+    csghmc,
+    lam,
+    pixels,
+    prosmin,
+    scl,
+    simclr,
+    simsiam,
+    vi_simsiam,
+)
 from probssl.methods.base import MethodConfig, SSLMethod, TrainContext
 from probssl.methods.registry import METHODS
 

@@ -4,12 +4,14 @@ A method is an ``nn.Module`` holding a backbone and its own heads. The training 
 ``loss(views)`` and ``update_targets(progress)``; the evaluation suite knows only ``embed(x)``.
 ``forward`` is ``loss`` so that DistributedDataParallel's gradient hooks see the whole step.
 
-Methods whose posterior lives in *weight* space (cSGHMC's sample bank) need a little more of the
-machinery, through hooks that default to doing nothing: choose their own optimizer
-(:meth:`configure_optimizer`), act after each step (:meth:`after_step`, e.g. store a sample), find
-their artefacts in a run directory (:meth:`attach_run`) and get ready for evaluation on training
-images (:meth:`prepare_for_evaluation`, e.g. re-estimate BatchNorm statistics per sample). The
-shared machinery calls the hooks; it never asks which method it is running.
+Methods whose posterior lives in *weight* space (cSGHMC's sample bank, LAM's Laplace posterior)
+need a little more of the machinery, through hooks that default to doing nothing: choose their own
+optimizer (:meth:`configure_optimizer`), act after each step (:meth:`after_step`, e.g. store a
+sample), make one more pass over the training views once training is done (:meth:`after_training`,
+e.g. a post-hoc Hessian), find their artefacts in a run directory (:meth:`attach_run`) and get
+ready for evaluation on training images (:meth:`prepare_for_evaluation`, e.g. re-estimate
+BatchNorm statistics per sample). The shared machinery calls the hooks; it never asks which method
+it is running.
 """
 
 from __future__ import annotations
@@ -91,6 +93,13 @@ class SSLMethod(nn.Module):
 
     def after_step(self, step: int, ctx: TrainContext) -> None:
         """Called after optimizer step ``step`` (0-based) and ``update_targets``, on every rank."""
+
+    def after_training(self, view_batches: Callable[[], Iterable[list[Tensor]]], ctx: TrainContext) -> None:
+        """Called once after the last step, on every rank, before the final weights are saved.
+
+        ``view_batches()`` yields one epoch of augmented training views (this rank's shard, seeded:
+        a resumed run sees the same views), for post-hoc posteriors such as LAM's Hessian pass.
+        """
 
     def attach_run(self, run_dir: Path, up_to_step: int | None = None) -> None:
         """Called when a run is loaded for evaluation: read artefacts kept beside the weights.

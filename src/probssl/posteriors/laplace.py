@@ -310,7 +310,9 @@ class DiagonalLaplace(nn.Module):
         x = F.linear(feats, w, b)
         anchor, other, is_pos = mine_pairs(labels, self.miner, F.normalize(x, dim=-1), self.margin)
         if self.max_pairs is not None and anchor.numel() > self.max_pairs:
-            keep = torch.randperm(anchor.numel(), generator=generator)[: self.max_pairs].to(anchor.device)
+            where = generator.device if generator is not None else anchor.device
+            keep = torch.randperm(anchor.numel(), generator=generator, device=where)[: self.max_pairs]
+            keep = keep.to(anchor.device)
             anchor, other, is_pos = anchor[keep], other[keep], is_pos[keep]
         h = pair_hessian_diagonals(
             x[anchor], x[other], is_pos, self.margin, self.output_space, self.negative_hessian

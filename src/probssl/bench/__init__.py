@@ -1,0 +1,1 @@
+"""Benchmark harness: quality suites (``probssl bench SUITE``), the speed table (``probssl bench speed``)."""

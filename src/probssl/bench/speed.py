@@ -1,0 +1,327 @@
+"""``probssl bench speed``: train-step time of each probabilistic method against its deterministic base.
+
+Why this shape: a ratio is only meaningful when both arms see the same machine state, so every arm
+lives in one process and the arms are *interleaved* (arm A, arm B, ..., arm A, ...) over several
+repeats; the median of the repeats is reported. A step is what the training loop does per batch
+minus data loading: batched augmentation, forward, backward, optimizer step, target update and the
+method's ``after_step`` hook. The backbone's own forward + backward on the same views (a sum of
+its features as the loss) is the floor no method can go below.
+
+Inference: ``embed(x, samples=S)`` for S = 1, 8, 32 against one backbone forward on the same batch.
+
+Memory: on a GPU the peak allocated memory of a step; on the CPU, where PyTorch's allocator keeps
+no statistics, the bytes of the tensors autograd saves for backward (the activation memory, which
+is what differs between methods) plus parameters, gradients and optimizer state.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from probssl.bench.provenance import provenance
+from probssl.config import RunConfig, build_config
+from probssl.data import MultiViewAugment, get_dataset_info, preset_for_dataset
+from probssl.data.views import PRESETS
+from probssl.methods import SSLMethod, TrainContext
+from probssl.optim import build_optimizer
+from probssl.runs import build_model
+
+CPU_MEMORY_KIND = "saved-for-backward + params/grads/optimizer state"
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One timed configuration: a name for the table, a method and its overrides, and its base."""
+
+    name: str
+    method: str
+    overrides: tuple[str, ...] = ()
+    base: str | None = None  # the arm this one is compared with (None: a base itself)
+    goal: float | None = None  # the ratio to the base its issue asks for (≤ goal)
+
+
+#: The pairs of the five methods' issues: (probabilistic arm, deterministic base, goal ratio).
+DEFAULT_ARMS: tuple[Arm, ...] = (
+    Arm("simclr", "simclr"),
+    Arm("byol", "byol"),
+    Arm("simsiam", "simsiam"),
+    Arm("lam_deterministic", "lam", ("method.posterior=none",)),
+    Arm("csghmc", "csghmc", (), "byol", 1.10),
+    Arm("prosmin", "prosmin", (), "byol", 1.5),
+    Arm("vi_simsiam", "vi_simsiam", (), "simsiam", 1.10),
+    Arm("scl", "scl", (), "simclr", 1.10),
+    Arm("lam_online", "lam", ("method.posterior=online",), "lam_deterministic", 1.3),
+)
+
+
+@dataclass
+class ArmResult:
+    arm: Arm
+    step_seconds: list[float] = field(default_factory=list)
+    memory_bytes: int = 0
+    embed_seconds: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.step_seconds)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _SavedTensorBytes:
+    """Counts the bytes autograd saves for backward (distinct storages) inside the context."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, int] = {}
+
+    def pack(self, t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        self.seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def __enter__(self) -> _SavedTensorBytes:
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
+class _Runner:
+    """A built method, its optimizer and augmentation, and a closure doing one training step."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device, batch: Tensor) -> None:
+        info = get_dataset_info(cfg.data.dataset)
+        torch.manual_seed(cfg.train.seed)
+        self.method: SSLMethod = build_model(cfg, info).to(device)
+        if cfg.train.channels_last:
+            self.method = self.method.to(memory_format=torch.channels_last)
+        self.method.train()
+        steps = 1000
+        ctx = TrainContext(Path("."), True, 60_000, steps, steps, cfg.optim.lr, cfg.train.seed)
+        self.ctx = ctx
+        self.optimizer = self.method.configure_optimizer(ctx) or build_optimizer(
+            self.method, cfg.optim, cfg.optim.lr
+        )
+        preset = cfg.data.views or preset_for_dataset(cfg.data.dataset)
+        self.augment = MultiViewAugment(
+            PRESETS[preset], info.image_size, info.channels, info.mean, info.std, self.method.num_views
+        ).to(device)
+        self.batch, self.device, self.channels_last = batch, device, cfg.train.channels_last
+        self.precision = cfg.train.precision
+        self.step_index = 0
+
+    def views(self) -> list[Tensor]:
+        views = self.augment(self.batch)
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
+
+    def autocast(self):  # noqa: ANN201 - a context manager
+        from probssl.train import autocast_context
+
+        return autocast_context(self.device, self.precision)
+
+    def step(self) -> None:
+        with self.autocast():
+            loss = self.method(self.views())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.method.update_targets(min(self.step_index / 1000, 1.0))
+        self.method.after_step(self.step_index, self.ctx)
+        self.step_index += 1
+
+    def floor_step(self) -> None:
+        with self.autocast():
+            loss = sum(self.method.backbone(v).float().sum() for v in self.views())
+        self.method.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def memory(self, fn: Callable[[], None]) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            fn()
+            return int(torch.cuda.max_memory_allocated(self.device))
+        with _SavedTensorBytes() as saved, self.autocast():
+            self.method(self.views())
+        state = sum(p.numel() * p.element_size() * 2 for p in self.method.parameters())
+        for buffers in self.optimizer.state.values():
+            state += sum(t.numel() * t.element_size() for t in buffers.values() if isinstance(t, Tensor))
+        return saved.total + state
+
+
+def _time(fn: Callable[[], None], steps: int, device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    _synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def run_speed_benchmark(
+    config: str | Path | None = None,
+    overrides: list[str] | None = None,
+    arms: tuple[Arm, ...] = DEFAULT_ARMS,
+    repeats: int = 5,
+    steps: int = 10,
+    warmup: int = 3,
+    device: str | None = None,
+    samples: tuple[int, ...] = (1, 8, 32),
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time every arm interleaved; return a JSON-ready dict (rows, machine, protocol)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base_cfg = build_config(config, list(overrides or []))
+    info = get_dataset_info(base_cfg.data.dataset)
+    gen = torch.Generator().manual_seed(0)
+    shape = (base_cfg.train.batch_size, info.channels, info.image_size, info.image_size)
+    batch = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(dev)
+    runners = {
+        arm.name: _Runner(
+            build_config(config, [*(overrides or []), f"method={arm.method}", *arm.overrides]), dev, batch
+        )
+        for arm in arms
+    }
+    results = {arm.name: ArmResult(arm) for arm in arms}
+    floor: list[float] = []
+    first = next(iter(runners.values()))
+    for runner in runners.values():  # warm-up: allocator, kernels, lazy state
+        for _ in range(warmup):
+            runner.step()
+    for _ in range(warmup):
+        first.floor_step()
+    for r in range(repeats):
+        for arm in arms:
+            results[arm.name].step_seconds.append(_time(runners[arm.name].step, steps, dev))
+        floor.append(_time(first.floor_step, steps, dev))
+        if progress:
+            progress(f"repeat {r + 1}/{repeats} done")
+    for arm in arms:
+        results[arm.name].memory_bytes = runners[arm.name].memory(runners[arm.name].step)
+
+    # Inference: marginalised embedding of one batch of clean images vs one backbone forward.
+    clean = first.views()[0].detach()
+    inference: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for runner in runners.values():
+            runner.method.eval()
+        backbone_forward = statistics.median(
+            _time(lambda: first.method.backbone(clean), steps, dev) for _ in range(repeats)
+        )
+        for arm in arms:
+            method = runners[arm.name].method
+            times = {}
+            for s in samples:
+                times[str(s)] = statistics.median(
+                    _time(lambda m=method, s=s: m.embed(clean, samples=s if s > 1 else None), steps, dev)
+                    for _ in range(repeats)
+                )
+            inference[arm.name] = times
+
+    floor_median = statistics.median(floor)
+    meta = provenance()
+    rows = []
+    for arm in arms:
+        res = results[arm.name]
+        base = results[arm.base].median if arm.base else None
+        rows.append(
+            {
+                "arm": arm.name,
+                "method": arm.method,
+                "overrides": list(arm.overrides),
+                "base": arm.base,
+                "step_ms": 1000 * res.median,
+                "step_ms_all": [1000 * s for s in res.step_seconds],
+                "ratio_to_base": res.median / base if base else None,
+                "goal": arm.goal,
+                "meets_goal": (res.median / base <= arm.goal) if base and arm.goal else None,
+                "ratio_to_floor": res.median / floor_median,
+                "img_per_s": base_cfg.train.batch_size / res.median,
+                "memory_mib": res.memory_bytes / 2**20,
+                "embed_ms": {s: 1000 * t for s, t in inference[arm.name].items()},
+                "embed_ratio_to_forward": {s: t / backbone_forward for s, t in inference[arm.name].items()},
+            }
+        )
+    return {
+        "rows": rows,
+        "floor_step_ms": 1000 * floor_median,
+        "backbone_forward_ms": 1000 * backbone_forward,
+        "memory_kind": "peak allocated (CUDA)"
+        if dev.type == "cuda"
+        else "saved-for-backward + params/grads/optimizer state",
+        "protocol": {
+            "config": str(config) if config else None,
+            "overrides": list(overrides or []),
+            "batch_size": base_cfg.train.batch_size,
+            "backbone": base_cfg.backbone,
+            "dataset": base_cfg.data.dataset,
+            "precision": base_cfg.train.precision,
+            "channels_last": base_cfg.train.channels_last,
+            "repeats": repeats,
+            "steps_per_repeat": steps,
+            "warmup_steps": warmup,
+            "samples": list(samples),
+        },
+        "machine": {
+            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+            "processor": meta["processor"],
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+        "date": meta["date"],
+        "commit": meta["commit"],
+    }
+
+
+def speed_markdown(result: dict[str, Any]) -> str:
+    """The speed table as Markdown (one row per arm)."""
+    samples = result["protocol"]["samples"]
+    head = ["arm", "step ms", "img/s", "ratio to base (goal)", "ratio to backbone floor", "memory MiB"]
+    head += [f"embed S={s} / fwd" for s in samples]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in result["rows"]:
+        if row["ratio_to_base"] is None:
+            ratio = "base"
+        else:
+            mark = "" if row["meets_goal"] is None else (" ✓" if row["meets_goal"] else " ✗")
+            ratio = f"{row['ratio_to_base']:.3f} vs {row['base']} (≤ {row['goal']}){mark}"
+        cells = [
+            row["arm"],
+            f"{row['step_ms']:.1f}",
+            f"{row['img_per_s']:.0f}",
+            ratio,
+            f"{row['ratio_to_floor']:.2f}",
+            f"{row['memory_mib']:.1f}",
+        ]
+        cells += [f"{row['embed_ratio_to_forward'][str(s)]:.2f}" for s in samples]
+        lines.append("| " + " | ".join(cells) + " |")
+    p = result["protocol"]
+    lines.append("")
+    lines.append(
+        f"Backbone floor (forward + backward of the views): {result['floor_step_ms']:.1f} ms; one backbone "
+        f"forward of a clean batch: {result['backbone_forward_ms']:.1f} ms. Batch {p['batch_size']}, "
+        f"{p['dataset']} shapes, precision {p['precision']}, channels_last {p['channels_last']}; median of "
+        f"{p['repeats']} interleaved repeats × {p['steps_per_repeat']} steps. "
+        f"Memory: {result['memory_kind']}. "
+        f"Machine: {result['machine']['device']} ({result['machine']['processor']}, "
+        f"{result['machine']['threads']} threads, torch {result['machine']['torch']})."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,271 @@
+"""``probssl bench SUITE``: every method at one fixed budget per suite, evaluated with the full suite.
+
+A suite is a budget (the training config every arm shares), an OOD pair and a list of arms (a
+registered method plus overrides: the five probabilistic methods, their deterministic baselines,
+and the retrieval baselines of LAM). For each arm and seed the harness trains
+``OUT/SUITE/<arm>-s<seed>`` (resuming an interrupted run, skipping a finished one), evaluates it
+with ``--suite full``, and writes ``OUT/SUITE/results.json`` (per-run metrics, mean ± std per arm,
+the protocol, commit, date and machine), ``results.md`` and ``report.html``. ``--update FILE``
+regenerates the suite's section of ``BENCHMARKS.md`` from those results.
+
+The budgets live here, not in the repository's ``configs/``, so an installed package can run them;
+``tests/test_bench.py`` checks they match the YAML files that document them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from probssl.bench.provenance import provenance
+from probssl.bench.sections import replace_section
+from probssl.config import ConfigError, build_config
+from probssl.io import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class QualityArm:
+    name: str
+    method: str
+    overrides: tuple[str, ...] = ()
+
+
+ARMS: tuple[QualityArm, ...] = (
+    QualityArm("pixels", "pixels"),
+    QualityArm("simclr", "simclr"),
+    QualityArm("byol", "byol"),
+    QualityArm("simsiam", "simsiam"),
+    QualityArm("csghmc", "csghmc"),
+    QualityArm("prosmin", "prosmin"),
+    QualityArm("vi_simsiam", "vi_simsiam"),
+    QualityArm("scl", "scl"),
+    QualityArm("lam_deterministic", "lam", ("method.posterior=none",)),
+    QualityArm("lam_mc_dropout", "lam", ("method.posterior=mc_dropout",)),
+    QualityArm("lam_posthoc", "lam", ("method.posterior=posthoc",)),
+    QualityArm("lam_online", "lam", ("method.posterior=online",)),
+)
+
+_SGD = {"name": "sgd", "lr": 0.05, "weight_decay": 5.0e-4}
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    budget: dict[str, Any]  # a RunConfig mapping shared by every arm
+    ood: str  # the OOD set whose AUROC the table shows
+    note: str
+
+    def columns(self) -> list[str]:
+        return [
+            "linear/top1",
+            "knn/top1@20",
+            "cal/ece15",
+            "cal/nll",
+            "cal/brier",
+            f"ood/{self.ood}/msp/auroc",
+            f"ood/{self.ood}/emb/auroc",
+            "shift/mean/acc",
+            "lowshot/1pct/top1",
+            "lowshot/10pct/top1",
+            "sel/emb/err_auroc",
+            "ret/recall@1",
+            "ret/map@r",
+            "compress/ratio",
+        ]
+
+
+SUITES: dict[str, Suite] = {
+    "digits": Suite(
+        "digits",
+        {
+            "backbone": "convnet",
+            "data": {"dataset": "digits"},
+            "train": {"epochs": 100, "batch_size": 256},
+            "optim": {**_SGD, "warmup_epochs": 2},
+        },
+        "noise",
+        "scikit-learn's 8×8 digits (1,257 train / 540 test), the embedded default; minutes on 2 cores",
+    ),
+    "fashion_mnist": Suite(
+        "fashion_mnist",
+        {
+            "backbone": "convnet",
+            "data": {"dataset": "fashion_mnist"},
+            "train": {"epochs": 15, "batch_size": 256, "channels_last": True},
+            "optim": {**_SGD, "warmup_epochs": 1},
+        },
+        "mnist",
+        "Fashion-MNIST → MNIST (OOD); ≤ 15 min per method and seed on 2 cores",
+    ),
+    "cifar10": Suite(
+        "cifar10",
+        {
+            "backbone": "resnet18",
+            "data": {"dataset": "cifar10"},
+            "train": {"epochs": 200, "batch_size": 512, "channels_last": True, "precision": "bf16"},
+            "optim": {**_SGD, "lr": 0.06, "warmup_epochs": 10},
+        },
+        "svhn",
+        "CIFAR-10 → SVHN (OOD); for machines with the files and a GPU",
+    ),
+}
+
+
+def run_dir_for(out: Path, suite: str, arm: str, seed: int) -> Path:
+    return out / suite / f"{arm}-s{seed}"
+
+
+def _arm_config(suite: Suite, arm: QualityArm, seed: int, data_dir: str | None):
+    budget = copy.deepcopy(suite.budget)
+    budget["method"] = arm.method
+    budget["train"] = {**budget["train"], "seed": seed, "progress": False}
+    if data_dir:
+        budget["data"] = {**budget["data"], "data_dir": data_dir}
+    return build_config(None, list(arm.overrides), **budget)
+
+
+def train_and_evaluate(
+    suite: Suite, arm: QualityArm, seed: int, out: Path, data_dir: str | None, progress: bool
+) -> dict[str, Any]:
+    """One run of the suite: train (resume / skip), evaluate (skip when eval.json exists), load metrics."""
+    from probssl.eval.evaluate import evaluate_run
+    from probssl.train import train
+
+    run_dir = run_dir_for(out, suite.name, arm.name, seed)
+    cfg = _arm_config(suite, arm, seed, data_dir)
+    cfg.train.progress = progress
+    if not (run_dir / "model.safetensors").is_file():
+        resume = (run_dir / "config.yaml").is_file()
+        train(cfg, run_dir, resume=resume)
+    eval_path = run_dir / "eval.json"
+    if not eval_path.is_file():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # skipped optional sets are recorded in meta/skipped
+            evaluate_run(run_dir, data_dir=data_dir, progress=progress, suite_name="full")
+    return json.loads(eval_path.read_text())
+
+
+def summarise(runs: dict[str, dict[int, dict[str, Any]]], columns: Sequence[str]) -> dict[str, Any]:
+    """Mean, sample std and count per arm and column over the seeds that have the metric."""
+    table: dict[str, Any] = {}
+    for arm, by_seed in runs.items():
+        cells = {}
+        for col in columns:
+            values = [r[col] for r in by_seed.values() if isinstance(r.get(col), int | float)]
+            if values:
+                cells[col] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "n": len(values),
+                }
+        table[arm] = cells
+    return table
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    columns = results["columns"]
+    head = ["arm", "seeds", *columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, cells in results["summary"].items():
+        seeds = len(results["runs"].get(arm, {}))
+        row = [arm, str(seeds)]
+        for col in columns:
+            cell = cells.get(col)
+            if cell is None:
+                row.append("–")
+            else:
+                partial = f" (n={cell['n']})" if cell["n"] != seeds else ""
+                row.append(f"{cell['mean']:.4f} ± {cell['std']:.4f}{partial}")
+        lines.append("| " + " | ".join(row) + " |")
+    for arm, message in results.get("failures", {}).items():
+        lines.append(f"\n**{arm} failed**: {message}")
+    return "\n".join(lines)
+
+
+def run_quality_benchmark(
+    suite_name: str,
+    out: str | Path,
+    seeds: int = 3,
+    data_dir: str | None = None,
+    only: Sequence[str] | None = None,
+    update: str | Path | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> dict[str, Any]:
+    """Run (or complete) a suite and write its results; returns the results dict."""
+    if suite_name not in SUITES:
+        raise ConfigError(f"unknown benchmark suite {suite_name!r}; choose from speed, {', '.join(SUITES)}")
+    suite = SUITES[suite_name]
+    arms = ARMS
+    if only:
+        unknown = set(only) - {a.name for a in ARMS}
+        if unknown:
+            raise ConfigError(f"unknown arm(s) {sorted(unknown)}; choose from {[a.name for a in ARMS]}")
+        arms = tuple(a for a in ARMS if a.name in only)
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    out = Path(out)
+    runs: dict[str, dict[int, dict[str, Any]]] = {}
+    failures: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    for seed in range(seeds):
+        for arm in arms:
+            start = time.perf_counter()
+            label = f"{suite.name}/{arm.name}-s{seed}"
+            if progress:
+                print(f"[bench] {label}", flush=True)
+            try:
+                runs.setdefault(arm.name, {})[seed] = train_and_evaluate(
+                    suite, arm, seed, out, data_dir, progress
+                )
+            except Exception as err:  # one failing arm must not lose the others' results
+                failures[f"{arm.name}-s{seed}"] = f"{type(err).__name__}: {err}"
+                print(f"[bench] {label} failed: {err}", flush=True)
+            seconds[f"{arm.name}-s{seed}"] = time.perf_counter() - start
+    columns = suite.columns()
+    results = {
+        "suite": suite.name,
+        "note": suite.note,
+        "budget": suite.budget,
+        "arms": {a.name: {"method": a.method, "overrides": list(a.overrides)} for a in arms},
+        "seeds": list(range(seeds)),
+        "columns": columns,
+        "runs": {arm: {str(s): r for s, r in by_seed.items()} for arm, by_seed in runs.items()},
+        "summary": summarise(runs, columns),
+        "failures": failures,
+        "wall_seconds_this_invocation": seconds,
+        "command": command,
+        **provenance(),
+    }
+    suite_dir = out / suite.name
+    suite_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(suite_dir / "results.json", results)
+    table = results_markdown(results)
+    atomic_write_text(suite_dir / "results.md", table + "\n")
+    from probssl.eval.report import build_report
+
+    run_dirs = [run_dir_for(out, suite.name, a, s) for a, by_seed in runs.items() for s in by_seed]
+    if run_dirs:
+        build_report(run_dirs, suite_dir / "report.html", title=f"probssl bench {suite.name}")
+    print(table)
+    if update:
+        header = (
+            f"Command: `{command}` ({results['date']}, commit {results['commit']}, "
+            f"{results['processor']}, {results['cpus']} CPUs, torch {results['torch']}). {suite.note}. "
+            "Mean ± sample std over seeds; every arm trained at the same budget: "
+            f"`{json.dumps(suite.budget)}`."
+        )
+        replace_section(
+            update,
+            f"quality-{suite.name}",
+            f"{header}\n\n{table}",
+            heading=f"## Quality: {suite.name} (generated by `probssl bench {suite.name}`)",
+        )
+    return results

@@ -1,0 +1,220 @@
+"""LAM, the Laplacian metric learner (Warburg, Miani, Brack, Hauberg, NeurIPS 2023), design.md §3.5.
+
+network:   h = f(v)                      (backbone, deterministic)
+           x = W h + b,  z = x / ‖x‖      (the embedding layer θ = [W, b], then L2 normalisation)
+pairs:     the 2B views of a (global) batch, labelled by the image they came from, mined
+           ("semihard" by default, or "all")
+loss:      (1/P) Σ_pairs  ½d² (positive)  or  ½[m − d]₊² (negative),   d = ‖z_a − z_o‖
+posterior: q(θ) = N(θ*, (H + λ)⁻¹), H the diagonal GGN of that loss (pos | fix | full,
+           euclidean | arccos: :mod:`probssl.posteriors.laplace`)
+
+``posterior = "online"`` (online LAM), each step:
+    θ_s = θ* + σ ⊙ ε, σ = (H + λ)^-½ (detached), ε seeded by (seed, step): the same on every rank
+    loss at θ_s; back-propagate into θ* and the backbone
+    H ← m_H·H + (N²/P)·h_batch(θ_s)          (after the optimizer step, from the same pairs)
+``posterior = "posthoc"`` (post-hoc LAM): train θ* deterministically; after the last step one pass
+    over augmented training views sums H at θ* (:meth:`after_training`); λ fixed, or set by the
+    Laplace evidence when ``optimize_prior``.
+``posterior = "none"``: the deterministic metric learner (baseline).
+``posterior = "mc_dropout"``: dropout (p = ``dropout``) before the embedding layer, kept on at
+    evaluation (the MC dropout baseline).
+
+embed: S weight draws (S = ``samples`` or ``eval_samples``), fixed for a whole evaluation (seeded,
+not drawn per batch), give z_s = normalise(W_s h + b_s); mean = normalise(mean_s z_s); uncertainty
+= Σ_d std_d(z_s).
+
+Self-supervised reading and simplifications (also in BENCHMARKS.md):
+- The paper learns a metric from class labels. Here the labels are image identities: the two
+  augmented views of an image are the positive pair, every other view a negative (SimCLR's
+  pairing), so LAM trains without labels like every other method in the library.
+- MC dropout drops only the embedding layer's input (last-layer dropout): the backbone has no
+  dropout layers, and the Laplace posterior covers that same layer, so the two are comparable.
+- The online Hessian is scaled by N²/P with N the number of training *images* (the data set's pairs
+  of images), as in the paper; the released code's extra prediction-time Hessian scale is not kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from probssl.distributed import gather_with_grad, is_distributed
+from probssl.embedding import Embedding
+from probssl.losses_metric import contrastive_pair_loss, mine_pairs
+from probssl.methods.base import MethodConfig, SSLMethod, TrainContext
+from probssl.methods.registry import METHODS
+from probssl.posteriors.laplace import OUTPUT_SPACES, VARIANTS, DiagonalLaplace, online_hessian_scale
+
+POSTERIORS = ("online", "posthoc", "none", "mc_dropout")
+MINERS = ("semihard", "all")
+#: Seed of the evaluation's weight draws / dropout masks: every batch of an evaluation (and every
+#: evaluation of the same weights) sees the same S posterior draws.
+_EVAL_SEED = 20_230_201
+
+
+@dataclass
+class LAMConfig(MethodConfig):
+    posterior: str = "online"  # online | posthoc | none (deterministic) | mc_dropout
+    embed_dim: int = 128  # output width of the embedding layer (the layer with the posterior)
+    margin: float = 0.7  # m of the negative hinge, on the unit sphere (d ∈ [0, 2])
+    miner: str = "semihard"  # semihard | all
+    variant: str = "full"  # GGN's positive-definite variant: pos | fix | full
+    output_space: str = "euclidean"  # euclidean | arccos (normalisation folded into the loss Hessian)
+    prior_precision: float = 1.0  # λ of the isotropic Gaussian prior over θ
+    optimize_prior: bool = False  # post-hoc: set λ by the Laplace evidence after the Hessian pass
+    hessian_memory: float = 0.999  # m_H of online LAM's running Hessian
+    max_pairs: int | None = 5000  # pairs per batch Hessian, a random subset (as the released code)
+    dropout: float = 0.05  # p of MC dropout (posterior = mc_dropout only)
+    eval_samples: int = 20  # S when the evaluation asks for no particular number
+
+    def validate(self) -> None:
+        choices = {
+            "posterior": (self.posterior, POSTERIORS),
+            "miner": (self.miner, MINERS),
+            "variant": (self.variant, VARIANTS),
+            "output_space": (self.output_space, OUTPUT_SPACES),
+        }
+        for name, (value, valid) in choices.items():
+            if value not in valid:
+                raise ValueError(f"method.{name}={value!r} is not one of {', '.join(valid)}")
+        if not 0.0 < self.margin <= 2.0:
+            raise ValueError(f"margin must be in (0, 2] (distances on the unit sphere), got {self.margin}")
+        if self.prior_precision <= 0:
+            raise ValueError(f"prior_precision must be > 0, got {self.prior_precision}")
+        if not 0.0 <= self.hessian_memory <= 1.0:
+            raise ValueError(f"hessian_memory must be in [0, 1], got {self.hessian_memory}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.embed_dim < 1 or self.eval_samples < 1:
+            raise ValueError("embed_dim and eval_samples must be >= 1")
+
+
+def image_identity_labels(num_images: int, num_views: int, device: torch.device) -> Tensor:
+    """Labels of views laid out image-major ([img0 view0, img0 view1, img1 view0, ...])."""
+    return torch.arange(num_images, device=device).repeat_interleave(num_views)
+
+
+@METHODS.register("lam")
+class LAM(SSLMethod):
+    config_class = LAMConfig
+    probabilistic = True  # posterior = "none" (the deterministic baseline) embeds with zero uncertainty
+
+    def __init__(self, backbone: nn.Module, cfg: LAMConfig) -> None:
+        cfg.validate()
+        super().__init__(backbone, cfg)
+        self.embedding = nn.Linear(backbone.out_dim, cfg.embed_dim)
+        self.laplace = DiagonalLaplace(
+            self.embedding,
+            margin=cfg.margin,
+            variant=cfg.variant,
+            output_space=cfg.output_space,
+            miner=cfg.miner,
+            max_pairs=cfg.max_pairs,
+            prior_precision=cfg.prior_precision,
+        )
+        # Steps taken, saved with the weights: online LAM's weight noise is seeded by it, so a
+        # resumed run draws the same θ_s as an uninterrupted one.
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        self._seed = 0
+        self._pending_hessian: tuple[Tensor, int] | None = None
+        self._num_data = 1
+
+    # ------------------------------------------------------------------------------ training
+    def configure_optimizer(self, ctx: TrainContext) -> None:
+        """Not an optimizer of its own: LAM only needs to know N and the seed of its weight noise."""
+        self._seed, self._num_data = ctx.seed, ctx.num_data
+        return None
+
+    def _global_features(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
+        """Backbone features of all views of the global batch, image-major, and their image labels."""
+        feats = torch.stack([self.backbone(v).float() for v in views], dim=1)  # [B, V, I]
+        if self.cfg.posterior == "mc_dropout":
+            feats = F.dropout(feats, self.cfg.dropout, training=self.training)
+        if is_distributed():
+            feats = gather_with_grad(feats)  # every rank mines the same global pairs
+        b, v, i = feats.shape
+        return feats.reshape(b * v, i), image_identity_labels(b, v, feats.device)
+
+    def _weight_noise(self) -> torch.Generator:
+        device = self.embedding.weight.device
+        return torch.Generator(device=device).manual_seed(self._seed * 1_000_003 + int(self.steps_done))
+
+    def loss(self, views: list[Tensor]) -> Tensor:
+        feats, labels = self._global_features(views)
+        if self.cfg.posterior == "online":
+            noise = self._weight_noise()
+            theta = self.laplace.sample(1, generator=noise)[0]  # differentiable in θ*
+            x = F.linear(feats, theta[:, :-1], theta[:, -1])
+        else:
+            theta, x = None, self.embedding(feats)
+        z = F.normalize(x, dim=-1)
+        pairs = mine_pairs(labels, self.cfg.miner, z, self.cfg.margin)
+        loss = contrastive_pair_loss(z, pairs, self.cfg.margin)
+        if theta is not None:  # curvature at θ_s, applied after the optimizer step (after_step)
+            self._pending_hessian = self.laplace.batch_hessian(
+                feats.detach(), labels, params=theta.detach(), generator=noise
+            )
+        return loss
+
+    @torch.no_grad()
+    def after_step(self, step: int, ctx: TrainContext) -> None:
+        if self._pending_hessian is not None:
+            h_batch, num_pairs = self._pending_hessian
+            scale = online_hessian_scale(ctx.num_data, num_pairs)
+            self.laplace.update(h_batch, self.cfg.hessian_memory, scale)
+            self._pending_hessian = None
+        self.steps_done += 1
+
+    @torch.no_grad()
+    def after_training(self, view_batches: Callable[[], Iterable[list[Tensor]]], ctx: TrainContext) -> None:
+        """Post-hoc LAM: one pass over augmented training views sums the GGN at θ* (then λ)."""
+        if self.cfg.posterior != "posthoc":
+            return
+        was_training = self.training
+        self.eval()  # BatchNorm in eval mode: the curvature of the network that will be evaluated
+        self.laplace.hessian.zero_()
+        subsets = torch.Generator(device=self.embedding.weight.device).manual_seed(ctx.seed)
+        for views in view_batches():
+            feats, labels = self._global_features(views)
+            h, _ = self.laplace.batch_hessian(feats, labels, generator=subsets)
+            self.laplace.hessian += h
+        if self.cfg.optimize_prior:
+            self.laplace.optimize_prior_precision()
+        self.train(was_training)
+
+    # ------------------------------------------------------------------------------ inference
+    def _embedding_draws(self, h: Tensor, num_samples: int) -> Tensor:
+        """[S, N, D] normalised embeddings under S posterior draws (fixed per evaluation)."""
+        if self.cfg.posterior == "mc_dropout":
+            # Masks seeded per call: the same batch always gets the same draws.
+            gen = torch.Generator(device=h.device).manual_seed(_EVAL_SEED)
+            keep = torch.rand((num_samples, *h.shape), generator=gen, device=h.device) >= self.cfg.dropout
+            x = self.embedding(h * keep / (1.0 - self.cfg.dropout))
+        else:
+            gen = torch.Generator(device=h.device).manual_seed(_EVAL_SEED)
+            x = self.laplace.sample_layer_outputs(h, num_samples, generator=gen)
+        return F.normalize(x, dim=-1)
+
+    @torch.no_grad()
+    def embed(self, x: Tensor, samples: int | None = None) -> Embedding:
+        h = self.backbone(x).float()
+        if self.cfg.posterior == "none":
+            return Embedding.deterministic(F.normalize(self.embedding(h), dim=-1))
+        draws = self._embedding_draws(h, samples or self.cfg.eval_samples)
+        return Embedding(
+            mean=F.normalize(draws.mean(dim=0), dim=-1),
+            samples=draws,
+            uncertainty=draws.std(dim=0).sum(dim=-1) if draws.shape[0] > 1 else draws.new_zeros(h.shape[0]),
+        )
+
+    def extra_state_for_logging(self) -> dict[str, float]:
+        if self.cfg.posterior not in ("online", "posthoc"):
+            return {}
+        return {
+            "hessian_mean": float(self.laplace.hessian.mean()),
+            "posterior_std_mean": float(self.laplace.posterior_std.mean()),
+        }

@@ -1,0 +1,153 @@
+"""The benchmark harness: suite budgets, generated BENCHMARKS.md sections, quality and speed runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from probssl.bench import suites
+from probssl.bench.sections import read_section, replace_section
+from probssl.bench.speed import Arm, run_speed_benchmark, speed_markdown
+from probssl.cli import main
+from probssl.config import ConfigError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["digits", "fashion_mnist"])
+def test_suite_budgets_match_the_documented_configs(name):
+    """The YAML in configs/ documents each budget; the harness must train exactly that."""
+    documented = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    documented["train"].pop("keep_checkpoints", None)  # where checkpoints go, not what is computed
+    assert suites.SUITES[name].budget == documented
+
+
+def test_sections_are_appended_then_replaced_in_place(tmp_path):
+    path = tmp_path / "B.md"
+    path.write_text("# Benchmarks\n\nprose before\n")
+    replace_section(path, "speed-cpu", "table v1", heading="## Speed")
+    replace_section(path, "quality-digits", "digits v1")
+    replace_section(path, "speed-cpu", "table v2\nsecond line")
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nprose before\n")
+    assert text.count("## Speed") == 1 and "table v1" not in text
+    assert read_section(path, "speed-cpu") == "table v2\nsecond line"
+    assert read_section(path, "quality-digits") == "digits v1"
+    assert text.index("table v2") < text.index("digits v1")  # replaced where it was
+    assert read_section(path, "missing") is None
+
+
+def test_a_section_without_its_end_marker_is_refused(tmp_path):
+    path = tmp_path / "B.md"
+    replace_section(path, "x", "body")
+    path.write_text(path.read_text().replace("<!-- bench:x end -->", ""))
+    with pytest.raises(ValueError, match="no end marker"):
+        replace_section(path, "x", "new")
+    with pytest.raises(ValueError, match="section name"):
+        replace_section(path, "bad name", "body")
+
+
+@pytest.fixture
+def tiny_suite(monkeypatch):
+    budget = {
+        "backbone": "convnet",
+        "backbone_args": {"width": 8},
+        "data": {"dataset": "digits", "subset": 128},
+        "train": {"epochs": 1, "batch_size": 32, "deterministic": True, "tensorboard": False},
+        "optim": {"name": "sgd", "lr": 0.05, "warmup_epochs": 0},
+    }
+    tiny = suites.Suite("tiny", budget, "noise", "a test suite")
+    monkeypatch.setitem(suites.SUITES, "tiny", tiny)
+    # The full evaluation is the expensive part: the basic one exercises the same harness.
+    from probssl.eval import evaluate
+
+    real = evaluate.evaluate_run
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *a, **k: real(*a, **{**k, "suite_name": "basic"}))
+    return tiny
+
+
+def test_quality_benchmark_runs_arms_over_seeds_and_summarises(tiny_suite, tmp_path):
+    out = tmp_path / "bench"
+    bench_md = tmp_path / "BENCHMARKS.md"
+    results = suites.run_quality_benchmark(
+        "tiny", out, seeds=2, only=["simclr", "lam_online"], update=bench_md, progress=False, command="cmd"
+    )
+    assert set(results["runs"]) == {"simclr", "lam_online"} and not results["failures"]
+    for arm in ("simclr", "lam_online"):
+        values = [results["runs"][arm][s]["linear/top1"] for s in ("0", "1")]
+        cell = results["summary"][arm]["linear/top1"]
+        assert cell["n"] == 2 and cell["mean"] == pytest.approx(sum(values) / 2)
+        assert cell["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+    assert results["runs"]["lam_online"]["0"]["meta/method"] == "lam"
+    saved = json.loads((out / "tiny" / "results.json").read_text())
+    assert saved["summary"] == json.loads(json.dumps(results["summary"]))
+    assert (out / "tiny" / "report.html").is_file()
+    section = read_section(bench_md, "quality-tiny")
+    assert "Command: `cmd`" in section and "| lam_online | 2 |" in section
+
+    # A second invocation trains nothing (finished runs are kept) and reproduces the table.
+    model = out / "tiny" / "simclr-s0" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    again = suites.run_quality_benchmark("tiny", out, seeds=2, only=["simclr", "lam_online"], progress=False)
+    assert model.stat().st_mtime_ns == stamp
+    assert again["summary"] == results["summary"]
+
+
+def test_a_failing_arm_is_recorded_and_the_others_still_run(tiny_suite, tmp_path, monkeypatch):
+    real = suites.train_and_evaluate
+
+    def flaky(suite, arm, seed, out, data_dir, progress):
+        if arm.name == "simclr":
+            raise RuntimeError("boom")
+        return real(suite, arm, seed, out, data_dir, progress)
+
+    monkeypatch.setattr(suites, "train_and_evaluate", flaky)
+    results = suites.run_quality_benchmark("tiny", tmp_path, seeds=1, only=["simclr", "byol"], progress=False)
+    assert results["failures"] == {"simclr-s0": "RuntimeError: boom"}
+    assert set(results["runs"]) == {"byol"} and "simclr-s0 failed" in suites.results_markdown(results)
+
+
+def test_unknown_suite_arm_or_seed_count_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="unknown benchmark suite"):
+        suites.run_quality_benchmark("imagenet", tmp_path)
+    with pytest.raises(ConfigError, match="unknown arm"):
+        suites.run_quality_benchmark("digits", tmp_path, only=["resnet"])
+    with pytest.raises(ConfigError, match="seeds"):
+        suites.run_quality_benchmark("digits", tmp_path, seeds=0)
+    assert main(["bench", "imagenet", "--out", str(tmp_path)]) == 2
+
+
+def test_speed_benchmark_compares_each_arm_with_its_base(tmp_path):
+    arms = (Arm("simclr", "simclr"), Arm("scl", "scl", (), "simclr", 1.1))
+    overrides = ["data.dataset=digits", "backbone=convnet", "backbone.width=8", "train.batch_size=16"]
+    result = run_speed_benchmark(None, overrides, arms=arms, repeats=2, steps=1, warmup=1, samples=(1, 4))
+    rows = {r["arm"]: r for r in result["rows"]}
+    assert rows["simclr"]["ratio_to_base"] is None
+    scl = rows["scl"]
+    assert scl["ratio_to_base"] == pytest.approx(scl["step_ms"] / rows["simclr"]["step_ms"])
+    assert scl["meets_goal"] == (scl["ratio_to_base"] <= 1.1)
+    assert len(scl["step_ms_all"]) == 2 and scl["memory_mib"] > 0
+    assert set(scl["embed_ms"]) == {"1", "4"} and result["floor_step_ms"] > 0
+    table = speed_markdown(result)
+    assert "| scl |" in table and "vs simclr" in table and "Backbone floor" in table
+
+
+def test_bench_speed_cli_writes_json_and_updates_the_file(tmp_path):
+    bench_md = tmp_path / "B.md"
+    code = main(
+        [
+            "bench", "speed", "--out", str(tmp_path), "--arms", "scl", "--repeats", "1", "--steps", "1",
+            "--update", str(bench_md), "--no-progress", "--command-line", "probssl bench speed (test)",
+            "data.dataset=digits", "backbone=convnet", "backbone.width=8", "train.batch_size=16",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads((tmp_path / "speed.json").read_text())
+    assert [r["arm"] for r in result["rows"]] == ["simclr", "scl"]  # the base comes along
+    assert "probssl bench speed (test)" in read_section(bench_md, "speed-cpu")
+    assert main(["bench", "speed", "--out", str(tmp_path), "--arms", "nope"]) == 2
