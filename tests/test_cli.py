@@ -10,7 +10,7 @@ from probssl.cli import main
     [
         (
             ["train", "--method", "simclrr"],
-            "unknown method 'simclrr'; valid methods: byol, csghmc, lam, pixels, prosmin, scl, simclr, simsiam, vi_simsiam",  # noqa: E501
+            "unknown method 'simclrr'; valid methods: byol, csghmc, ensemble, lam, pixels, prosmin, scl, simclr, simsiam, vi_simsiam",  # noqa: E501
         ),
         (["train", "--dataset", "imagenet"], "unknown dataset"),
         (["train", "--backbone", "vit"], "unknown backbone 'vit'"),

@@ -178,3 +178,37 @@ def test_deterministic_and_mc_dropout_baselines():
     torch.manual_seed(1)
     b = drop.loss(_views()).detach()
     assert not math.isclose(a.item(), b.item())
+
+
+def test_deep_ensemble_members_differ_and_train_independently():
+    torch.manual_seed(0)
+    method = build_method("ensemble", build_backbone("convnet", 1, 8), {"size": 3})
+    assert len(method.members) == 3 and method.backbone is method.members[0].backbone
+    w = [m.backbone.features[0].weight for m in method.members]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])  # own initialisations
+    views = _views()
+    losses = [m.loss(views) for m in method.members]
+    total = method.loss(views)
+    torch.testing.assert_close(total, torch.stack(losses).sum())
+    total.backward()
+    # Each member's gradient is the gradient of its own loss alone.
+    alone = build_method("ensemble", build_backbone("convnet", 1, 8), {"size": 3})
+    alone.load_state_dict(method.state_dict())
+    alone.members[1].loss(views).backward()
+    torch.testing.assert_close(
+        alone.members[1].embedding.weight.grad, method.members[1].embedding.weight.grad
+    )
+    method.eval()
+    emb = method.embed(views[0])
+    assert emb.samples.shape == (3, 6, 128)
+    torch.testing.assert_close(emb.mean, F.normalize(emb.samples.mean(0), dim=-1))
+    torch.testing.assert_close(emb.uncertainty, emb.samples.std(0).sum(-1))
+    assert len({k.split(".")[0] for k in method.state_dict()}) == 1  # backbones registered once
+
+
+@pytest.mark.parametrize("args", [{"size": 1}, {"member": "ensemble"}, {"member": "pixels"}])
+def test_ensemble_config_errors(args):
+    from probssl.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        build_method("ensemble", build_backbone("convnet", 1, 8), args)

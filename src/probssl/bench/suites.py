@@ -48,6 +48,7 @@ ARMS: tuple[QualityArm, ...] = (
     QualityArm("scl", "scl"),
     QualityArm("lam_deterministic", "lam", ("method.posterior=none",)),
     QualityArm("lam_mc_dropout", "lam", ("method.posterior=mc_dropout",)),
+    QualityArm("lam_ensemble", "ensemble", ("method.member=lam", "method.size=5")),
     QualityArm("lam_posthoc", "lam", ("method.posterior=posthoc",)),
     QualityArm("lam_online", "lam", ("method.posterior=online",)),
 )

@@ -10,6 +10,7 @@ from probssl.config import method_config
 from probssl.methods import (  # noqa: F401  (registration side effects)
     byol,
     csghmc,
+    ensemble,
     lam,
     pixels,
     prosmin,
