@@ -757,18 +757,24 @@ def _shift_figure(
 ) -> str:
     shown = [run for run in runs if run.name in data]
     corruptions = sorted({name for run in shown for name in data[run.name]})
-    has_uncertainty = any("uncertainty" in m for run in shown for m in data[run.name].values())
-    summary = ["acc"] + (["uncertainty"] if has_uncertainty else [])
+    summary = ["acc"] + [
+        metric
+        for metric in ("uncertainty", "emb_uncertainty")  # the probe's, and the embedding's own (1/κ, σ, ...)
+        if any(_varies(data[run.name], metric) for run in shown)
+    ]
     cols = 4
     rows = 1 + math.ceil(len(corruptions) / cols)
     with _styled():
         fig = Figure(figsize=(3.2 * cols, 2.45 * rows + 0.4))
         grid = fig.add_gridspec(rows, cols, hspace=0.7, wspace=0.32)
+        top = grid[0, :].subgridspec(1, len(summary), wspace=0.32)
         for j, metric in enumerate(summary):
-            ax = fig.add_subplot(grid[0, 2 * j : 2 * j + 2])
+            ax = fig.add_subplot(top[0, j])
             for run in shown:
                 _plot_curve(ax, _mean_over_corruptions(data[run.name], metric), run)
-            label = "accuracy" if metric == "acc" else "mean uncertainty"
+            label = {"acc": "accuracy", "uncertainty": "probe uncertainty"}.get(
+                metric, "embedding uncertainty"
+            )
             ax.set(title=f"{label}, mean over corruptions", xlabel="severity", ylabel=label)
             ax.set_xticks(range(1, 6))
         shared = None
@@ -785,6 +791,12 @@ def _shift_figure(
         fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 5), bbox_to_anchor=(0.5, 1.0))
         fig.subplots_adjust(top=1 - 0.55 / (2.45 * rows + 0.4))
         return _png(fig)
+
+
+def _varies(by_corruption: Mapping[str, Mapping[str, Mapping[int, float]]], metric: str) -> bool:
+    """Whether ``metric`` is present and not constant (a deterministic run's embedding uncertainty is 0)."""
+    values = {v for m in by_corruption.values() for v in m.get(metric, {}).values()}
+    return len(values) > 1
 
 
 def _unique_legend(fig: Figure) -> tuple[list[Any], list[str]]:
@@ -911,8 +923,9 @@ _CAPTIONS = {
     "shift": (
         "<b>How to read:</b> accuracy on corrupted copies of the test set as the corruption gets stronger"
         " (severity 1–5), one line per run. The top row averages over all corruptions; a flatter line is "
-        "a more robust representation. Good uncertainty should <i>rise</i> as accuracy falls (top right, "
-        "when runs report it); the small panels show each corruption separately."
+        "a more robust representation. Good uncertainty should <i>rise</i> as accuracy falls: the probe's "
+        "predictive entropy, and the embedding's own uncertainty (1/κ for VI-SimSiam, σ for ProSMIN, Σ std "
+        "for LAM and ensembles) when a run has one; the small panels show each corruption separately."
     ),
     "sparsification": (
         "<b>How to read:</b> the most uncertain test points are removed first and accuracy is measured on"
