@@ -154,3 +154,12 @@ def test_bench_speed_cli_writes_json_and_updates_the_file(tmp_path):
     assert [r["arm"] for r in result["rows"]] == ["simclr", "scl"]  # the base comes along
     assert "probssl bench speed (test)" in read_section(bench_md, "speed-cpu")
     assert main(["bench", "speed", "--out", str(tmp_path), "--arms", "nope"]) == 2
+
+
+def test_eval_memory_benchmark_reports_bank_and_overhead(tmp_path):
+    from probssl.bench.eval_memory import eval_memory_markdown, measure_eval_memory
+
+    row = measure_eval_memory(items=600, test_items=200, samples=3, dim=16)
+    assert row["bank_mib"] == pytest.approx(3 * 800 * 16 * 4 / 2**20)
+    assert row["peak_rss_mib"] >= row["baseline_rss_mib"] > 0
+    assert "| 600 | 200 | 3 | 16 | no |" in eval_memory_markdown([row])

@@ -141,3 +141,15 @@ def test_extract_sampled_embedding() -> None:
     for s in range(3):
         torch.testing.assert_close(bank.draws[s], expected + s)
     torch.testing.assert_close(bank.uncertainty, expected.sum(dim=1))
+
+
+def test_a_varying_number_of_draws_is_refused():
+    calls = iter([3, 2])
+
+    def embed(x):
+        s = next(calls)
+        return Embedding(torch.zeros(x.shape[0], 4), torch.zeros(s, x.shape[0], 4), torch.zeros(x.shape[0]))
+
+    images = torch.zeros(8, 1, 4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="varying number of samples"):
+        extract_features(embed, images, torch.zeros(8), lambda x: x.float(), batch_size=4)

@@ -116,22 +116,29 @@ def extract_features(
         raise ValueError("no images to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    draws, means, uncertainties = [], [], []
+    # Preallocated once the first batch shows S and D, then filled in place: peak memory is the
+    # bank itself plus one batch, not the bank twice (a list of batches and their concatenation).
+    draws = means = uncertainties = None
     with torch.no_grad():
         for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
             batch = preprocess(images[start : start + batch_size].to(device, non_blocking=True))
             embedding = embed(batch)
-            draws.append(embedding.draws().detach().float().cpu())
-            means.append(embedding.mean.detach().float().cpu())
-            uncertainties.append(embedding.uncertainty.detach().float().cpu())
-    if len({d.shape[0] for d in draws}) != 1:
-        counts = [d.shape[0] for d in draws]
-        raise ValueError(f"embed returned a varying number of samples across batches: {counts}")
+            batch_draws = embedding.draws().detach()
+            stop = start + batch_draws.shape[1]
+            if draws is None:
+                draws = torch.empty((batch_draws.shape[0], n, batch_draws.shape[2]), dtype=torch.float32)
+                means = torch.empty((n, embedding.mean.shape[1]), dtype=torch.float32)
+                uncertainties = torch.empty(n, dtype=torch.float32)
+            elif batch_draws.shape[0] != draws.shape[0]:
+                raise ValueError(
+                    "embed returned a varying number of samples across batches: "
+                    f"{draws.shape[0]} then {batch_draws.shape[0]}"
+                )
+            draws[:, start:stop] = batch_draws.float().cpu()
+            means[start:stop] = embedding.mean.detach().float().cpu()
+            uncertainties[start:stop] = embedding.uncertainty.detach().float().cpu()
     return FeatureBank(
-        draws=torch.cat(draws, dim=1),
-        mean=torch.cat(means, dim=0),
-        uncertainty=torch.cat(uncertainties, dim=0),
-        labels=labels.detach().cpu().long(),
+        draws=draws, mean=means, uncertainty=uncertainties, labels=labels.detach().cpu().long()
     )
 
 
