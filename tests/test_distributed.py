@@ -114,6 +114,60 @@ WORKER_SRC = textwrap.dedent(
                                              margin=1.2, hessian_memory=0.9))
 
 
+    PROBABILISTIC = ("prosmin", "vi_simsiam", "scl")
+
+
+    def pseudo_noise(like, offset=0.0):
+        """Noise that is a fixed function of each sample's own values: the same for a sample whether
+        one process or two compute it (independent per-rank RNG streams are correct DDP behaviour,
+        but not comparable bit for bit with one process)."""
+        return torch.sin(like.detach() * 13.0 + offset)
+
+
+    def patch_noise():
+        from probssl.methods.prosmin import ProSMIN
+        from probssl.nn import stochastic
+
+        original = stochastic.gaussian_rsample
+        stochastic.gaussian_rsample = lambda mu, logvar, noise=None: original(mu, logvar, pseudo_noise(mu))
+        def rsample(mu, logvar, num_samples):
+            eps = torch.stack([pseudo_noise(mu, i) for i in range(num_samples)])
+            return mu + (0.5 * logvar).exp() * eps
+
+        ProSMIN.rsample = staticmethod(rsample)
+
+
+    def build_probabilistic(name):
+        """The method on a BatchNorm-free backbone, its head BatchNorms replaced by identities."""
+        from probssl.methods import build_method
+
+        args = {"prosmin": {"out_dim": 32, "proj_hidden_dim": 16, "bottleneck_dim": 8, "pred_hidden_dim": 16,
+                            "pred_dim": 8, "head_batch_norm": False},
+                "vi_simsiam": {"proj_dim": 8, "pred_hidden_dim": 4, "kappa_hidden_dim": 4},
+                "scl": {"proj_hidden_dim": 16, "proj_dim": 8}}[name]
+        torch.manual_seed(1)
+        method = build_method(name, FlatBackbone(), args)
+        for parent in list(method.modules()):
+            for child_name, child in list(parent.named_children()):
+                if isinstance(child, nn.BatchNorm1d):
+                    setattr(parent, child_name, nn.Identity())
+        return method
+
+
+    def method_run(model, method, inputs, rows, steps=3):
+        """A few SGD steps with target updates; the losses (rank mean) and the final state."""
+        opt = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+        losses = []
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = model([inputs["x1"][rows], inputs["x2"][rows]])
+            loss.backward()
+            opt.step()
+            method.update_targets((step + 1) / 10)
+            losses.append(pd.all_reduce_mean(loss))
+        return torch.stack(losses), {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
     def main(out):
         torch.set_num_threads(1)
         device = pd.init_distributed()
@@ -149,6 +203,15 @@ WORKER_SRC = textwrap.dedent(
         # (same seed on every rank) are identical, so the replicas must stay bit-identical.
         for name, params in sghmc_run(model, net, inputs, rows).items():
             result["sghmc/" + name] = params
+        patch_noise()
+        for name in PROBABILISTIC:
+            method = build_probabilistic(name)
+            method.load_state_dict(inputs["state_" + name])
+            losses, state = method_run(DistributedDataParallel(method), method, inputs, rows)
+            result[name + "/losses"] = losses
+            for key, value in state.items():
+                result[name + "/" + key] = value
+
         lam = build_lam()
         lam_model = DistributedDataParallel(lam)
         result["lam/losses"], lam_state = lam_run(lam_model, lam, inputs, rows)
@@ -195,6 +258,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ModuleType,
         "x2": torch.randn(GLOBAL_BATCH, 6),
         "w": torch.randn(WORLD_SIZE * 3, 2),
         "lam_state": worker.build_lam().state_dict(),
+        **{"state_" + name: worker.build_probabilistic(name).state_dict() for name in worker.PROBABILISTIC},
     }
     torch.save(inputs, out / "inputs.pt")
 
@@ -263,6 +327,22 @@ def test_csghmc_noise_keeps_ddp_replicas_identical(ddp_run) -> None:
         assert not torch.equal(value, start[name]), name  # the sampler did move the weights
         assert torch.equal(ranks[0]["sghmc/" + name], ranks[1]["sghmc/" + name]), name  # in sync, bit for bit
         torch.testing.assert_close(ranks[0]["sghmc/" + name], value, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["prosmin", "vi_simsiam", "scl"])
+def test_probabilistic_methods_under_ddp_match_one_process(ddp_run, name: str) -> None:
+    """ProSMIN (centre all-reduce, EMA target), VI-SimSiam (κ head), SCL (gathered NT-Xent over
+    latent samples): two ranks reproduce one process on the global batch, step by step."""
+    out, worker, inputs = ddp_run
+    worker.patch_noise()
+    method = worker.build_probabilistic(name)
+    method.load_state_dict(inputs["state_" + name])
+    ref_losses, ref_state = worker.method_run(method, method, inputs, slice(None))
+    assert not torch.equal(ref_state[next(iter(ref_state))], inputs["state_" + name][next(iter(ref_state))])
+    for res in _rank_results(out):
+        torch.testing.assert_close(res[name + "/losses"], ref_losses, rtol=0, atol=1e-5)
+        for key, value in ref_state.items():
+            torch.testing.assert_close(res[name + "/" + key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_online_lam_under_ddp_matches_one_process(ddp_run) -> None:

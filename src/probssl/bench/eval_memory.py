@@ -50,7 +50,8 @@ def _measure(items: int, test_items: int, samples: int, dim: int, probe: bool, q
         gen = torch.Generator().manual_seed(int(x[0].sum()))  # fixed per batch: reproducible draws
         noise = torch.randn((samples, *mean.shape), generator=gen) * noise_scale
         draws = mean + noise
-        return Embedding(mean=mean, samples=draws, uncertainty=draws.std(0).sum(-1))
+        spread = draws.std(0).sum(-1) if samples > 1 else torch.zeros(mean.shape[0])
+        return Embedding(mean=mean, samples=draws, uncertainty=spread)
 
     baseline = _rss_mib()
     start = time.perf_counter()
