@@ -330,10 +330,16 @@ def test_csghmc_noise_keeps_ddp_replicas_identical(ddp_run) -> None:
 
 
 @pytest.mark.parametrize("name", ["prosmin", "vi_simsiam", "scl"])
-def test_probabilistic_methods_under_ddp_match_one_process(ddp_run, name: str) -> None:
+def test_probabilistic_methods_under_ddp_match_one_process(ddp_run, name: str, monkeypatch) -> None:
     """ProSMIN (centre all-reduce, EMA target), VI-SimSiam (κ head), SCL (gathered NT-Xent over
     latent samples): two ranks reproduce one process on the global batch, step by step."""
+    from probssl.methods.prosmin import ProSMIN
+    from probssl.nn import stochastic
+
     out, worker, inputs = ddp_run
+    # Registered with monkeypatch first so that the worker's noise patches are undone afterwards.
+    monkeypatch.setattr(stochastic, "gaussian_rsample", stochastic.gaussian_rsample)
+    monkeypatch.setattr(ProSMIN, "rsample", ProSMIN.__dict__["rsample"])
     worker.patch_noise()
     method = worker.build_probabilistic(name)
     method.load_state_dict(inputs["state_" + name])
