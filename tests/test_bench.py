@@ -12,7 +12,8 @@ from probssl.bench import suites
 from probssl.bench.sections import read_section, replace_section
 from probssl.bench.speed import Arm, run_speed_benchmark, speed_markdown
 from probssl.cli import main
-from probssl.config import ConfigError
+from probssl.config import ConfigError, method_config
+from probssl.methods import METHODS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -163,3 +164,15 @@ def test_eval_memory_benchmark_reports_bank_and_overhead(tmp_path):
     assert row["bank_mib"] == pytest.approx(3 * 800 * 16 * 4 / 2**20)
     assert row["peak_rss_mib"] >= row["baseline_rss_mib"] > 0
     assert "| 600 | 200 | 3 | 16 | no |" in eval_memory_markdown([row])
+
+
+def test_sweep_arms_are_valid_configs():
+    """Every arm (default and sweep) builds a valid config for every suite: no typo in an override."""
+    for suite in suites.SUITES.values():
+        for arm in suites.ALL_ARMS:
+            cfg = suites._arm_config(suite, arm, seed=1, data_dir=None)
+            assert cfg.method == arm.method and cfg.train.seed == 1
+            method_config(METHODS.get(arm.method).config_class, cfg.method_args, arm.method)  # keys, types
+    names = [a.name for a in suites.ALL_ARMS]
+    assert len(names) == len(set(names))
+    assert {"scl_beta1e-3", "scl_bits1024", "lam_online_full_arccos"} <= set(names)

@@ -53,6 +53,26 @@ ARMS: tuple[QualityArm, ...] = (
     QualityArm("lam_online", "lam", ("method.posterior=online",)),
 )
 
+#: Ablation arms, run only when named with ``--arms`` (the issues' sweeps): SCL's KL weight β and
+#: code length K, LAM's GGN variants and output spaces.
+SWEEP_ARMS: tuple[QualityArm, ...] = (
+    *(QualityArm(f"scl_beta{b}", "scl", (f"method.kl_weight={b}",)) for b in ("0", "1e-4", "1e-3", "1e-2")),
+    *(
+        QualityArm(f"scl_bits{k}", "scl", ("method.latent=bernoulli", f"method.latent_dim={k}"))
+        for k in (32, 64, 128, 256, 512, 1024)
+    ),
+    *(
+        QualityArm(
+            f"lam_online_{v}_{o}",
+            "lam",
+            ("method.posterior=online", f"method.variant={v}", f"method.output_space={o}"),
+        )
+        for v in ("pos", "fix", "full")
+        for o in ("euclidean", "arccos")
+    ),
+)
+ALL_ARMS = ARMS + SWEEP_ARMS
+
 _SGD = {"name": "sgd", "lr": 0.05, "weight_decay": 5.0e-4}
 
 
@@ -207,10 +227,10 @@ def run_quality_benchmark(
     suite = SUITES[suite_name]
     arms = ARMS
     if only:
-        unknown = set(only) - {a.name for a in ARMS}
+        unknown = set(only) - {a.name for a in ALL_ARMS}
         if unknown:
-            raise ConfigError(f"unknown arm(s) {sorted(unknown)}; choose from {[a.name for a in ARMS]}")
-        arms = tuple(a for a in ARMS if a.name in only)
+            raise ConfigError(f"unknown arm(s) {sorted(unknown)}; choose from {[a.name for a in ALL_ARMS]}")
+        arms = tuple(a for a in ALL_ARMS if a.name in only)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     out = Path(out)
@@ -233,12 +253,12 @@ def run_quality_benchmark(
             seconds[f"{arm.name}-s{seed}"] = time.perf_counter() - start
     # The table covers every finished run of the suite's arms under OUT/SUITE, not only this
     # invocation's: suites are completed arm by arm and seed by seed, over several invocations.
-    for arm in ARMS:
+    for arm in ALL_ARMS:
         for eval_path in sorted((out / suite.name).glob(f"{arm.name}-s*/eval.json")):
             seed_text = eval_path.parent.name.rsplit("-s", 1)[1]
             if seed_text.isdigit() and int(seed_text) not in runs.get(arm.name, {}):
                 runs.setdefault(arm.name, {})[int(seed_text)] = json.loads(eval_path.read_text())
-    runs = {a.name: dict(sorted(runs[a.name].items())) for a in ARMS if a.name in runs}
+    runs = {a.name: dict(sorted(runs[a.name].items())) for a in ALL_ARMS if a.name in runs}
     columns = suite.columns()
     results = {
         "suite": suite.name,
