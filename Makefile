@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test test-slow lint install clean
+.PHONY: demo test test-slow bench lint install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(VENV)/.installed-dev
 
 test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
+
+# The benchmark command: slow end-to-end tests, then the digits suite (every method, 3 seeds) and the
+# speed table, both written into BENCHMARKS.md. Fashion-MNIST: `probssl bench fashion_mnist --data-dir DIR`.
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m slow
+	$(BIN)/probssl bench digits --out runs/bench --update BENCHMARKS.md --no-progress
+	$(BIN)/probssl bench speed --config configs/fashion_mnist.yaml --out runs/bench --update BENCHMARKS.md --no-progress
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests
