@@ -212,3 +212,26 @@ def test_ensemble_config_errors(args):
 
     with pytest.raises(ConfigError):
         build_method("ensemble", build_backbone("convnet", 1, 8), args)
+
+
+def test_posthoc_lam_trains_then_fits_its_hessian_in_one_extra_pass(tmp_path):
+    import json
+
+    from probssl.config import build_config
+    from probssl.runs import load_run
+    from probssl.train import train
+
+    cfg = build_config(
+        None,
+        ["method.posterior=posthoc", "method.max_pairs=100", "backbone.width=8"],
+        method="lam",
+        data={"dataset": "digits", "subset": 128},
+        train={"epochs": 2, "batch_size": 32, "progress": False, "tensorboard": False},
+    )
+    run = train(cfg, tmp_path / "run")
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["after_training_seconds"] > 0 and summary["seconds_per_epoch"] > 0
+    method = load_run(run).method
+    assert method.laplace.hessian.abs().sum() > 0  # saved with the final weights
+    emb = method.embed(torch.zeros(4, 1, 8, 8))
+    assert emb.samples.shape[0] == method.cfg.eval_samples and (emb.uncertainty > 0).all()

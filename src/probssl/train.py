@@ -300,21 +300,24 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             yield views
 
+    after_training_start = time.perf_counter()
+    loop_seconds, steps_run = after_training_start - train_start, stop_step - start_step
     if finished and method.trainable:
         with autocast_context(device, tc.precision):
             method.after_training(training_views, context)
+    after_training_seconds = time.perf_counter() - after_training_start
     if is_main and finished:
         save_model(out_dir, method.state_dict(), {"method": cfg.method, "steps": total_steps})
         atomic_write_json(
             out_dir / "train_summary.json",
             {
-                "steps": stop_step - start_step,
+                "steps": steps_run,
                 "total_steps": total_steps,
                 "world_size": world,
-                "seconds": time.perf_counter() - train_start,
-                "img_per_s": (stop_step - start_step)
-                * tc.batch_size
-                / max(time.perf_counter() - train_start, 1e-9),
+                "seconds": loop_seconds,  # the step loop of this invocation
+                "img_per_s": steps_run * tc.batch_size / max(loop_seconds, 1e-9),
+                "seconds_per_epoch": loop_seconds * steps_per_epoch / steps_run if steps_run else None,
+                "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
                 "device": str(device),
             },
         )
