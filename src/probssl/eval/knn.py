@@ -46,8 +46,9 @@ def knn_predict(
     """Class probabilities [M, C] for each query from its k most cosine-similar training points.
 
     Both sides are L2-normalised, so the dot product is the cosine similarity. Queries are processed
-    ``chunk_size`` at a time: the similarity matrix of a full test set against a full training set
-    (10k × 50k floats) is what would otherwise dominate memory. ``k`` larger than the number of
+    ``chunk_size`` at a time against the training set in blocks of 16 × ``chunk_size``, merging
+    top-k lists: the similarity matrix of a full test set against a full training set (10k × 50k
+    floats) is what would otherwise dominate memory. ``k`` larger than the number of
     candidates is clipped. ``exclude_self=True`` is leave-one-out for the case where the queries
     *are* the training set (row i is not allowed to vote for itself), as in retrieval evaluation.
     """
@@ -77,13 +78,39 @@ def knn_predict(
     out = torch.empty(m, num_classes, dtype=dtype, device=train.device)
     for start in range(0, m, chunk_size):
         query = F.normalize(query_features[start : start + chunk_size].to(train.device, dtype), dim=1)
-        sim = query @ train.T
-        if exclude_self:
-            rows = torch.arange(query.shape[0], device=sim.device)
-            sim[rows, rows + start] = float("-inf")
-        top_sim, top_idx = sim.topk(k, dim=1)
+        top_sim, top_idx = _running_topk(query, train, k, chunk_size * 16, start if exclude_self else None)
         out[start : start + query.shape[0]] = _votes(top_sim, labels[top_idx], num_classes, temperature)
     return out
+
+
+def _running_topk(
+    query: Tensor, train: Tensor, k: int, train_chunk: int, self_offset: int | None
+) -> tuple[Tensor, Tensor]:
+    """Top-k cosine similarities of ``query`` rows against ``train``, ``train_chunk`` columns at a time.
+
+    Memory is O(rows × (train_chunk + k)) whatever the size of the training set (a 1,024-query chunk
+    against 100k training points would otherwise be a 400 MB similarity block). The merged result is
+    the same top-k as one ``topk`` over the full row (ties aside). ``self_offset`` masks the query's
+    own column (leave-one-out): query row r is training row ``self_offset + r``.
+    """
+    best_sim = best_idx = None
+    rows = torch.arange(query.shape[0], device=query.device)
+    for lo in range(0, train.shape[0], train_chunk):
+        sim = query @ train[lo : lo + train_chunk].T
+        if self_offset is not None:
+            cols = rows + self_offset - lo
+            inside = (cols >= 0) & (cols < sim.shape[1])
+            sim[rows[inside], cols[inside]] = float("-inf")
+        sim_k, idx_k = sim.topk(min(k, sim.shape[1]), dim=1)
+        idx_k = idx_k + lo
+        if best_sim is None:
+            best_sim, best_idx = sim_k, idx_k
+        else:
+            both = torch.cat([best_sim, sim_k], dim=1)
+            merged_sim, order = both.topk(min(k, both.shape[1]), dim=1)
+            best_idx = torch.cat([best_idx, idx_k], dim=1).gather(1, order)
+            best_sim = merged_sim
+    return best_sim, best_idx
 
 
 def knn_predict_marginal(
