@@ -40,3 +40,13 @@ def test_cli_table_by_seed(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "0.6000 ± 0.1414" in out and "| " not in out
+
+
+def test_list_metrics_print_joined_and_average_element_wise():
+    from probssl.tables import aggregate_seeds, format_table
+
+    rows = {"a-s0": {"q": [0.5, 0.7], "x": 1.0}, "a-s1": {"q": [0.7, 0.9], "x": 3.0}}
+    assert "0.500 / 0.700" in format_table({"a-s0": rows["a-s0"]}, ["q"])
+    table = aggregate_seeds(rows, ["q", "x"])
+    assert table["a"]["q"] == "0.600 / 0.800"
+    assert table["a"]["x"].startswith("2.0000 ± 1.4142")

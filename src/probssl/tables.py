@@ -28,10 +28,7 @@ def format_table(
     for name, result in rows.items():
         cells = [name]
         for col in columns:
-            value = result.get(col)
-            cells.append(
-                f"{value:.4f}" if isinstance(value, float) else ("–" if value is None else str(value))
-            )
+            cells.append(_cell(result.get(col)))
         body.append(cells)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
@@ -47,9 +44,24 @@ def format_table(
     return "\n".join([line(header), sep, *(line(r) for r in body)])
 
 
+def _cell(value: Any) -> str:
+    """Floats to 4 places; lists of numbers (e.g. accuracy per uncertainty quintile) joined by ' / '."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
+        return " / ".join(f"{v:.3f}" for v in value)
+    return str(value)
+
+
 def seed_group(run_dir: str | Path) -> str:
     """Runs that differ only by seed share a name up to a ``-s<seed>`` suffix: ``byol-s2`` → ``byol``."""
     return re.sub(r"-s\d+$", "", Path(run_dir).name)
+
+
+def _numeric_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, int | float) for v in value)
 
 
 def aggregate_seeds(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -65,6 +77,12 @@ def aggregate_seeds(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> 
     for name, results in groups.items():
         cells: dict[str, Any] = {"n": str(len(results))}
         for col in columns:
+            lists = [r[col] for r in results if _numeric_list(r.get(col))]
+            if lists and len({len(v) for v in lists}) == 1:  # element-wise mean, e.g. per-quintile accuracy
+                mean_list = [statistics.fmean(column) for column in zip(*lists, strict=True)]
+                partial = f" (n={len(lists)})" if len(lists) != len(results) else ""
+                cells[col] = " / ".join(f"{v:.3f}" for v in mean_list) + partial
+                continue
             values = [r[col] for r in results if isinstance(r.get(col), int | float)]
             if not values:
                 continue
