@@ -50,3 +50,24 @@ def test_list_metrics_print_joined_and_average_element_wise():
     table = aggregate_seeds(rows, ["q", "x"])
     assert table["a"]["q"] == "0.600 / 0.800"
     assert table["a"]["x"].startswith("2.0000 ± 1.4142")
+
+
+def test_table_cli_writes_a_generated_section(tmp_path):
+    import json
+
+    from probssl.bench.sections import read_section
+    from probssl.cli import main
+
+    run = tmp_path / "m-s0"
+    run.mkdir()
+    (run / "eval.json").write_text(json.dumps({"linear/top1": 0.5}))
+    target = tmp_path / "B.md"
+    argv = ["table", str(run), "--columns", "linear/top1", "--update", str(target), "--section", "t"]
+    assert main(argv) == 0
+    section = read_section(target, "t")
+    assert (
+        section.startswith(f"Command: `probssl {' '.join(argv)}`")
+        and "| linear/top1" in section
+        and "0.5000" in section
+    )
+    assert main(["table", str(run), "--update", str(target)]) == 2  # no --section

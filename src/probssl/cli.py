@@ -99,7 +99,17 @@ def cmd_table(args: argparse.Namespace) -> int:
     columns = args.columns.split(",") if args.columns else list(DEFAULT_COLUMNS)
     if args.by_seed:
         rows, columns = aggregate_seeds(rows, columns), ["n", *columns]
-    print(format_table(rows, columns, markdown=args.markdown))
+    table = format_table(rows, columns, markdown=args.markdown or bool(args.update))
+    print(table)
+    if args.update:
+        from probssl.bench.provenance import git_commit
+        from probssl.bench.sections import replace_section
+
+        if not args.section:
+            raise ConfigError("--update needs --section NAME (the generated section of that file to rewrite)")
+        command = "probssl " + " ".join(args.argv)
+        replace_section(args.update, args.section, f"Command: `{command}` (commit {git_commit()})\n\n{table}")
+        print(f"updated section {args.section!r} of {args.update}")
     return 0
 
 
@@ -167,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from probssl.bench.eval_memory import eval_memory_markdown, measure_eval_memory
 
         rows = [measure_eval_memory(n, min(args.test_items, n), s, probe=args.probe) for n, s in args.sizes]
-        result = {"rows": rows, "command": args.command_line or "probssl " + " ".join(sys.argv[1:])}
+        result = {"rows": rows, "command": args.command_line or "probssl " + " ".join(args.argv)}
         from probssl.bench.provenance import provenance
 
         result.update(provenance())
@@ -192,7 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         only=args.arms.split(",") if args.arms else None,
         update=args.update,
         progress=not args.no_progress,
-        command=args.command_line or "probssl " + " ".join(sys.argv[1:]),
+        command=args.command_line or "probssl " + " ".join(args.argv),
     )
     return 0
 
@@ -240,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--by-seed", action="store_true", help="one row per run name without its -s<seed> suffix: mean ± std"
     )
+    p.add_argument("--update", help="write the table into this file's generated section --section")
+    p.add_argument("--section", help="name of the generated section (<!-- bench:NAME ... -->)")
     p = sub.add_parser("report", help="one static HTML page comparing runs (tables and plots)")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="report.html")
@@ -290,6 +302,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded beside generated tables
     if extra:  # key=value overrides may sit anywhere among the flags, not only in one run
         stray = [a for a in extra if a.startswith("-") or "=" not in a]
         if stray or not hasattr(args, "overrides"):
