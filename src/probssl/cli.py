@@ -156,9 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             device=args.device,
             progress=None if args.no_progress else (lambda msg: print(msg, file=sys.stderr)),
         )
-        result["command"] = (
-            "probssl " + " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
-        )
+        result["command"] = args.command_line or "probssl " + " ".join(args.argv)
         table = speed_markdown(result)
         atomic_write_json(out / "speed.json", result)
         (out / "speed.md").write_text(table + "\n")
