@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist"])
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
 def test_suite_budgets_match_the_documented_configs(name):
     """The YAML in configs/ documents each budget; the harness must train exactly that."""
     documented = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
