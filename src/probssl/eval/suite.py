@@ -147,6 +147,12 @@ def shift_suite(
         out["shift/mean/acc"] = sum(out[f"shift/{n}/{s}/acc"] for n in corruptions for s in severities) / (
             len(corruptions) * len(severities)
         )
+        # Per severity, averaged over corruptions: does the embedding's own uncertainty (1/κ, σ, Σ std)
+        # rise as accuracy falls?
+        for s in severities:
+            for metric in ("acc", "emb_uncertainty"):
+                values = [out[f"shift/{n}/{s}/{metric}"] for n in corruptions]
+                out[f"shift/severity{s}/{metric}"] = sum(values) / len(values)
     return out, details
 
 
