@@ -127,12 +127,11 @@ class LAM(SSLMethod):
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
         self._seed = 0
         self._pending_hessian: tuple[Tensor, int] | None = None
-        self._num_data = 1
 
     # ------------------------------------------------------------------------------ training
     def configure_optimizer(self, ctx: TrainContext) -> None:
-        """Not an optimizer of its own: LAM only needs to know N and the seed of its weight noise."""
-        self._seed, self._num_data = ctx.seed, ctx.num_data
+        """Not an optimizer of its own: LAM only needs the seed of its weight noise from the run."""
+        self._seed = ctx.seed
         return None
 
     def _global_features(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
