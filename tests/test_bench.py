@@ -176,3 +176,13 @@ def test_sweep_arms_are_valid_configs():
     names = [a.name for a in suites.ALL_ARMS]
     assert len(names) == len(set(names))
     assert {"scl_beta1e-3", "scl_bits1024", "lam_online_full_arccos"} <= set(names)
+
+
+def test_the_same_command_and_seed_reproduce_the_table(tiny_suite, tmp_path):
+    """Two fresh output directories, same suite, arm and seed: identical metrics (CPU, deterministic)."""
+    a = suites.run_quality_benchmark("tiny", tmp_path / "a", seeds=1, only=["lam_online"], progress=False)
+    b = suites.run_quality_benchmark("tiny", tmp_path / "b", seeds=1, only=["lam_online"], progress=False)
+    drop = ("meta/eval_seconds", "config/data.data_dir")
+    ra = {k: v for k, v in a["runs"]["lam_online"]["0"].items() if k not in drop}
+    rb = {k: v for k, v in b["runs"]["lam_online"]["0"].items() if k not in drop}
+    assert ra == rb and a["summary"] == b["summary"]
