@@ -122,3 +122,24 @@ def test_invalid_config_and_gaussian_code_rejected():
     method = _method(latent="gaussian", latent_dim=4)
     with pytest.raises(ValueError):
         method.encode_bits(_views()[0])
+
+
+def test_evaluation_reports_the_hard_code_probe_and_the_compression_ratio(tmp_path):
+    from probssl.config import build_config
+    from probssl.eval.evaluate import evaluate_run
+    from probssl.train import train
+
+    cfg = build_config(
+        None,
+        ["method.latent=bernoulli", "method.latent_dim=16", "backbone.width=8"],
+        method="scl",
+        data={"dataset": "digits", "subset": 128},
+        train={"epochs": 1, "batch_size": 32, "progress": False, "tensorboard": False},
+    )
+    results = evaluate_run(train(cfg, tmp_path / "run"), progress=False, suite_name="basic")
+    assert results["compress/bits"] == 16 and results["compress/ratio"] == 8 * 8 * 8 / 16
+    assert 0.0 <= results["code/linear/top1"] <= 1.0
+    # A Gaussian latent has no hard code: no compression keys.
+    cfg.method_args = {"latent": "gaussian"}
+    gaussian = evaluate_run(train(cfg, tmp_path / "g"), progress=False, suite_name="basic")
+    assert not any(k.startswith(("code/", "compress/")) for k in gaussian)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from probssl.data import DatasetError, ImageDataset, get_dataset_info, load_dataset, to_float
 from probssl.data.corruptions import corrupt, corruption_names
 from probssl.data.shift_sets import OOD_SETS, TRANSFER_SETS, load_shift_set
+from probssl.embedding import Embedding
 from probssl.eval import suite
 from probssl.eval.features import FeatureBank, cached_features, extract_features
 from probssl.eval.knn import knn_predict_marginal
@@ -61,11 +62,19 @@ class Evaluator:
         return self._datasets[split]
 
     def embed(
-        self, images: torch.Tensor, labels: torch.Tensor | None = None, desc: str = "features"
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        desc: str = "features",
+        represent: Callable[[torch.Tensor], Embedding] | None = None,
     ) -> FeatureBank:
+        """Features of ``images`` under the method's ``embed`` (or another ``represent``ation)."""
         labels = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
+        if represent is None:
+            samples = self.samples if self.samples > 1 else None
+            represent = lambda x: self.run.method.embed(x, samples=samples)  # noqa: E731
         return extract_features(
-            lambda x: self.run.method.embed(x, samples=self.samples if self.samples > 1 else None),
+            represent,
             images,
             labels,
             lambda x: to_float(x, self.info.mean, self.info.std),
@@ -138,6 +147,15 @@ def evaluate_run(
     probs = sample_probs.mean(0)
     results["linear/top1"] = top1(probs, test.labels)
     results["linear/nll"] = nll(probs, test.labels)
+    for name, represent in run.method.extra_representations().items():  # e.g. SCL's hard code
+        banks = [
+            ev.embed(ev.dataset(s).images, ev.dataset(s).labels, f"features/{name}-{s}", represent)
+            for s in ("train", "test")
+        ]
+        extra_probe = suite.MarginalProbe.fit(banks[0], num_classes, **probe_kwargs)
+        results[f"{name}/linear/top1"] = top1(extra_probe.sample_probs(banks[1].draws).mean(0), test.labels)
+    info = ev.info
+    results.update(run.method.model_metrics((info.channels, info.image_size, info.image_size)))
     results["linear/l2"] = probe.selected_l2
 
     details: dict[str, Any] = {}

@@ -112,6 +112,17 @@ class SSLMethod(nn.Module):
     def prepare_for_evaluation(self, train_batches: Callable[[], Iterable[Tensor]]) -> None:
         """Called once before embedding, with normalised, un-augmented training batches."""
 
+    def extra_representations(self) -> dict[str, Callable[[Tensor], Embedding]]:
+        """Other representations worth their own linear probe, by name (e.g. SCL's hard K-bit code).
+
+        The evaluation reports ``<name>/linear/top1`` for each; the default is none.
+        """
+        return {}
+
+    def model_metrics(self, image_shape: tuple[int, int, int]) -> dict[str, float]:
+        """Numbers about the model rather than its embeddings (e.g. code bits, compression ratio)."""
+        return {}
+
     def cache_tag(self) -> str:
         """Extra identity for cached features beyond the weights' checksum (e.g. the sample bank)."""
         return ""

@@ -23,6 +23,7 @@ Our reading where the paper is not explicit (design.md §3.4):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,6 +149,17 @@ class SCL(SSLMethod):
         if not isinstance(self.latent, BernoulliLatent):
             raise ValueError("compression_stats needs method.latent='bernoulli' (a binary code)")
         return compression_ratio_stats(image_shape, self.latent.num_bits, bits_per_pixel)
+
+    def extra_representations(self) -> dict[str, Callable[[Tensor], Embedding]]:
+        """The hard code gets its own probe (the compression experiment): ``code/linear/top1``."""
+        if not isinstance(self.latent, BernoulliLatent):
+            return {}
+        return {"code": lambda x: Embedding.deterministic(self.encode_bits(x).float())}
+
+    def model_metrics(self, image_shape: tuple[int, int, int]) -> dict[str, float]:
+        if not isinstance(self.latent, BernoulliLatent):
+            return {}
+        return self.compression_stats(image_shape)
 
     def extra_state_for_logging(self) -> dict[str, Any]:
         out = {"kl": float(self._last_kl), "latent_spread": float(self._last_spread)}
