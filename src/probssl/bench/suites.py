@@ -98,6 +98,7 @@ class Suite:
             "sel/emb/err_auroc",
             "ret/recall@1",
             "ret/map@r",
+            "code/linear/top1",
             "compress/ratio",
         ]
 
