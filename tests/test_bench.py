@@ -151,7 +151,7 @@ def test_bench_speed_cli_writes_json_and_updates_the_file(tmp_path):
         ]
     )  # fmt: skip
     assert code == 0
-    result = json.loads((tmp_path / "speed.json").read_text())
+    result = json.loads((tmp_path / "speed-cpu-digits-convnet.json").read_text())
     assert [r["arm"] for r in result["rows"]] == ["simclr", "scl"]  # the base comes along
     assert "probssl bench speed (test)" in read_section(bench_md, "speed-cpu-digits-convnet")
     assert main(["bench", "speed", "--out", str(tmp_path), "--arms", "nope"]) == 2

@@ -158,12 +158,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
         result["command"] = args.command_line or "probssl " + " ".join(args.argv)
         table = speed_markdown(result)
-        atomic_write_json(out / "speed.json", result)
-        (out / "speed.md").write_text(table + "\n")
+        device = "gpu" if result["machine"]["device"] != "cpu" else "cpu"
+        shapes = f"{result['protocol']['dataset']}-{result['protocol']['backbone']}"
+        atomic_write_json(out / f"speed-{device}-{shapes}.json", result)
+        (out / f"speed-{device}-{shapes}.md").write_text(table + "\n")
         print(table)
         if args.update:
-            device = "gpu" if result["machine"]["device"] != "cpu" else "cpu"
-            shapes = f"{result['protocol']['dataset']}-{result['protocol']['backbone']}"
             replace_section(
                 args.update,
                 f"speed-{device}-{shapes}",
