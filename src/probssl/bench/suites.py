@@ -54,8 +54,9 @@ ARMS: tuple[QualityArm, ...] = (
 )
 
 #: Ablation arms, run only when named with ``--arms`` (the issues' sweeps): SCL's KL weight β and
-#: code length K, LAM's GGN variants and output spaces.
+#: code length K, LAM's GGN variants and output spaces, VI-SimSiam's log-κ head.
 SWEEP_ARMS: tuple[QualityArm, ...] = (
+    QualityArm("vi_simsiam_exp", "vi_simsiam", ("method.kappa_activation=exp",)),  # log-κ head
     *(QualityArm(f"scl_beta{b}", "scl", (f"method.kl_weight={b}",)) for b in ("0", "1e-4", "1e-3", "1e-2")),
     *(
         QualityArm(f"scl_bits{k}", "scl", ("method.latent=bernoulli", f"method.latent_dim={k}"))
