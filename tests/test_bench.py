@@ -100,6 +100,8 @@ def test_quality_benchmark_runs_arms_over_seeds_and_summarises(tiny_suite, tmp_p
     # An invocation for one arm still tabulates every finished run of the suite.
     one = suites.run_quality_benchmark("tiny", out, seeds=1, only=["simclr"], progress=False)
     assert one["summary"] == results["summary"] and set(one["runs"]["lam_online"]) == {"0", "1"}
+    rebuilt = suites.run_quality_benchmark("tiny", out, table_only=True, progress=False)
+    assert rebuilt["summary"] == results["summary"] and not rebuilt["wall_seconds_this_invocation"]
 
 
 def test_a_failing_arm_is_recorded_and_the_others_still_run(tiny_suite, tmp_path, monkeypatch):

@@ -202,6 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         update=args.update,
         progress=not args.no_progress,
         command=args.command_line or "probssl " + " ".join(args.argv),
+        table_only=args.table_only,
     )
     return 0
 
@@ -281,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--test-items", type=int, default=10_000, help="eval-memory: query embeddings")
     p.add_argument("--probe", action="store_true", help="eval-memory: also fit the per-sample linear probes")
+    p.add_argument(
+        "--table-only", action="store_true", help="train nothing: rebuild the results from the finished runs"
+    )
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="speed: config overrides for every arm")
