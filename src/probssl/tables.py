@@ -44,12 +44,18 @@ def format_table(
     return "\n".join([line(header), sep, *(line(r) for r in body)])
 
 
+def _number(value: float) -> str:
+    """Four decimals, or four significant digits for small non-zero values (1/κ ≈ 0.0019 would
+    otherwise hide its variation)."""
+    return f"{value:.4g}" if 0 < abs(value) < 0.01 else f"{value:.4f}"
+
+
 def _cell(value: Any) -> str:
     """Floats to 4 places; lists of numbers (e.g. accuracy per uncertainty quintile) joined by ' / '."""
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return _number(value)
     if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
         return " / ".join(f"{v:.3f}" for v in value)
     return str(value)
@@ -89,6 +95,6 @@ def aggregate_seeds(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> 
             mean = statistics.fmean(values)
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             partial = f" (n={len(values)})" if len(values) != len(results) else ""
-            cells[col] = f"{mean:.4f} ± {std:.4f}{partial}"
+            cells[col] = f"{_number(mean)} ± {_number(std)}{partial}"
         table[name] = cells
     return table
