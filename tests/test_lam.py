@@ -235,3 +235,13 @@ def test_posthoc_lam_trains_then_fits_its_hessian_in_one_extra_pass(tmp_path):
     assert method.laplace.hessian.abs().sum() > 0  # saved with the final weights
     emb = method.embed(torch.zeros(4, 1, 8, 8))
     assert emb.samples.shape[0] == method.cfg.eval_samples and (emb.uncertainty > 0).all()
+
+
+def test_hessian_is_float32_under_bf16_autocast():
+    method = _lam(posterior="online")
+    feats, labels = torch.randn(12, 128), image_identity_labels(6, 2, torch.device("cpu"))
+    plain, _ = method.laplace.batch_hessian(feats, labels, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed, _ = method.laplace.batch_hessian(feats, labels, generator=torch.Generator().manual_seed(0))
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, plain)

@@ -302,8 +302,15 @@ class DiagonalLaplace(nn.Module):
         """Clamped GGN diagonal [O, I(+1)] of the pair loss on one batch, and the number of pairs P.
 
         ``features`` [B, I] are the layer inputs; ``params`` [O, I(+1)] evaluates the curvature at a
-        weight sample (online LAM) instead of θ*. Pairs are mined on the normalised outputs.
+        weight sample (online LAM) instead of θ*. Pairs are mined on the normalised outputs. Always
+        in the layer's dtype: under bf16 autocast the curvature sums would lose most of their digits.
         """
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self._batch_hessian(features, labels, params, generator)
+
+    def _batch_hessian(
+        self, features: Tensor, labels: Tensor, params: Tensor | None, generator: torch.Generator | None
+    ) -> tuple[Tensor, int]:
         theta = (self.mean if params is None else params).detach()
         feats = features.detach().to(theta.dtype)
         w, b = (theta[:, :-1], theta[:, -1]) if self.has_bias else (theta, None)
