@@ -14,6 +14,7 @@ import gc
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -289,7 +290,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
     finished = stop_step == total_steps or not method.trainable
 
-    def training_views():
+    def training_views() -> Iterator[list[torch.Tensor]]:
         """One more epoch of augmented views in a fixed order, seeded apart from the training stream."""
         order = epoch_permutation(len(dataset), tc.seed, tc.epochs)
         seed_everything(tc.seed * 7919 + 104_729 + rank)
