@@ -188,3 +188,61 @@ def test_the_same_command_and_seed_reproduce_the_table(tiny_suite, tmp_path):
     ra = {k: v for k, v in a["runs"]["lam_online"]["0"].items() if k not in drop}
     rb = {k: v for k, v in b["runs"]["lam_online"]["0"].items() if k not in drop}
     assert ra == rb and a["summary"] == b["summary"]
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "simclr-s0"
+    with suites.run_lock(run_dir):
+        assert (run_dir / ".bench.lock").read_text() == str(os.getpid())
+    assert not (run_dir / ".bench.lock").exists()  # released
+
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".bench.lock").write_text(str(owner.pid))
+        with pytest.raises(suites.RunBusy, match=str(owner.pid)), suites.run_lock(run_dir):
+            pass
+        assert (run_dir / ".bench.lock").read_text() == str(owner.pid)  # a live owner's lock is kept
+    finally:
+        owner.kill()
+        owner.wait()
+    (run_dir / ".bench.lock").write_text(str(_dead_pid()))
+    with suites.run_lock(run_dir):  # stale: taken over
+        assert (run_dir / ".bench.lock").read_text() == str(os.getpid())
+
+
+def test_parallel_invocations_split_seeds_and_skip_held_runs(tiny_suite, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    second = suites.run_quality_benchmark("tiny", out, seeds=1, first_seed=1, only=["simclr"], progress=False)
+    assert set(second["runs"]["simclr"]) == {"1"} and second["seeds_this_invocation"] == [1]
+    assert not (out / "tiny" / "simclr-s0").exists()
+
+    # seed 0 is held by another live process: skipped, neither trained nor a failure.
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        held = out / "tiny" / "simclr-s0"
+        held.mkdir(parents=True)
+        (held / ".bench.lock").write_text(str(owner.pid))
+        both = suites.run_quality_benchmark("tiny", out, seeds=2, only=["simclr"], progress=False)
+    finally:
+        owner.kill()
+        owner.wait()
+    assert both["busy_this_invocation"] == ["simclr-s0"] and not both["failures"]
+    assert set(both["runs"]["simclr"]) == {"1"} and not (held / "config.yaml").exists()
+    with pytest.raises(ConfigError, match="first-seed"):
+        suites.run_quality_benchmark("tiny", out, first_seed=-1)

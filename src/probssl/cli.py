@@ -197,6 +197,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.suite,
         out,
         seeds=args.seeds,
+        first_seed=args.first_seed,
         data_dir=args.data_dir,
         only=args.arms.split(",") if args.arms else None,
         update=args.update,
@@ -264,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark suites (digits, fashion_mnist, cifar10), speed, eval-memory")
     p.add_argument("suite", help="digits | fashion_mnist | cifar10 | speed | eval-memory")
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (quality suites)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="quality suites: run seeds FIRST_SEED .. FIRST_SEED+SEEDS-1 (parallel invocations)",
+    )
     p.add_argument("--out", default="runs/bench", help="results directory (runs go below it)")
     p.add_argument("--arms", help="comma-separated subset of the suite's arms")
     p.add_argument("--data-dir")

@@ -14,8 +14,10 @@ The budgets live here, not in the repository's ``configs/``, so an installed pac
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import os
 import statistics
 import time
 import warnings
@@ -146,6 +148,54 @@ def run_dir_for(out: Path, suite: str, arm: str, seed: int) -> Path:
     return out / suite / f"{arm}-s{seed}"
 
 
+class RunBusy(Exception):
+    """Another live process is training or evaluating this run (its lock file names the pid)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir/.bench.lock`` while a run is trained and evaluated.
+
+    Why: a suite is completed over several invocations, often several at once (one per core); two
+    processes writing the same run directory would interleave checkpoints. The lock holds the
+    owner's pid; a lock whose process is gone (killed, machine rebooted) is taken over, so a crash
+    never blocks the run — the next invocation resumes it from its checkpoint.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".bench.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner and owner != os.getpid() and _pid_alive(owner):
+                raise RunBusy(f"{run_dir} is being run by process {owner} (lock {lock})") from None
+            lock.unlink(missing_ok=True)  # stale: its owner died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    else:
+        raise RunBusy(f"could not take the lock {lock}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def _arm_config(suite: Suite, arm: QualityArm, seed: int, data_dir: str | None):
     budget = copy.deepcopy(suite.budget)
     budget["method"] = arm.method
@@ -163,16 +213,19 @@ def train_and_evaluate(
     from probssl.train import train
 
     run_dir = run_dir_for(out, suite.name, arm.name, seed)
+    eval_path = run_dir / "eval.json"
+    if eval_path.is_file():
+        return json.loads(eval_path.read_text())
     cfg = _arm_config(suite, arm, seed, data_dir)
     cfg.train.progress = progress
-    if not (run_dir / "model.safetensors").is_file():
-        resume = (run_dir / "config.yaml").is_file()
-        train(cfg, run_dir, resume=resume)
-    eval_path = run_dir / "eval.json"
-    if not eval_path.is_file():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # skipped optional sets are recorded in meta/skipped
-            evaluate_run(run_dir, data_dir=data_dir, progress=progress, suite_name="full")
+    with run_lock(run_dir):
+        if not (run_dir / "model.safetensors").is_file():
+            resume = (run_dir / "config.yaml").is_file()
+            train(cfg, run_dir, resume=resume)
+        if not eval_path.is_file():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # skipped optional sets are recorded in meta/skipped
+                evaluate_run(run_dir, data_dir=data_dir, progress=progress, suite_name="full")
     return json.loads(eval_path.read_text())
 
 
@@ -223,9 +276,12 @@ def run_quality_benchmark(
     progress: bool = True,
     command: str = "",
     table_only: bool = False,
+    first_seed: int = 0,
 ) -> dict[str, Any]:
     """Run (or complete) a suite and write its results; returns the results dict.
 
+    Seeds ``first_seed .. first_seed + seeds - 1`` of each arm are run (finished runs are kept, a
+    run another live invocation holds is skipped), so several invocations can share one suite.
     ``table_only`` trains and evaluates nothing: the results are rebuilt from the finished runs.
     """
     if suite_name not in SUITES:
@@ -239,11 +295,15 @@ def run_quality_benchmark(
         arms = tuple(a for a in ALL_ARMS if a.name in only)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    if first_seed < 0:
+        raise ConfigError(f"--first-seed must be >= 0, got {first_seed}")
     out = Path(out)
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     failures: dict[str, str] = {}
+    busy: list[str] = []
     seconds: dict[str, float] = {}
-    for seed in range(0 if table_only else seeds):
+    seed_range = range(first_seed, first_seed + (0 if table_only else seeds))
+    for seed in seed_range:
         for arm in arms:
             start = time.perf_counter()
             label = f"{suite.name}/{arm.name}-s{seed}"
@@ -253,6 +313,9 @@ def run_quality_benchmark(
                 runs.setdefault(arm.name, {})[seed] = train_and_evaluate(
                     suite, arm, seed, out, data_dir, progress
                 )
+            except RunBusy as err:  # another invocation is on it: its eval.json joins the table later
+                busy.append(f"{arm.name}-s{seed}")
+                print(f"[bench] {label} skipped: {err}", flush=True)
             except Exception as err:  # one failing arm must not lose the others' results
                 failures[f"{arm.name}-s{seed}"] = f"{type(err).__name__}: {err}"
                 print(f"[bench] {label} failed: {err}", flush=True)
@@ -271,9 +334,10 @@ def run_quality_benchmark(
         "note": suite.note,
         "budget": suite.budget,
         "arms": {
-            a.name: {"method": a.method, "overrides": list(a.overrides)} for a in ARMS if a.name in runs
+            a.name: {"method": a.method, "overrides": list(a.overrides)} for a in ALL_ARMS if a.name in runs
         },
-        "seeds_this_invocation": list(range(seeds)),
+        "seeds_this_invocation": list(seed_range),
+        "busy_this_invocation": busy,
         "columns": columns,
         "runs": {arm: {str(s): r for s, r in by_seed.items()} for arm, by_seed in runs.items()},
         "summary": summarise(runs, columns),
