@@ -180,6 +180,30 @@ def test_sweep_arms_are_valid_configs():
     assert {"scl_beta1e-3", "scl_bits1024", "lam_online_full_arccos"} <= set(names)
 
 
+@pytest.mark.parametrize(
+    ("alias", "overrides"),
+    [
+        ("scl_beta1e-4", ("method.kl_weight=1e-4",)),
+        (
+            "lam_online_pos_euclidean",
+            ("method.posterior=online", "method.variant=pos", "method.output_space=euclidean"),
+        ),
+    ],
+)
+def test_a_sweep_alias_is_exactly_its_default_arm(alias, overrides):
+    """The sweep point the alias stands for builds the same method config as the arm it names."""
+    arm = next(a for a in suites.ALL_ARMS if a.name == suites.SWEEP_ALIASES[alias])
+    spelled_out = suites.QualityArm(alias, arm.method, overrides)
+    suite = suites.SUITES["fashion_mnist"]
+
+    def resolved(a):
+        cfg = suites._arm_config(suite, a, seed=0, data_dir=None)
+        return method_config(METHODS.get(a.method).config_class, cfg.method_args, a.method)
+
+    assert resolved(arm) == resolved(spelled_out)
+    assert alias not in {a.name for a in suites.ALL_ARMS}
+
+
 def test_the_same_command_and_seed_reproduce_the_table(tiny_suite, tmp_path):
     """Two fresh output directories, same suite, arm and seed: identical metrics (CPU, deterministic)."""
     a = suites.run_quality_benchmark("tiny", tmp_path / "a", seeds=1, only=["lam_online"], progress=False)
