@@ -134,6 +134,20 @@ def test_embed_returns_one_draw_per_sample(trained):
     assert load_run(trained, step=8).method.embed(x).samples is None  # none yet: current weights
 
 
+def test_timing_posterior_makes_embed_pay_one_pass_per_sample(trained):
+    """`probssl bench speed` builds a fresh model (no bank): the timing hook gives it S samples."""
+    method = load_run(trained, step=8).method  # no sample yet
+    x = torch.randn(5, 1, 8, 8)
+    method.eval()
+    forward = method.backbone(x)
+    for s in (1, 8):
+        method.posterior_for_timing(s)
+        emb = method.embed(x)
+        assert method.num_posterior_samples == s and emb.samples.shape[:2] == (s, 5)
+        torch.testing.assert_close(emb.mean, forward)  # copies of the current weights
+    assert method.cache_tag() == "timing8"  # never mistaken for a real bank's cached features
+
+
 def test_batchnorm_is_re_estimated_per_sample(trained):
     method = load_run(trained).method
     before = [s["features.1.running_mean"].clone() for s in method._samples]

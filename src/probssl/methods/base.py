@@ -126,3 +126,11 @@ class SSLMethod(nn.Module):
     def cache_tag(self) -> str:
         """Extra identity for cached features beyond the weights' checksum (e.g. the sample bank)."""
         return ""
+
+    def posterior_for_timing(self, samples: int) -> None:
+        """Give the model ``samples`` posterior samples of its current weights, for timing only.
+
+        Why: posteriors that live outside the module (cSGHMC's bank of weight snapshots, written
+        during training) are empty in a freshly built model, so ``probssl bench speed`` would time
+        a single deterministic pass. Methods whose ``embed`` draws its own samples need nothing.
+        """

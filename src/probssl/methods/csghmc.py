@@ -210,6 +210,12 @@ class CyclicalSGHMCSSL(SSLMethod):
     def cache_tag(self) -> str:
         return self._samples_fingerprint
 
+    def posterior_for_timing(self, samples: int) -> None:
+        """``samples`` copies of the current weights: the same S backbone passes as a real bank."""
+        state = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
+        self._samples = [state] * samples
+        self._samples_fingerprint = f"timing{samples}"
+
     @torch.no_grad()
     def embed(self, x: Tensor, samples: int | None = None) -> Embedding:
         if not self._samples:
