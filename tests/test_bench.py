@@ -155,8 +155,15 @@ def test_bench_speed_cli_writes_json_and_updates_the_file(tmp_path):
     assert code == 0
     result = json.loads((tmp_path / "speed-cpu-digits-convnet.json").read_text())
     assert [r["arm"] for r in result["rows"]] == ["simclr", "scl"]  # the base comes along
-    assert "probssl bench speed (test)" in read_section(bench_md, "speed-cpu-digits-convnet")
+    section = read_section(bench_md, "speed-cpu-digits-convnet")
+    assert "probssl bench speed (test)" in section
     assert main(["bench", "speed", "--out", str(tmp_path), "--arms", "nope"]) == 2
+
+    # --table-only republishes the saved result (same command line, same table), timing nothing.
+    bench_md.write_text("# other\n")
+    assert main(["bench", "speed", "--out", str(tmp_path), "--table-only", "--update", str(bench_md)]) == 0
+    assert read_section(bench_md, "speed-cpu-digits-convnet") == section
+    assert main(["bench", "speed", "--out", str(tmp_path / "empty"), "--table-only"]) == 2
 
 
 def test_eval_memory_benchmark_reports_bank_and_overhead(tmp_path):
