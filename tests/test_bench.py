@@ -277,3 +277,28 @@ def test_parallel_invocations_split_seeds_and_skip_held_runs(tiny_suite, tmp_pat
     assert set(both["runs"]["simclr"]) == {"1"} and not (held / "config.yaml").exists()
     with pytest.raises(ConfigError, match="first-seed"):
         suites.run_quality_benchmark("tiny", out, first_seed=-1)
+
+
+def test_jobs_share_a_suite_between_worker_processes(tmp_path):
+    """`--jobs 2`: two worker processes split the runs (locks), the parent writes one table."""
+    bench_md = tmp_path / "B.md"
+    out = tmp_path / "bench"
+    code = main(
+        [
+            "bench", "digits", "--out", str(out), "--arms", "pixels", "--seeds", "2", "--jobs", "2",
+            "--no-progress", "--update", str(bench_md), "--command-line", "probssl bench digits --jobs 2",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    for seed in (0, 1):
+        run = out / "digits" / f"pixels-s{seed}"
+        assert (run / "eval.json").is_file() and not (run / ".bench.lock").exists()
+    results = json.loads((out / "digits" / "results.json").read_text())
+    assert results["summary"]["pixels"]["linear/top1"]["n"] == 2 and not results["failures"]
+    reports = [json.loads((out / "digits" / ".workers" / f"{k}.json").read_text()) for k in (0, 1)]
+    assert all(not r["failures"] for r in reports)
+    assert "| pixels | 2 |" in read_section(bench_md, "quality-digits")
+    with pytest.raises(ConfigError, match="jobs"):
+        from probssl.bench.parallel import run_parallel_benchmark
+
+        run_parallel_benchmark("digits", out, jobs=1)

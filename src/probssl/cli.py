@@ -210,19 +210,36 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from probssl.bench.suites import run_quality_benchmark
 
+    common = {
+        "seeds": args.seeds,
+        "first_seed": args.first_seed,
+        "data_dir": args.data_dir,
+        "only": args.arms.split(",") if args.arms else None,
+    }
+    if args.jobs > 1 and not args.table_only and not args.worker_report:
+        from probssl.bench.parallel import run_parallel_benchmark
+
+        run_parallel_benchmark(
+            args.suite,
+            out,
+            args.jobs,
+            update=args.update,
+            progress=not args.no_progress,
+            command=args.command_line or "probssl " + " ".join(args.argv),
+            **common,
+        )
+        return 0
     run_quality_benchmark(
         args.suite,
         out,
-        seeds=args.seeds,
-        first_seed=args.first_seed,
-        data_dir=args.data_dir,
-        only=args.arms.split(",") if args.arms else None,
         update=args.update,
         progress=not args.no_progress,
         command=args.command_line or "probssl " + " ".join(args.argv),
         table_only=args.table_only,
+        worker_report=args.worker_report,
+        **common,
     )
-    return 0
+    return 0  # a worker's failures are in its report; the parent tabulates them
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -311,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train nothing: rebuild the results from the finished runs (speed: from OUT/speed-*.json)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="quality suites: worker processes sharing the suite, cores // JOBS threads each",
+    )
+    p.add_argument("--worker-report", help=argparse.SUPPRESS)  # set by --jobs for its workers
     p.add_argument("--command-line", help=argparse.SUPPRESS)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="speed: config overrides for every arm")

@@ -282,12 +282,17 @@ def run_quality_benchmark(
     command: str = "",
     table_only: bool = False,
     first_seed: int = 0,
+    worker_report: str | Path | None = None,
+    failures_elsewhere: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run (or complete) a suite and write its results; returns the results dict.
 
     Seeds ``first_seed .. first_seed + seeds - 1`` of each arm are run (finished runs are kept, a
     run another live invocation holds is skipped), so several invocations can share one suite.
     ``table_only`` trains and evaluates nothing: the results are rebuilt from the finished runs.
+    ``worker_report`` (one worker of ``probssl bench --jobs N``): write this invocation's failures,
+    skipped runs and timings there and stop; the parent builds the table once, with
+    ``failures_elsewhere`` = the workers' failures.
     """
     if suite_name not in SUITES:
         raise ConfigError(f"unknown benchmark suite {suite_name!r}; choose from speed, {', '.join(SUITES)}")
@@ -327,6 +332,11 @@ def run_quality_benchmark(
                 failures[f"{arm.name}-s{seed}"] = f"{type(err).__name__}: {err}"
                 print(f"[bench] {label} failed: {err}", flush=True)
             seconds[f"{arm.name}-s{seed}"] = time.perf_counter() - start
+    if worker_report is not None:
+        report = {"failures": failures, "busy": busy, "seconds": seconds}
+        atomic_write_json(Path(worker_report), report)
+        return report
+    failures.update(failures_elsewhere or {})
     # The table covers every finished run of the suite's arms under OUT/SUITE, not only this
     # invocation's: suites are completed arm by arm and seed by seed, over several invocations.
     for arm in ALL_ARMS:
