@@ -31,7 +31,8 @@ test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
 
 # The benchmark command: slow end-to-end tests, then the digits suite (every method, 3 seeds) and the
-# speed table, both written into BENCHMARKS.md. Fashion-MNIST: `probssl bench fashion_mnist --data-dir DIR`.
+# speed table, both written into BENCHMARKS.md. Fashion-MNIST (13 arms x 3 seeds, ~2.5 h on 2 cores):
+# `probssl bench fashion_mnist --data-dir DIR --jobs 2 --update BENCHMARKS.md`.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
 	$(BIN)/probssl bench digits --out runs/bench --update BENCHMARKS.md --no-progress
