@@ -31,7 +31,7 @@ test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
 
 # The benchmark command: slow end-to-end tests, then the digits suite (every method, 3 seeds) and the
-# speed table, both written into BENCHMARKS.md. Fashion-MNIST (13 arms x 3 seeds, ~2.5 h on 2 cores):
+# speed table, both written into BENCHMARKS.md. Fashion-MNIST (13 arms x 3 seeds, ~7 core-hours of runs in stops 14-15):
 # `probssl bench fashion_mnist --data-dir DIR --jobs 2 --update BENCHMARKS.md`.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
