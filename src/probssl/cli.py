@@ -215,29 +215,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         "first_seed": args.first_seed,
         "data_dir": args.data_dir,
         "only": args.arms.split(",") if args.arms else None,
+        "update": args.update,
+        "progress": not args.no_progress,
+        "command": args.command_line or "probssl " + " ".join(args.argv),
     }
     if args.jobs > 1 and not args.table_only and not args.worker_report:
         from probssl.bench.parallel import run_parallel_benchmark
 
-        run_parallel_benchmark(
-            args.suite,
-            out,
-            args.jobs,
-            update=args.update,
-            progress=not args.no_progress,
-            command=args.command_line or "probssl " + " ".join(args.argv),
-            **common,
-        )
+        run_parallel_benchmark(args.suite, out, args.jobs, **common)
         return 0
     run_quality_benchmark(
-        args.suite,
-        out,
-        update=args.update,
-        progress=not args.no_progress,
-        command=args.command_line or "probssl " + " ".join(args.argv),
-        table_only=args.table_only,
-        worker_report=args.worker_report,
-        **common,
+        args.suite, out, table_only=args.table_only, worker_report=args.worker_report, **common
     )
     return 0  # a worker's failures are in its report; the parent tabulates them
 

@@ -34,15 +34,6 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _planned(suite: str, out: Path, arms: Sequence[str] | None, seeds: int, first_seed: int) -> list[Path]:
-    names = [suites.SWEEP_ALIASES.get(a, a) for a in arms] if arms else [a.name for a in suites.ARMS]
-    return [
-        suites.run_dir_for(out, suite, arm, seed)
-        for seed in range(first_seed, first_seed + seeds)
-        for arm in names
-    ]
-
-
 def run_parallel_benchmark(
     suite_name: str,
     out: str | Path,
@@ -61,7 +52,13 @@ def run_parallel_benchmark(
         raise ConfigError(f"--jobs must be >= 2 for parallel workers, got {jobs}")
     if suite_name not in suites.SUITES:
         raise ConfigError(f"unknown benchmark suite {suite_name!r}; choose from {', '.join(suites.SUITES)}")
+    arms = suites.resolve_arms(only)  # an unknown arm is refused before any worker starts
     out = Path(out)
+    planned = [
+        suites.run_dir_for(out, suite_name, arm.name, seed)
+        for seed in range(first_seed, first_seed + seeds)
+        for arm in arms
+    ]
     workers_dir = out / suite_name / ".workers"
     workers_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, usable_cores() // jobs)
@@ -80,7 +77,6 @@ def run_parallel_benchmark(
         cmd = [*base, "--worker-report", str(report)]
         procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log, report))
         time.sleep(0.5)  # workers then meet each run in turn, not all at once (the lock decides anyway)
-    planned = _planned(suite_name, out, only, seeds, first_seed)
     if progress:
         print(f"[bench] {jobs} workers × {threads} thread(s), {len(planned)} runs; logs in {workers_dir}")
     done_before = -1

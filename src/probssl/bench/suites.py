@@ -201,6 +201,18 @@ def run_lock(run_dir: Path):
         lock.unlink(missing_ok=True)
 
 
+def resolve_arms(only: Sequence[str] | None) -> tuple[QualityArm, ...]:
+    """The arms ``--arms`` names (aliases resolved, in suite order), or the default arms."""
+    if not only:
+        return ARMS
+    names = {SWEEP_ALIASES.get(name, name) for name in only}
+    unknown = names - {a.name for a in ALL_ARMS}
+    if unknown:
+        known = [a.name for a in ALL_ARMS] + list(SWEEP_ALIASES)
+        raise ConfigError(f"unknown arm(s) {sorted(unknown)}; choose from {known}")
+    return tuple(a for a in ALL_ARMS if a.name in names)
+
+
 def _arm_config(suite: Suite, arm: QualityArm, seed: int, data_dir: str | None):
     budget = copy.deepcopy(suite.budget)
     budget["method"] = arm.method
@@ -297,14 +309,7 @@ def run_quality_benchmark(
     if suite_name not in SUITES:
         raise ConfigError(f"unknown benchmark suite {suite_name!r}; choose from speed, {', '.join(SUITES)}")
     suite = SUITES[suite_name]
-    arms = ARMS
-    if only:
-        only = [SWEEP_ALIASES.get(name, name) for name in only]
-        unknown = set(only) - {a.name for a in ALL_ARMS}
-        if unknown:
-            known = [a.name for a in ALL_ARMS] + list(SWEEP_ALIASES)
-            raise ConfigError(f"unknown arm(s) {sorted(unknown)}; choose from {known}")
-        arms = tuple(a for a in ALL_ARMS if a.name in only)
+    arms = resolve_arms(only)
     if seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     if first_seed < 0:
