@@ -221,54 +221,57 @@ def test_the_same_command_and_seed_reproduce_the_table(tiny_suite, tmp_path):
     assert ra == rb and a["summary"] == b["summary"]
 
 
-def _dead_pid() -> int:
+def _hold_lock(run_dir):
+    """A live process holding the run's lock (as a training worker does), ready when it says so."""
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
+    code = (
+        "import sys, time; from pathlib import Path; from probssl.bench import suites\n"
+        "with suites.run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"
+    )
+    owner = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert owner.stdout.readline().strip() == "held"
+    return owner
 
 
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     import os
-    import subprocess
-    import sys
 
     run_dir = tmp_path / "simclr-s0"
     with suites.run_lock(run_dir):
         assert (run_dir / ".bench.lock").read_text() == str(os.getpid())
     assert not (run_dir / ".bench.lock").exists()  # released
 
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    owner = _hold_lock(run_dir)
     try:
-        (run_dir / ".bench.lock").write_text(str(owner.pid))
         with pytest.raises(suites.RunBusy, match=str(owner.pid)), suites.run_lock(run_dir):
             pass
         assert (run_dir / ".bench.lock").read_text() == str(owner.pid)  # a live owner's lock is kept
     finally:
-        owner.kill()
+        owner.kill()  # SIGKILL: no cleanup runs, the file stays behind
         owner.wait()
-    (run_dir / ".bench.lock").write_text(str(_dead_pid()))
-    with suites.run_lock(run_dir):  # stale: taken over
+    assert (run_dir / ".bench.lock").is_file()
+    with suites.run_lock(run_dir):  # its owner died: the kernel dropped the lock, the run is taken over
         assert (run_dir / ".bench.lock").read_text() == str(os.getpid())
+
+    # a leftover file naming a live process that does not hold the lock (a recycled pid) blocks nothing
+    (run_dir / ".bench.lock").write_text(str(os.getppid()))
+    with suites.run_lock(run_dir):
+        assert (run_dir / ".bench.lock").read_text() == str(os.getpid())
+    assert not (run_dir / ".bench.lock").exists()
 
 
 def test_parallel_invocations_split_seeds_and_skip_held_runs(tiny_suite, tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
     out = tmp_path / "bench"
     second = suites.run_quality_benchmark("tiny", out, seeds=1, first_seed=1, only=["simclr"], progress=False)
     assert set(second["runs"]["simclr"]) == {"1"} and second["seeds_this_invocation"] == [1]
     assert not (out / "tiny" / "simclr-s0").exists()
 
     # seed 0 is held by another live process: skipped, neither trained nor a failure.
-    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    held = out / "tiny" / "simclr-s0"
+    owner = _hold_lock(held)
     try:
-        held = out / "tiny" / "simclr-s0"
-        held.mkdir(parents=True)
-        (held / ".bench.lock").write_text(str(owner.pid))
         both = suites.run_quality_benchmark("tiny", out, seeds=2, only=["simclr"], progress=False)
     finally:
         owner.kill()

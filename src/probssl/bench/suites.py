@@ -26,6 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+try:
+    import fcntl
+except ImportError:  # Windows: run_lock falls back to an exclusive-create lock file
+    fcntl = None  # type: ignore[assignment]
+
 from probssl.bench.provenance import provenance
 from probssl.bench.sections import replace_section
 from probssl.config import ConfigError, build_config
@@ -157,14 +162,9 @@ class RunBusy(Exception):
     """Another live process is training or evaluating this run (its lock file names the pid)."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
+def _lock_owner(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 64).decode(errors="replace").strip() or "?"
 
 
 @contextlib.contextmanager
@@ -172,29 +172,51 @@ def run_lock(run_dir: Path):
     """Hold ``run_dir/.bench.lock`` while a run is trained and evaluated.
 
     Why: a suite is completed over several invocations, often several at once (one per core); two
-    processes writing the same run directory would interleave checkpoints. The lock holds the
-    owner's pid; a lock whose process is gone (killed, machine rebooted) is taken over, so a crash
-    never blocks the run — the next invocation resumes it from its checkpoint.
+    processes writing the same run directory would interleave checkpoints. The lock is an
+    advisory ``flock`` on the file, so the kernel releases it the moment its owner exits — a killed
+    run or a rebooted machine never leaves a lock behind, and a recycled pid cannot keep one alive
+    (the pid written into the file is only for the message). The next invocation resumes the run
+    from its checkpoint. Where ``fcntl`` does not exist (Windows) the file's existence is the lock.
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".bench.lock"
-    for _ in range(2):
+    if fcntl is None:
+        yield from _exclusive_file_lock(lock)
+        return
+    for _ in range(5):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner and owner != os.getpid() and _pid_alive(owner):
-                raise RunBusy(f"{run_dir} is being run by process {owner} (lock {lock})") from None
-            lock.unlink(missing_ok=True)  # stale: its owner died
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        break
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _lock_owner(fd)
+            os.close(fd)
+            raise RunBusy(f"{run_dir} is being run by process {owner} (lock {lock})") from None
+        try:  # the holder we waited behind may have unlinked the file: lock the one on disk
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(fd)):
+            break
+        os.close(fd)
     else:
         raise RunBusy(f"could not take the lock {lock}")
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before closing: nobody can lock the old file once it is gone
+        os.close(fd)
+
+
+def _exclusive_file_lock(lock: Path):
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        message = f"{lock.parent} is locked by {lock}; delete that file if no process is running the run"
+        raise RunBusy(message) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
     try:
         yield
     finally:
