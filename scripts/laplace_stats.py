@@ -14,25 +14,25 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+
+from probssl.runs import load_run
 
 
+@torch.no_grad()
 def posterior_summary(run_dir: Path) -> dict[str, float]:
-    state = load_file(str(run_dir / "model.safetensors"))
-    if "laplace.hessian" not in state:
-        raise SystemExit(f"{run_dir}: no laplace.hessian in model.safetensors (not a LAM run?)")
-    hessian = state["laplace.hessian"].double()
-    prior_precision = float(state["laplace.prior_precision"])
-    weights = torch.cat([state["embedding.weight"], state["embedding.bias"][:, None]], dim=1).double()
-    std = (hessian + prior_precision).rsqrt()
+    laplace = getattr(load_run(run_dir).method, "laplace", None)
+    if laplace is None:
+        raise SystemExit(f"{run_dir}: its method has no Laplace posterior (not a post-hoc / online LAM run)")
+    hessian = laplace.hessian.double()
+    std = laplace.posterior_std.double()
     return {
         "H mean": hessian.mean().item(),
         "H median": hessian.median().item(),
         "H ≤ 0 (clamped)": (hessian <= 0).double().mean().item(),
-        "λ": prior_precision,
+        "λ": float(laplace.prior_precision),
         "std median": std.median().item(),
         "std mean": std.mean().item(),
-        "θ* abs median": weights.abs().median().item(),
+        "θ* abs median": laplace.mean.abs().median().item(),
     }
 
 

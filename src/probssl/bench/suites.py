@@ -180,9 +180,18 @@ def run_lock(run_dir: Path):
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".bench.lock"
-    if fcntl is None:
-        yield from _exclusive_file_lock(lock)
-        return
+    fd = _take_flock(lock) if fcntl is not None else _create_exclusive(lock)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before closing: nobody can flock the old file once it is gone
+        os.close(fd)
+
+
+def _take_flock(lock: Path) -> int:
+    """An open descriptor of ``lock`` that this process holds the ``flock`` of, or RunBusy."""
     for _ in range(5):
         fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -190,37 +199,24 @@ def run_lock(run_dir: Path):
         except BlockingIOError:
             owner = _lock_owner(fd)
             os.close(fd)
-            raise RunBusy(f"{run_dir} is being run by process {owner} (lock {lock})") from None
+            raise RunBusy(f"{lock.parent} is being run by process {owner} (lock {lock})") from None
         try:  # the holder we waited behind may have unlinked the file: lock the one on disk
             current = os.stat(lock)
         except FileNotFoundError:
             current = None
         if current is not None and os.path.samestat(current, os.fstat(fd)):
-            break
+            return fd
         os.close(fd)
-    else:
-        raise RunBusy(f"could not take the lock {lock}")
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)  # before closing: nobody can lock the old file once it is gone
-        os.close(fd)
+    raise RunBusy(f"could not take the lock {lock}")
 
 
-def _exclusive_file_lock(lock: Path):
+def _create_exclusive(lock: Path) -> int:
+    """Without ``fcntl``: the file's existence is the lock (a crashed owner's file must be deleted)."""
     try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         message = f"{lock.parent} is locked by {lock}; delete that file if no process is running the run"
         raise RunBusy(message) from None
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def resolve_arms(only: Sequence[str] | None) -> tuple[QualityArm, ...]:
