@@ -52,7 +52,8 @@ class ArraySource:
         self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], name: str, split: str
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[2] != images.shape[3]:
-            raise ValueError(f"images must be square uint8 [N, C, H, W], got {images.dtype} {list(images.shape)}")
+            shape = list(images.shape)
+            raise ValueError(f"images must be square uint8 [N, C, H, W], got {images.dtype} {shape}")
         self._images = images.contiguous()
         self._labels = labels.to(torch.int64).numpy()
         self.classes, self.name, self.split = list(classes), name, split
