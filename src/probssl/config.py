@@ -29,6 +29,15 @@ class DataConfig:
     subset: int | None = None  # train on a fixed class-balanced random subset of this many images
     download: bool = True  # fetch missing official files when a network exists
     views: str | None = None  # augmentation preset; None: the dataset's own preset
+    # Own images (a directory or a .tar as `dataset`) and the input pipeline. Reading and decoding
+    # live in probssl.data; the training loop only picks the path.
+    image_size: int | None = None  # resize (shorter side + centre crop) to N x N; None: the source's size
+    verify: bool = True  # check the sha256 of registered image-folder sets (off for one's own copies)
+    skip_corrupt: bool = False  # skip unreadable images (counted and listed in the run) instead of failing
+    pipeline: str = "auto"  # auto (by decoded size) | memory (decoded once, cached on disk) | stream
+    workers: int = 2  # DataLoader worker processes of the streaming path
+    cache_dir: str | None = None  # decoded-image cache; None: $PROBSSL_CACHE, else ~/.cache/probssl
+    memory_limit_gb: float = 4.0  # auto: in memory below this decoded size, streaming above
 
 
 @dataclass
@@ -66,6 +75,8 @@ class EvalConfig:
     linear_max_iter: int = 200
     shift_max_items: int = 2000  # corrupted copies are made of the first N test images
     transfer_max_items: int = 10_000  # a fixed random subset of the transfer set's test split
+    ood_sets: tuple[str, ...] | None = None  # registered names or paths; None: the dataset's defaults
+    transfer_sets: tuple[str, ...] | None = None  # registered names or paths; None: the dataset's defaults
 
 
 @dataclass
@@ -238,6 +249,7 @@ def validate(cfg: RunConfig) -> None:
     choices = {
         "optim.name": (cfg.optim.name, ("sgd", "lars", "adamw")),
         "train.precision": (cfg.train.precision, ("auto", "fp32", "bf16")),
+        "data.pipeline": (cfg.data.pipeline, ("auto", "memory", "stream")),
     }
     for key, (value, valid) in choices.items():
         if value not in valid:
@@ -252,6 +264,10 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.data.image_size is not None and cfg.data.image_size <= 0:
+        raise ConfigError(f"data.image_size must be positive, got {cfg.data.image_size}")
+    if cfg.data.workers < 0:
+        raise ConfigError(f"data.workers must be ≥ 0, got {cfg.data.workers}")
     if cfg.data.subset is not None and cfg.data.subset <= 0:
         raise ConfigError(f"data.subset must be positive, got {cfg.data.subset}")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
@@ -269,7 +285,9 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     from probssl.io import atomic_write_text
 
     data = cfg.to_dict()
-    data["eval"]["knn_k"] = list(cfg.eval.knn_k)
+    for section in data.values():  # YAML's safe dumper writes lists, not tuples
+        if isinstance(section, dict):
+            section.update({k: list(v) for k, v in section.items() if isinstance(v, tuple)})
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
