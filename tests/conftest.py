@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# `train.precision: auto` picks bf16 on CPUs where a timed probe finds it fast; tests (and the
+# subprocesses they start) compute in fp32 on every machine instead. tests/test_precision.py
+# exercises the probe itself.
+os.environ.setdefault("PROBSSL_CPU_BF16", "0")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PROBSSL_SHARED_DATA", ROOT.parent / "shared" / "data"))
 

@@ -52,6 +52,8 @@ def test_run_directory_contents_and_eval(tmp_path):
     run = train(_cfg("simclr"), tmp_path / "run")
     for name in ("config.yaml", "model.safetensors", "model.json", "metrics.csv", "train_summary.json"):
         assert (run / name).is_file(), name
+    # `auto` is recorded as what it resolved to (fp32: conftest sets PROBSSL_CPU_BF16=0)
+    assert json.loads((run / "train_summary.json").read_text())["precision"] == "fp32"
     assert main(["eval", str(run), "--no-progress", "--suite", "basic"]) == 0
     results = json.loads((run / "eval.json").read_text())
     for key in (

@@ -55,7 +55,7 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 256  # global batch (split evenly across DDP ranks)
     seed: int = 0
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 on GPU and where fast on CPU: probssl.precision) | fp32 | bf16
     channels_last: bool = False
     deterministic: bool = False  # torch.use_deterministic_algorithms: bit-exact resume on CPU
     checkpoint_every: int = 0  # steps between checkpoints; 0: at the end of every epoch

@@ -45,6 +45,7 @@ from probssl.distributed import (
 from probssl.io import atomic_write_json
 from probssl.methods import TrainContext
 from probssl.optim import build_optimizer, warmup_cosine
+from probssl.precision import resolve_precision
 from probssl.run_log import MetricLogger
 from probssl.runs import build_model
 
@@ -89,8 +90,7 @@ def training_subset(dataset: ImageDataset, size: int | None, seed: int) -> Image
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -320,6 +320,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
                 "seconds_per_epoch": loop_seconds * steps_per_epoch / steps_run if steps_run else None,
                 "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
                 "device": str(device),
+                "precision": resolve_precision(tc.precision, device),  # what `auto` became here
             },
         )
     # Drop every reference before the process group goes (gloo may SIGABRT at exit otherwise).

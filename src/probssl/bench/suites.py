@@ -122,7 +122,7 @@ SUITES: dict[str, Suite] = {
         {
             "backbone": "convnet",
             "data": {"dataset": "digits"},
-            "train": {"epochs": 30, "batch_size": 256},
+            "train": {"epochs": 30, "batch_size": 256, "precision": "fp32"},
             "optim": {**_SGD, "warmup_epochs": 2},
         },
         "noise",
@@ -134,7 +134,7 @@ SUITES: dict[str, Suite] = {
         {
             "backbone": "convnet",
             "data": {"dataset": "fashion_mnist"},
-            "train": {"epochs": 15, "batch_size": 256, "channels_last": True},
+            "train": {"epochs": 15, "batch_size": 256, "channels_last": True, "precision": "fp32"},
             "optim": {**_SGD, "warmup_epochs": 1},
         },
         "mnist",
