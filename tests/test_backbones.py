@@ -95,6 +95,48 @@ def test_resnet18_parameter_count() -> None:
     assert abs(params - 11_168_832) / 11_168_832 < 0.001
 
 
+def _resnet18_params_by_hand(in_ch: int, w: int) -> int:
+    """ResNet-18 (BatchNorm, bias-free convs) counted layer by layer: 3x3 conv a->b has 9ab weights, a
+    BatchNorm over c channels 2c, a projection shortcut a->b a 1x1 conv (ab) plus its BatchNorm."""
+    total = 9 * in_ch * w + 2 * w  # stem
+    c_in = w
+    for stage in range(4):
+        c = w * 2**stage
+        for block in range(2):
+            a = c_in if block == 0 else c
+            total += 9 * a * c + 2 * c + 9 * c * c + 2 * c
+            if a != c:  # stages 2-4 open with a stride-2 block whose shortcut projects
+                total += a * c + 2 * c
+        c_in = c
+    return total
+
+
+@pytest.mark.parametrize("width", [8, 16, 32, 64])
+def test_resnet18_width_scales_every_stage(width: int) -> None:
+    net = build_backbone("resnet18", 3, 32, width=width)
+    assert sum(p.numel() for p in net.parameters()) == _resnet18_params_by_hand(3, width)
+    assert net.out_dim == 8 * width
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 8 * width)
+    stage_channels = [stage[-1].conv2.out_channels for stage in net.stages]
+    assert stage_channels == [width, 2 * width, 4 * width, 8 * width]
+
+
+def test_resnet_default_width_is_the_published_net() -> None:
+    """width=64 is the default, so checkpoints written before the option existed load as before."""
+    default, narrow = build_backbone("resnet18", 3, 32), build_backbone("resnet18", 3, 32, width=16)
+    assert _resnet18_params_by_hand(3, 64) == 11_168_832
+    assert net_shapes(default) == net_shapes(build_backbone("resnet18", 3, 32, width=64))
+    assert net_shapes(default)["stem.0.weight"] == (64, 3, 3, 3)
+    assert net_shapes(narrow).keys() == net_shapes(default).keys()  # same layers, fewer channels
+    assert build_backbone("resnet50", 3, 32, width=16).out_dim == 16 * 4 * 8
+    with pytest.raises(ValueError, match="width must be >= 1"):
+        build_backbone("resnet18", 3, 32, width=0)
+
+
+def net_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
 def test_zero_init_residual_makes_blocks_identity_at_init() -> None:
     net = build_backbone("resnet18", 3, 16, norm="none")
     block = net.stages[0][0]  # identity shortcut, stride 1

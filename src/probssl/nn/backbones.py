@@ -148,6 +148,10 @@ def _shortcut(in_ch: int, out_ch: int, stride: int, norm: str) -> nn.Module:
 class ResNet(nn.Module):
     """CIFAR-stem ResNet without the classifier: stem, four stages (64-128-256-512 widths), global avg pool.
 
+    ``width`` is the stem's and first stage's channel count (64 in the paper); the stages keep the
+    1-2-4-8 ratio, so ``width=16`` gives 16-32-64-128 with ~1/16 of the parameters and FLOPs: the
+    CPU-budget ResNet-18 (the default 64 is the published net, so older checkpoints load unchanged).
+
     ``zero_init_residual`` starts every residual branch at zero (its last norm's gamma, or its last conv when
     there is no norm), so each block is the identity at init: deep nets then train stably from the first
     step, which matters most for ``norm="none"`` where nothing else rescales the residual sum.
@@ -160,20 +164,24 @@ class ResNet(nn.Module):
         in_channels: int,
         norm: str = "batch",
         zero_init_residual: bool = True,
+        width: int = 64,
     ) -> None:
         super().__init__()
         _check_norm(norm)
+        if width < 1:
+            raise ValueError(f"width must be >= 1, got {width}")
         self.stem = nn.Sequential(
-            conv3x3(in_channels, 64, 1, bias=norm == "none"), norm_2d(norm, 64), nn.ReLU()
+            conv3x3(in_channels, width, 1, bias=norm == "none"), norm_2d(norm, width), nn.ReLU()
         )
         stages: list[nn.Module] = []
-        in_ch = 64
-        for i, (width, depth) in enumerate(zip((64, 128, 256, 512), layers, strict=True)):
+        in_ch = width
+        stage_widths = (width, 2 * width, 4 * width, 8 * width)
+        for i, (stage_width, depth) in enumerate(zip(stage_widths, layers, strict=True)):
             blocks: list[nn.Module] = []
             for j in range(depth):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(block(in_ch, width, stride, norm))
-                in_ch = width * block.expansion
+                blocks.append(block(in_ch, stage_width, stride, norm))
+                in_ch = stage_width * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
         self.out_dim: int = in_ch
@@ -271,18 +279,27 @@ class MLPBackbone(nn.Module):
 
 @BACKBONES.register("resnet18")
 def resnet18(
-    in_channels: int, image_size: int, norm: str = "batch", zero_init_residual: bool = True
+    in_channels: int,
+    image_size: int,
+    norm: str = "batch",
+    zero_init_residual: bool = True,
+    width: int = 64,
 ) -> ResNet:
-    """CIFAR ResNet-18, out_dim 512, ~11.17M parameters. ``image_size`` is unused: any size works."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), in_channels, norm, zero_init_residual)
+    """CIFAR ResNet-18, out_dim ``8 * width`` (512), ~11.17M parameters at width 64 (~0.70M at 16).
+    ``image_size`` is unused: any size works."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), in_channels, norm, zero_init_residual, width)
 
 
 @BACKBONES.register("resnet50")
 def resnet50(
-    in_channels: int, image_size: int, norm: str = "batch", zero_init_residual: bool = True
+    in_channels: int,
+    image_size: int,
+    norm: str = "batch",
+    zero_init_residual: bool = True,
+    width: int = 64,
 ) -> ResNet:
-    """CIFAR ResNet-50, out_dim 2048. ``image_size`` is unused: the net is size-agnostic."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), in_channels, norm, zero_init_residual)
+    """CIFAR ResNet-50, out_dim ``32 * width`` (2048). ``image_size`` is unused: the net is size-agnostic."""
+    return ResNet(Bottleneck, (3, 4, 6, 3), in_channels, norm, zero_init_residual, width)
 
 
 @BACKBONES.register("convnet")
