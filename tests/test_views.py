@@ -127,8 +127,8 @@ def test_crops_are_random_per_sample() -> None:
     """The same image repeated in a batch gets a different crop in every row (one call, per-sample params)."""
     image = _images(1, 1, 16)
     batch = image.expand(8, -1, -1, -1).contiguous()
-    pipeline = build_view_pipeline(CROP_ONLY, 16, 1)
-    assert pipeline[0].flags["cropping_mode"] == "resample"  # batched warp, not a per-image slicing loop
+    reference = build_view_pipeline(CROP_ONLY, 16, 1, backend="kornia")
+    assert reference[0].flags["cropping_mode"] == "resample"  # batched warp, not a per-image slicing loop
     torch.manual_seed(1)
     (view,) = MultiViewAugment(CROP_ONLY, 16, 1, [0.0], [1.0], num_global=1)(batch)
     flat = view.flatten(1)
@@ -162,14 +162,22 @@ def test_grayscale_makes_channels_equal() -> None:
     torch.testing.assert_close(view[:, 1], view[:, 2])
 
 
-def test_grey_pipeline_has_no_colour_only_ops() -> None:
-    ops = [type(op).__name__ for op in build_view_pipeline(PRESETS["mnist"], 28, 1)]
+@pytest.mark.parametrize("backend", ["fused", "kornia"])
+def test_grey_pipeline_has_no_colour_only_ops(backend: str) -> None:
+    ops = [type(op).__name__ for op in build_view_pipeline(PRESETS["mnist"], 28, 1, backend)]
     assert "RandomGrayscale" not in ops
     jitter = next(
-        op for op in build_view_pipeline(PRESETS["mnist"], 28, 1) if type(op).__name__ == "ColorJitter"
+        op
+        for op in build_view_pipeline(PRESETS["mnist"], 28, 1, backend)
+        if type(op).__name__ == "ColorJitter"
     )
-    assert float(torch.as_tensor(jitter.saturation).abs().max()) == 0.0
-    assert float(torch.as_tensor(jitter.hue).abs().max()) == 0.0
+    if backend == "kornia":
+        assert float(torch.as_tensor(jitter.saturation).abs().max()) == 0.0
+        assert float(torch.as_tensor(jitter.hue).abs().max()) == 0.0
+    else:  # saturation and hue draw nothing: the steps are skipped
+        assert jitter.ranges[2] == (1.0, 1.0) and jitter.ranges[3] == (0.0, 0.0)
+    with pytest.raises(ValueError, match="backend"):
+        build_view_pipeline(PRESETS["mnist"], 28, 1, "torchvision")
 
 
 def test_asymmetric_global_configs() -> None:

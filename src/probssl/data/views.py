@@ -1,9 +1,12 @@
 """Multi-view augmentation as batched tensor ops on the training device.
 
 Self-supervised methods see every image through several random "views". Doing this per image on the CPU in
-a DataLoader worker is the usual bottleneck for small images, so here the whole batch is augmented at once
-with kornia: every op draws per-sample random parameters and runs as a single batched kernel (crops and
-rotations are one ``grid_sample`` for the batch), with no Python loop over images.
+a DataLoader worker is the usual bottleneck for small images, so here the whole batch is augmented at once:
+every op draws per-sample random parameters and runs as a few batched kernels, with no Python loop over
+images. The crop + flip (``crop.py``) and the colour ops (``colour.py``) are our own fused versions of
+kornia's, with kornia's distribution and up to ~10x less CPU time (the ``cifar`` recipe went from ~120 to
+~15 ms per view of 256 images on one thread); rotation, blur, solarize and noise are kornia's. The pure
+kornia pipeline stays available (``backend="kornia"``) as the reference the fused ops are tested against.
 
 All randomness comes from torch's global RNG (kornia samples its parameters with it), so
 ``torch.manual_seed`` makes the views reproducible and a trainer that saves/restores the torch RNG state
@@ -20,7 +23,11 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
+from probssl.data.colour import ColorJitter, RandomGrayscale
+from probssl.data.crop import RandomResizedCropFlip
+
 __all__ = [
+    "BACKENDS",
     "PRESETS",
     "MultiViewAugment",
     "ViewConfig",
@@ -208,35 +215,51 @@ def to_float(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
     return (_to_unit(images) - mean_t) / std_t
 
 
-def _colour_ops(config: ViewConfig, channels: int) -> list[nn.Module]:
+BACKENDS = ("fused", "kornia")
+
+
+def _colour_ops(config: ViewConfig, channels: int, backend: str) -> list[nn.Module]:
     """Jitter (+ grayscale for RGB). Grey images have no saturation/hue, so only brightness and contrast."""
     s = config.jitter_strength
+    jitter, grayscale = (
+        (ColorJitter, RandomGrayscale) if backend == "fused" else (K.ColorJitter, K.RandomGrayscale)
+    )
     ops: list[nn.Module] = []
     if config.jitter_p > 0 and s > 0:
         if channels == 3:
-            ops.append(K.ColorJitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s, p=config.jitter_p))
+            ops.append(jitter(0.4 * s, 0.4 * s, 0.2 * s, 0.1 * s, p=config.jitter_p))
         else:
-            ops.append(K.ColorJitter(0.4 * s, 0.4 * s, 0.0, 0.0, p=config.jitter_p))
+            ops.append(jitter(0.4 * s, 0.4 * s, 0.0, 0.0, p=config.jitter_p))
     if channels == 3 and config.grayscale_p > 0:
-        ops.append(K.RandomGrayscale(p=config.grayscale_p))
+        ops.append(grayscale(p=config.grayscale_p))
     return ops
 
 
-def build_view_pipeline(config: ViewConfig, size: int, channels: int) -> nn.Sequential:
-    """The kornia ops of one view, producing [B, C, size, size] in [0, 1] (before clamping/normalising).
+def build_view_pipeline(
+    config: ViewConfig, size: int, channels: int, backend: str = "fused"
+) -> nn.Sequential:
+    """The ops of one view, producing [B, C, size, size] in [0, 1] (before clamping/normalising).
 
-    The crop uses kornia's ``resample`` mode: one batched affine warp, where the default ``slice`` mode
-    crops image by image in a Python loop (and syncs with the GPU per image)."""
-    ops: list[nn.Module] = [
-        K.RandomResizedCrop(
-            (size, size), scale=config.crop_scale, ratio=config.crop_ratio, cropping_mode="resample"
-        )
-    ]
-    if config.flip_p > 0:
-        ops.append(K.RandomHorizontalFlip(p=config.flip_p))
+    ``backend="kornia"`` builds the same recipe from kornia's ops alone (the reference); its crop uses
+    kornia's ``resample`` mode: one batched affine warp, where the default ``slice`` mode crops image by
+    image in a Python loop (and syncs with the GPU per image)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown augmentation backend '{backend}'; valid: {', '.join(BACKENDS)}")
+    if backend == "fused":
+        ops: list[nn.Module] = [
+            RandomResizedCropFlip(size, config.crop_scale, config.crop_ratio, flip_p=config.flip_p)
+        ]
+    else:
+        ops = [
+            K.RandomResizedCrop(
+                (size, size), scale=config.crop_scale, ratio=config.crop_ratio, cropping_mode="resample"
+            )
+        ]
+        if config.flip_p > 0:
+            ops.append(K.RandomHorizontalFlip(p=config.flip_p))
     if config.rotate_degrees > 0:
         ops.append(K.RandomRotation(config.rotate_degrees, p=1.0))
-    ops.extend(_colour_ops(config, channels))
+    ops.extend(_colour_ops(config, channels, backend))
     if config.blur_p > 0:
         k = blur_kernel_size(size)
         ops.append(K.RandomGaussianBlur((k, k), config.blur_sigma, p=config.blur_p))
@@ -261,6 +284,7 @@ class MultiViewAugment(nn.Module):
         local_scale: crop-area range of the local views.
         global_configs: one recipe per global view, for asymmetric methods (BYOL, see ``asymmetric_pair``).
         channels_last: return views in channels_last memory format (faster convs on GPU and CPU).
+        backend: "fused" (our fused crop and colour ops) or "kornia" (the reference ops).
     """
 
     def __init__(
@@ -276,6 +300,7 @@ class MultiViewAugment(nn.Module):
         local_scale: tuple[float, float] = (0.05, 0.4),
         global_configs: Sequence[ViewConfig] | None = None,
         channels_last: bool = False,
+        backend: str = "fused",
     ) -> None:
         super().__init__()
         if channels not in (1, 3):
@@ -294,9 +319,11 @@ class MultiViewAugment(nn.Module):
         self.channels_last = channels_last
         configs = list(global_configs) if global_configs is not None else [config] * num_global
         local_config = dataclasses.replace(config, crop_scale=tuple(local_scale))
-        self.global_views = nn.ModuleList(build_view_pipeline(c, image_size, channels) for c in configs)
+        self.global_views = nn.ModuleList(
+            build_view_pipeline(c, image_size, channels, backend) for c in configs
+        )
         self.local_views = nn.ModuleList(
-            build_view_pipeline(local_config, self.local_size, channels) for _ in range(num_local)
+            build_view_pipeline(local_config, self.local_size, channels, backend) for _ in range(num_local)
         )
         # Non-persistent: they are derived from the constructor arguments, not state worth checkpointing.
         self.register_buffer("mean", _stats(mean, channels, "mean"), persistent=False)
