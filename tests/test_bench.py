@@ -141,6 +141,13 @@ def test_speed_benchmark_compares_each_arm_with_its_base(tmp_path):
     assert set(scl["embed_ms"]) == {"1", "4"} and result["floor_step_ms"] > 0
     table = speed_markdown(result)
     assert "| scl |" in table and "vs simclr" in table and "Backbone floor" in table
+    aug = result["augment"]  # the issue-21 entry: the SimCLR step against the backbone's own work
+    assert aug["arm"] == "simclr" and aug["step_ms"] == rows["simclr"]["step_ms"]
+    assert aug["ratio"] == pytest.approx(aug["step_ms"] / aug["backbone_ms"])
+    assert aug["meets_goal"] == (aug["ratio"] <= aug["goal"])
+    assert aug["augment_ms"] > 0 and aug["augment_kornia_ms"] > 0
+    assert f"| simclr | {aug['augment_ms']:.1f} (kornia ops" in table
+    assert result["protocol"]["precision_resolved"] == "fp32"  # auto on the CPU, PROBSSL_CPU_BF16=0
 
 
 def test_bench_speed_cli_writes_json_and_updates_the_file(tmp_path):

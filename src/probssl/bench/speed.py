@@ -9,6 +9,11 @@ its features as the loss) is the floor no method can go below.
 
 Inference: ``embed(x, samples=S)`` for S = 1, 8, 32 against one backbone forward on the same batch.
 
+Augmentation (the ``augment`` entry): the views' cost on its own (and that of the kornia reference ops
+the fused ones replaced), the backbone's forward + backward on fixed, already-made views, and the whole
+step of the SimCLR arm (or the first arm) against it: the goal of issue 21 is a step within 1.15x the
+backbone's own work, i.e. augmentation, heads, loss and optimizer together under 15% on top.
+
 Memory: on a GPU the peak allocated memory of a step; on the CPU, where PyTorch's allocator keeps
 no statistics, the bytes of the tensors autograd saves for backward (the activation memory, which
 is what differs between methods) plus parameters, gradients and optimizer state.
@@ -32,9 +37,13 @@ from probssl.data import MultiViewAugment, get_dataset_info, preset_for_dataset
 from probssl.data.views import PRESETS
 from probssl.methods import SSLMethod, TrainContext
 from probssl.optim import build_optimizer
+from probssl.precision import resolve_precision
 from probssl.runs import build_model
 
 CPU_MEMORY_KIND = "saved-for-backward + params/grads/optimizer state"
+
+#: The whole SimCLR step over the backbone's own forward + backward on the same views (issue 21).
+AUGMENT_GOAL = 1.15
 
 
 @dataclass(frozen=True)
@@ -123,9 +132,19 @@ class _Runner:
         self.augment = MultiViewAugment(
             PRESETS[preset], info.image_size, info.channels, info.mean, info.std, self.method.num_views
         ).to(device)
+        self.reference_augment = MultiViewAugment(
+            PRESETS[preset],
+            info.image_size,
+            info.channels,
+            info.mean,
+            info.std,
+            self.method.num_views,
+            backend="kornia",
+        ).to(device)
         self.batch, self.device, self.channels_last = batch, device, cfg.train.channels_last
         self.precision = cfg.train.precision
         self.step_index = 0
+        self.fixed_views: list[Tensor] | None = None
 
     def views(self) -> list[Tensor]:
         views = self.augment(self.batch)
@@ -149,10 +168,27 @@ class _Runner:
         self.step_index += 1
 
     def floor_step(self) -> None:
+        self._backbone_step(self.views())
+
+    def _backbone_step(self, views: list[Tensor]) -> None:
         with self.autocast():
-            loss = sum(self.method.backbone(v).float().sum() for v in self.views())
+            loss = sum(self.method.backbone(v).float().sum() for v in views)
         self.method.zero_grad(set_to_none=True)
         loss.backward()
+
+    def backbone_step(self) -> None:
+        """Forward + backward of the backbone on views made once: the work no augmentation can hide."""
+        if self.fixed_views is None:
+            self.fixed_views = [v.detach() for v in self.views()]
+        self._backbone_step(self.fixed_views)
+
+    def augment_only(self) -> None:
+        self.views()
+
+    def reference_augment_only(self) -> None:
+        views = self.reference_augment(self.batch)
+        if self.channels_last:
+            [v.contiguous(memory_format=torch.channels_last) for v in views]
 
     def memory(self, fn: Callable[[], None]) -> int:
         if self.device.type == "cuda":
@@ -186,6 +222,7 @@ def run_speed_benchmark(
     device: str | None = None,
     samples: tuple[int, ...] = (1, 8, 32),
     progress: Callable[[str], None] | None = None,
+    include_reference_augment: bool = True,
 ) -> dict[str, Any]:
     """Time every arm interleaved; return a JSON-ready dict (rows, machine, protocol)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -203,15 +240,26 @@ def run_speed_benchmark(
     results = {arm.name: ArmResult(arm) for arm in arms}
     floor: list[float] = []
     first = next(iter(runners.values()))
+    # The augment entry's arm: SimCLR (the issue's goal is stated for it) if timed, else the first.
+    aug_arm = "simclr" if "simclr" in runners else arms[0].name
+    aug_runner = runners[aug_arm]
+    aug_parts = {"augment": aug_runner.augment_only, "backbone": aug_runner.backbone_step}
+    if include_reference_augment:
+        aug_parts["augment_kornia"] = aug_runner.reference_augment_only
+    aug_times: dict[str, list[float]] = {name: [] for name in aug_parts}
     for runner in runners.values():  # warm-up: allocator, kernels, lazy state
         for _ in range(warmup):
             runner.step()
     for _ in range(warmup):
         first.floor_step()
+        for fn in aug_parts.values():
+            fn()
     for r in range(repeats):
         for arm in arms:
             results[arm.name].step_seconds.append(_time(runners[arm.name].step, steps, dev))
         floor.append(_time(first.floor_step, steps, dev))
+        for name, fn in aug_parts.items():
+            aug_times[name].append(_time(fn, steps, dev))
         if progress:
             progress(f"repeat {r + 1}/{repeats} done")
     for arm in arms:
@@ -238,6 +286,19 @@ def run_speed_benchmark(
             inference[arm.name] = times
 
     floor_median = statistics.median(floor)
+    aug_step = results[aug_arm].median
+    aug_median = {name: statistics.median(times) for name, times in aug_times.items()}
+    augment = {
+        "arm": aug_arm,
+        "augment_ms": 1000 * aug_median["augment"],
+        "augment_kornia_ms": 1000 * aug_median["augment_kornia"] if "augment_kornia" in aug_median else None,
+        "backbone_ms": 1000 * aug_median["backbone"],
+        "step_ms": 1000 * aug_step,
+        "ratio": aug_step / aug_median["backbone"],
+        "augment_share": aug_median["augment"] / aug_median["backbone"],
+        "goal": AUGMENT_GOAL,
+        "meets_goal": aug_step / aug_median["backbone"] <= AUGMENT_GOAL,
+    }
     meta = provenance()
     rows = []
     for arm in arms:
@@ -264,6 +325,7 @@ def run_speed_benchmark(
     return {
         "rows": rows,
         "floor_step_ms": 1000 * floor_median,
+        "augment": augment,
         "backbone_forward_ms": 1000 * backbone_forward,
         "memory_kind": "peak allocated (CUDA)"
         if dev.type == "cuda"
@@ -275,6 +337,7 @@ def run_speed_benchmark(
             "backbone": base_cfg.backbone,
             "dataset": base_cfg.data.dataset,
             "precision": base_cfg.train.precision,
+            "precision_resolved": resolve_precision(base_cfg.train.precision, dev),
             "channels_last": base_cfg.train.channels_last,
             "repeats": repeats,
             "steps_per_repeat": steps,
@@ -315,14 +378,45 @@ def speed_markdown(result: dict[str, Any]) -> str:
         cells += [f"{row['embed_ratio_to_forward'][str(s)]:.2f}" for s in samples]
         lines.append("| " + " | ".join(cells) + " |")
     p = result["protocol"]
+    resolved = f" → {p['precision_resolved']}" if p.get("precision_resolved") else ""
+    aug = result.get("augment")
+    if aug:  # results saved before the entry existed have none
+        lines.append("")
+        lines.append(augment_markdown(aug))
     lines.append("")
     lines.append(
         f"Backbone floor (forward + backward of the views): {result['floor_step_ms']:.1f} ms; one backbone "
         f"forward of a clean batch: {result['backbone_forward_ms']:.1f} ms. Batch {p['batch_size']}, "
-        f"{p['dataset']} shapes, precision {p['precision']}, channels_last {p['channels_last']}; median of "
+        f"{p['dataset']} shapes, precision {p['precision']}{resolved}, channels_last {p['channels_last']}; "
+        "median of "
         f"{p['repeats']} interleaved repeats × {p['steps_per_repeat']} steps. "
         f"Memory: {result['memory_kind']}. "
         f"Machine: {result['machine']['device']} ({result['machine']['processor']}, "
         f"{result['machine']['threads']} threads, torch {result['machine']['torch']})."
     )
     return "\n".join(lines)
+
+
+def augment_markdown(aug: dict[str, Any]) -> str:
+    """The augment entry: views, backbone and whole step, and the step's ratio to the backbone."""
+    head = [
+        "augment",
+        "views ms",
+        "backbone fwd+bwd ms",
+        "step ms",
+        f"step / backbone (goal ≤ {aug['goal']})",
+    ]
+    views = f"{aug['augment_ms']:.1f}"
+    if aug.get("augment_kornia_ms") is not None:
+        views += f" (kornia ops: {aug['augment_kornia_ms']:.1f})"
+    mark = " ✓" if aug["meets_goal"] else " ✗"
+    cells = [
+        aug["arm"],
+        views,
+        f"{aug['backbone_ms']:.1f}",
+        f"{aug['step_ms']:.1f}",
+        f"{aug['ratio']:.3f}{mark}",
+    ]
+    return "\n".join(
+        ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(cells) + " |"]
+    )
