@@ -145,7 +145,7 @@ SUITES: dict[str, Suite] = {
         {
             "backbone": "resnet18",
             "data": {"dataset": "cifar10"},
-            "train": {"epochs": 200, "batch_size": 512, "channels_last": True, "precision": "bf16"},
+            "train": {"epochs": 200, "batch_size": 512, "channels_last": True, "precision": "auto"},
             "optim": {**_SGD, "lr": 0.06, "warmup_epochs": 10},
         },
         "svhn",
