@@ -345,10 +345,8 @@ class MultiViewAugment(nn.Module):
     def _finish(self, view: Tensor, normalize: bool) -> Tensor:
         """Clamp (noise and jitter can leave [0, 1]), normalise, and set the memory format."""
         view = view.clamp_(0.0, 1.0)
-        if normalize:
-            mean = self.mean.to(device=view.device)
-            std = self.std.to(device=view.device)
-            view = (view - mean) / std
+        if normalize:  # in place: the view is this call's own tensor (every recipe starts with a crop)
+            view = view.sub_(self.mean.to(device=view.device)).div_(self.std.to(device=view.device))
         if self.channels_last:
             view = view.contiguous(memory_format=torch.channels_last)
         return view
