@@ -204,6 +204,8 @@ def train_and_knn(out: Path, device: torch.device, args: argparse.Namespace, bud
     log(f"step {1000 * step_s:.1f} ms → {epoch_s:.1f} s/epoch; {epochs} epoch(s) fit ~{budget_s:.0f} s")
 
     run = SimCLRRun(cfg, info, gpu_images, device, epochs)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the training run's own peak, not the speed table's
     steps = min(run.total_steps, 3) if args.dry_run else run.total_steps
     loss = float("nan")
     synchronize(device)

@@ -198,7 +198,9 @@ def test_uint8_and_float_inputs_agree_and_channels_last() -> None:
     torch.manual_seed(3)
     from_uint8 = aug(images)
     torch.manual_seed(3)
-    from_float = aug(images.float() / 255)
+    unit = images.float() / 255
+    from_float = aug(unit)
+    torch.testing.assert_close(unit, images.float() / 255, atol=0, rtol=0)  # the caller's batch is untouched
     for a, b in zip(from_uint8, from_float, strict=True):
         torch.testing.assert_close(a, b)
         assert a.is_contiguous(memory_format=torch.channels_last)
