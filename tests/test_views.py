@@ -225,3 +225,26 @@ def test_blur_kernel_adapts_to_size() -> None:
     assert blur_kernel_size(96) == 9
     assert blur_kernel_size(224) == 23
     assert all(blur_kernel_size(s) % 2 == 1 for s in range(1, 300))
+
+
+@pytest.mark.parametrize("preset", ["cifar", "digits"])
+def test_fused_views_have_the_kornia_views_distribution(preset: str) -> None:
+    """End to end, independent draws: per-channel moments, pixel quantiles and the distance between the
+    two views of an image (the strength of the recipe) agree with the kornia reference pipeline."""
+    size, channels = PRESET_SHAPES[preset]
+    size = min(size, 12)  # the statistics do not need full-size images
+    images = _images(2048, channels, size, seed=5)
+    stats = {}
+    for backend in ("fused", "kornia"):
+        torch.manual_seed(0)
+        aug = MultiViewAugment(PRESETS[preset], size, channels, *_stats(channels), backend=backend)
+        pairs = [aug(chunk, normalize=False) for chunk in images.split(128)]
+        first, second = (torch.cat([pair[i] for pair in pairs]) for i in range(2))
+        stats[backend] = {
+            "mean": first.mean(dim=(0, 2, 3)),
+            "std": first.std(dim=(0, 2, 3)),
+            "quantiles": torch.quantile(first[:, :, ::3, ::3].flatten(), torch.tensor([0.1, 0.5, 0.9])),
+            "view_distance": (first - second).abs().mean(),
+        }
+    for key, value in stats["fused"].items():
+        torch.testing.assert_close(value, stats["kornia"][key], atol=0.01, rtol=0, msg=key)
