@@ -321,7 +321,7 @@ def test_report_renders_in_headless_chromium(report: tuple[Path, str, list[Path]
 
 
 def test_a_failing_figure_costs_only_that_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import probssl.eval.report as report_module
+    import probssl.eval.report.figures as report_module
 
     def broken_png(fig: object) -> str:
         raise RuntimeError("renderer exploded")
