@@ -236,14 +236,26 @@ def retrieval_suite(test: FeatureBank, uncertainty: Tensor, max_items: int = 10_
     return out, details
 
 
-def ranked_images(images: Tensor, uncertainty: Tensor, count: int = 8) -> dict:
-    """The most and least certain test images, for the report's grid."""
+def ranked_images(
+    images: Tensor,
+    uncertainty: Tensor,
+    count: int = 8,
+    labels: Tensor | None = None,
+    predictions: Tensor | None = None,
+) -> dict:
+    """The most and least certain test images, for the report's grid (with label and prediction,
+    so a reader can see whether the uncertain ones are the misclassified ones)."""
     order = torch.argsort(uncertainty, stable=True)
     most, least = order[:count], order.flip(0)[:count]
-    return {
+    out = {
         "shape": list(images.shape[1:]),
         "most_certain": [images[i].flatten().tolist() for i in most],
         "least_certain": [images[i].flatten().tolist() for i in least],
         "uncertainty_most": uncertainty[most].tolist(),
         "uncertainty_least": uncertainty[least].tolist(),
     }
+    for name, values in (("label", labels), ("prediction", predictions)):
+        if values is not None:
+            out[f"{name}_most"] = values[most].tolist()
+            out[f"{name}_least"] = values[least].tolist()
+    return out
