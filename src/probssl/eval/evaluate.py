@@ -271,6 +271,7 @@ def evaluate_run(
             details["ranked_images"] = suite.ranked_images(
                 test_images, scores["entropy"], labels=test.labels, predictions=probs.argmax(1)
             )
+            details["ranked_images"]["criterion"] = "predictive entropy of the linear probe"
 
     if suite_name in ("uncertainty", "full"):
         details["ood"] = {}

@@ -157,8 +157,7 @@ def _reliability_figure(runs: Sequence[Run], data: Mapping[str, dict[str, np.nda
             ax_count.set(xlim=(0, 1), xlabel="confidence", ylabel="share")
             ax_count.set_ylim(0, max(float(share.max()) * 1.15, 1e-3))
             ax_count.grid(axis="x", visible=False)
-            if k == 0:
-                ax.legend(loc="upper left", fontsize=7.5)
+        _legend_below(fig, *fig.axes[0].get_legend_handles_labels(), ncol=2)
         return _png(fig)
 
 
@@ -196,7 +195,15 @@ def _ood_data(run: Run) -> dict[str, dict[str, Any]] | None:
         score_in, score_out = _floats(entry["score_in"]), _floats(entry["score_out"])
         score_in, score_out = score_in[np.isfinite(score_in)], score_out[np.isfinite(score_out)]
         if len(score_in) and len(score_out):
-            out[str(set_name)] = {"in": score_in, "out": score_out, "criterion": entry.get("criterion", "")}
+            criterion = str(entry.get("criterion", ""))
+            table_value = run.metrics.get(f"ood/{set_name}/{criterion}/auroc") if criterion else None
+            out[str(set_name)] = {
+                "in": score_in,
+                "out": score_out,
+                "criterion": criterion,
+                # The table's number for this very score, so page and histogram cannot disagree.
+                "auroc": float(table_value) if _is_number(table_value) else _auroc(score_in, score_out),
+            }
     return out or None
 
 
@@ -221,8 +228,8 @@ def _ood_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, Any]
             matplotlib.patches.Patch(facecolor=_IN_COLOUR, alpha=0.5, label="in-distribution test set"),
             matplotlib.patches.Patch(facecolor=_OUT_COLOUR, alpha=0.5, label="OOD set"),
         ]
-        fig.legend(handles=handles, loc="upper center", ncol=2, bbox_to_anchor=(0.5, 1.0))
-        fig.subplots_adjust(hspace=0.65, wspace=0.28, top=1 - 0.45 / fig.get_figheight())
+        fig.subplots_adjust(hspace=0.85, wspace=0.28)
+        _legend_below(fig, handles, [h.get_label() for h in handles], ncol=2)
         return _png(fig)
 
 
@@ -236,19 +243,9 @@ def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
         clipped = np.clip(scores, lo, hi)
         ax.hist(clipped, bins=bins, density=True, color=colour, alpha=0.3)
         ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
-    criterion = f" · score: {d['criterion']}" if d["criterion"] else ""
-    ax.set_title(f"{run.name}\nvs {set_name}{criterion}", loc="left")
-    ax.text(
-        0.98,
-        0.95,
-        f"AUROC {_auroc(d['in'], d['out']):.3f}",
-        transform=ax.transAxes,
-        ha="right",
-        va="top",
-        fontsize=8.5,
-        bbox={"boxstyle": "round,pad=0.3", "facecolor": "white", "edgecolor": "#d0d5dd"},
-    )
-    ax.set(xlabel="OOD score (higher = more OOD)", ylabel="density")
+    score = d["criterion"] or "score"
+    ax.set_title(f"{run.name}\nvs {set_name} · AUROC({score}) = {d['auroc']:.3f}", loc="left")
+    ax.set(xlabel=f"OOD score: {score} (higher = more OOD)", ylabel="density")
     ax.spines["left"].set_color(run.colour)
     ax.spines["left"].set_linewidth(2.5)
 
@@ -337,8 +334,7 @@ def _shift_figure(
             if k % cols == 0:
                 ax.set_ylabel("accuracy")
         handles, labels = _unique_legend(fig)
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 5), bbox_to_anchor=(0.5, 1.0))
-        fig.subplots_adjust(top=1 - 0.55 / (2.45 * rows + 0.4))
+        _legend_below(fig, handles, labels, ncol=min(len(labels), 4))
         return _png(fig)
 
 
@@ -346,6 +342,12 @@ def _varies(by_corruption: Mapping[str, Mapping[str, Mapping[int, float]]], metr
     """Whether ``metric`` is present and not constant (a deterministic run's embedding uncertainty is 0)."""
     values = {v for m in by_corruption.values() for v in m.get(metric, {}).values()}
     return len(values) > 1
+
+
+def _legend_below(fig: Figure, handles: Sequence[Any], labels: Sequence[str], ncol: int) -> None:
+    """A figure legend under the panels: outside every axes, so it covers no title, bar or line
+    (``bbox_inches="tight"`` in :func:`_png` grows the image to hold it)."""
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, ncol), bbox_to_anchor=(0.5, 0.0))
 
 
 def _unique_legend(fig: Figure) -> tuple[list[Any], list[str]]:
@@ -402,15 +404,28 @@ def _ranked_data(run: Run) -> dict[str, Any] | None:
     shape = tuple(int(s) for s in section["shape"])
     if len(shape) != 3 or shape[0] not in (1, 3):
         raise ValueError(f"ranked_images shape must be [C, H, W] with C in (1, 3), got {list(shape)}")
-    rows = {}
+    rows: dict[str, Any] = {}
     for key in ("most_certain", "least_certain"):
         images = [_to_hwc(image, shape) for image in section.get(key) or []]
-        values = [
-            None if v is None else float(v) for v in section.get(f"uncertainty_{key.split('_')[0]}") or []
-        ]
-        values += [None] * (len(images) - len(values))
-        rows[key] = list(zip(images, values, strict=False))
-    return rows if any(rows.values()) else None
+        end = key.split("_")[0]
+
+        def column(name: str, cast: Callable[[Any], Any], count: int = len(images), end: str = end) -> list:
+            values = [None if v is None else cast(v) for v in section.get(f"{name}_{end}") or []]
+            return (values + [None] * count)[:count]
+
+        rows[key] = list(
+            zip(
+                images,
+                column("uncertainty", float),
+                column("label", int),
+                column("prediction", int),
+                strict=True,
+            )
+        )
+    if not any(rows.values()):
+        return None
+    rows["criterion"] = str(section.get("criterion", ""))
+    return rows
 
 
 def _to_hwc(image: Any, shape: tuple[int, int, int]) -> np.ndarray:
@@ -420,10 +435,12 @@ def _to_hwc(image: Any, shape: tuple[int, int, int]) -> np.ndarray:
     return np.clip(array / scale, 0, 1).transpose(1, 2, 0)
 
 
-def _ranked_figure(run: Run, rows: Mapping[str, Sequence[tuple[np.ndarray, float | None]]]) -> str:
-    n = max(len(v) for v in rows.values())
+def _ranked_figure(run: Run, rows: Mapping[str, Any]) -> str:
+    """Two rows of test images; under each: label y, the probe's prediction ŷ (red when wrong) and
+    the uncertainty the rows are ranked by."""
+    n = max(len(rows.get(key, [])) for key in ("most_certain", "least_certain"))
     with _styled():
-        fig = Figure(figsize=(0.95 * n + 1.3, 2.75))
+        fig = Figure(figsize=(0.95 * n + 1.3, 3.3))
         axes = fig.subplots(2, n, squeeze=False)
         for r, (key, label) in enumerate(
             (("most_certain", "most certain"), ("least_certain", "least certain"))
@@ -437,7 +454,7 @@ def _ranked_figure(run: Run, rows: Mapping[str, Sequence[tuple[np.ndarray, float
                     spine.set_visible(False)
                 if c >= len(rows.get(key, [])):
                     continue
-                image, value = rows[key][c]
+                image, value, label_, prediction = rows[key][c]
                 grey = image.shape[-1] == 1
                 ax.imshow(
                     image[..., 0] if grey else image,
@@ -446,9 +463,19 @@ def _ranked_figure(run: Run, rows: Mapping[str, Sequence[tuple[np.ndarray, float
                     vmax=1,
                     interpolation="nearest",
                 )
-                ax.set_xlabel("–" if value is None else f"{value:.3g}", fontsize=8, labelpad=2)
+                text = "n/a" if value is None else f"{value:.3g}"
+                wrong = label_ is not None and prediction is not None and label_ != prediction
+                if label_ is not None or prediction is not None:
+                    y = "?" if label_ is None else label_
+                    y_hat = "?" if prediction is None else prediction
+                    text = f"y={y} ŷ={y_hat}\n{text}"
+                ax.set_xlabel(text, fontsize=7.5, labelpad=2, color="#d23c4b" if wrong else "#1d2330")
             axes[r, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center", labelpad=8)
-        fig.subplots_adjust(wspace=0.12, hspace=0.45)
+        if rows.get("criterion"):
+            fig.suptitle(
+                f"ranked by {rows['criterion']} · y = label, ŷ = prediction (red: wrong)", fontsize=8.5
+            )
+        fig.subplots_adjust(wspace=0.12, hspace=0.75)
         return _png(fig)
 
 

@@ -93,6 +93,7 @@ figure { margin:10px 0 0; }
 figure img { max-width:100%; height:auto; display:block; margin:0 auto; }
 figcaption { color:var(--muted); font-size:13.5px; margin:8px auto 0; max-width:100ch; }
 figcaption b { color:var(--fg); font-weight:600; }
+td.doc { max-width:340px; font-size:12.5px; color:var(--muted); }
 footer { color:var(--muted); font-size:12px; text-align:center; margin-top:28px; }
 """
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from probssl.eval.report.runs import Run
+from probssl.eval.summary import NOT_AVAILABLE, best_feature_detector, ood_sets
 
 # Metric groups in display order: (key prefix, heading).
 # Metric groups in display order: (key prefix, heading).
@@ -111,10 +112,26 @@ def shift_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+_OOD_ALIAS_KEY = re.compile(r"ood/(?P<set>[^/]+)/(auroc|aupr_in|aupr_out|fpr95)")
+
+
 def _table_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """The numeric metrics shown in the main table: per-severity shift keys become their means."""
+    """The numeric metrics shown in the main table: per-severity shift keys become their means.
+
+    OOD columns always name their score: ``ood/<set>/auroc`` (an alias of the MSP criterion) is left
+    out when the per-score keys are there, so a table AUROC and a histogram's AUROC of the same name
+    are the same number; ``ood/<set>/best_feature/auroc`` is the best feature-space detector's.
+    """
     summary = shift_summary(metrics)
     table = {k: float(v) for k, v in metrics.items() if _is_metric(k, v) and not _SHIFT_KEY.fullmatch(k)}
+    for key in list(table):
+        alias = _OOD_ALIAS_KEY.fullmatch(key)
+        if alias and f"ood/{alias['set']}/msp/auroc" in metrics:
+            del table[key]
+    for name in ood_sets(metrics):
+        best = best_feature_detector(metrics, name)
+        if best is not None:
+            table[f"ood/{name}/best_feature/auroc"] = best[1]
     table.update({k: v for k, v in summary.items() if k.startswith("shift/mean/")})
     return table
 
@@ -155,7 +172,7 @@ def _best_rows(values: Sequence[float | None], direction: str | None) -> set[int
 
 def _format_number(value: Any) -> str:
     if value is None:
-        return "–"
+        return NOT_AVAILABLE
     if isinstance(value, bool) or not _is_number(value):
         return html.escape(str(value))
     if isinstance(value, int):
@@ -282,10 +299,28 @@ def _has_plot_data(run: Run, section: str) -> bool:
     return section == "shift" and bool(_shift_points(run.metrics))
 
 
+def uncertainty_doc(metrics: Mapping[str, Any]) -> str:
+    """What the run's own uncertainty is, in one line: from eval.json (``meta/uncertainty_doc``), else
+    from the registered method's ``uncertainty_doc`` (runs evaluated before the key existed)."""
+    doc = metrics.get("meta/uncertainty_doc")
+    if isinstance(doc, str) and doc:
+        return doc
+    method = metrics.get("config/method", metrics.get("meta/method"))
+    if not isinstance(method, str):
+        return NOT_AVAILABLE
+    from probssl.methods import METHODS  # the registry, never a method by name
+
+    try:
+        return METHODS.get(method).uncertainty_doc
+    except Exception:  # an unknown or since-removed method: the report still renders
+        return NOT_AVAILABLE
+
+
 def _overview_table(runs: Sequence[Run]) -> str:
     """Who is who: directory, method, dataset, seed, and which plot data each run brought."""
     sections = ("reliability", "ood", "shift", "sparsification", "ranked_images")
-    header = "".join(f"<th>{h}</th>" for h in ("run", "method", "dataset", "seed", "samples", "plot data"))
+    columns = ("run", "method", "dataset", "seed", "samples", "its uncertainty", "plot data")
+    header = "".join(f"<th>{h}</th>" for h in columns)
     body = []
     for run in runs:
         m = run.metrics
@@ -303,6 +338,7 @@ def _overview_table(runs: Sequence[Run]) -> str:
             f"<td>{_e(m.get('config/data.dataset', m.get('meta/dataset', '–')))}</td>",
             f"<td>{_e(m.get('seed', m.get('config/seed', '–')))}</td>",
             f"<td>{_e(m.get('meta/samples', '–'))}</td>",
+            f'<td class="doc">{_e(uncertainty_doc(m))}</td>',
             f"<td>{chips}{warnings}</td>",
         ]
         body.append(f"<tr>{''.join(cells)}</tr>")
