@@ -51,7 +51,8 @@ class Evaluator:
 
     An image set is embedded once per evaluation whatever stage asks for it (an OOD set that is
     also a transfer set, e.g. MNIST for Fashion-MNIST), and each stage has one progress bar and
-    one timer (:meth:`stage`).
+    one timer (:meth:`stage`). ``reuse=False`` recomputes everything every time it is asked for
+    (the plain path, kept to check that sharing work changes no number).
     """
 
     def __init__(
@@ -62,12 +63,14 @@ class Evaluator:
         device: torch.device,
         progress: bool,
         tag: str = "",
+        reuse: bool = True,
     ) -> None:
         self.run, self.cfg = run, run.config
         self.data_dir = data_dir or self.cfg.data.data_dir
         self.samples, self.device, self.progress, self.tag = samples, device, progress, tag
         self.info = get_dataset_info(self.cfg.data.dataset)
         self._datasets: dict[str, ImageDataset] = {}
+        self.reuse = reuse
         self._banks: dict[tuple[Callable | None, str], FeatureBank] = {}
         self._shift_sets: dict[tuple[str, int | None], ImageDataset] = {}
         self._bar: tqdm | None = None
@@ -117,6 +120,8 @@ class Evaluator:
         names the image set (progress is shown per stage, see :meth:`stage`).
         """
         labels = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
+        if not self.reuse:
+            return self._extract(images, labels, represent)
         key = (represent, _content_key(images))
         if key not in self._banks:
             self._banks[key] = self._extract(images, labels, represent)
@@ -125,6 +130,8 @@ class Evaluator:
 
     def embed_many(self, image_sets: Sequence[torch.Tensor]) -> list[FeatureBank]:
         """Features of several equally sized image sets in one pass (batches never mix two sets)."""
+        if not self.reuse:
+            return [self.embed(images) for images in image_sets]
         size = len(image_sets[0])
         images = torch.cat(list(image_sets))
         labels = torch.full((len(images),), -1, dtype=torch.long)
@@ -158,7 +165,7 @@ class Evaluator:
 
     def shift_set(self, name: str, max_items: int | None) -> ImageDataset:
         """An OOD / transfer set conformed to the run's dataset, loaded once per evaluation."""
-        if (name, max_items) not in self._shift_sets:
+        if (name, max_items) not in self._shift_sets or not self.reuse:
             cfg = self.cfg
             self._shift_sets[name, max_items] = load_shift_set(
                 name,
@@ -206,8 +213,13 @@ def evaluate_run(
     progress: bool = True,
     step: int | None = None,
     suite_name: str = "full",
+    reuse: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint)."""
+    """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint).
+
+    ``reuse=False`` turns off every shortcut that shares work between stages (see
+    :class:`Evaluator`; kNN then runs once per k): same numbers, more time.
+    """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite '{suite_name}'; valid suites: {', '.join(SUITES)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -215,7 +227,7 @@ def evaluate_run(
     cfg = run.config
     samples = samples or cfg.eval.samples
     started = time.perf_counter()
-    ev = Evaluator(run, data_dir, samples, device, progress, "" if step is None else f"_step{step}")
+    ev = Evaluator(run, data_dir, samples, device, progress, "" if step is None else f"_step{step}", reuse)
     with ev.stage("features"):
         run.method.prepare_for_evaluation(ev.training_batches)
         train, _ = ev.split("train")
@@ -225,9 +237,14 @@ def evaluate_run(
     results: dict[str, Any] = {}
     extra = run.method.extra_representations()  # e.g. SCL's hard code
     with ev.stage("probes", unit="probe", total=2 + len(extra)) as bar:
-        knn = knn_predict_marginal_many(
-            train.draws, train.labels, test.draws, num_classes, cfg.eval.knn_k, cfg.eval.knn_temperature
-        )
+        knn_args = (train.draws, train.labels, test.draws, num_classes)
+        if reuse:
+            knn = knn_predict_marginal_many(*knn_args, cfg.eval.knn_k, cfg.eval.knn_temperature)
+        else:
+            knn = {
+                k: knn_predict_marginal_many(*knn_args, (k,), cfg.eval.knn_temperature)[k]
+                for k in cfg.eval.knn_k
+            }
         for k in cfg.eval.knn_k:
             results[f"knn/top1@{k}"] = top1(knn[k], test.labels)
         results["knn/top1"] = results[f"knn/top1@{cfg.eval.knn_k[0]}"]
