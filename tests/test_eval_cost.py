@@ -32,7 +32,7 @@ def _tiny_run(tmp_path: Path, method: str, overrides: list[str]) -> Path:
 
 
 def _assert_same_numbers(plain: dict[str, Any], shared: dict[str, Any]) -> None:
-    timings = {k for k in (*plain, *shared) if k.startswith("meta/eval_seconds")}
+    timings = {k for k in (*plain, *shared) if k.startswith(("meta/eval_seconds", "meta/eval_cpu_seconds"))}
     assert set(plain) - timings == set(shared) - timings
     for key in set(plain) - timings:
         a, b = plain[key], shared[key]

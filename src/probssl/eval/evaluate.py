@@ -75,6 +75,7 @@ class Evaluator:
         self._shift_sets: dict[tuple[str, int | None], ImageDataset] = {}
         self._bar: tqdm | None = None
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def stage(self, name: str, unit: str = "img", total: int | None = None) -> Iterator[tqdm]:
@@ -82,11 +83,13 @@ class Evaluator:
         bar = tqdm(total=total, desc=name, unit=unit, disable=not self.progress)
         # Without a known total, each image set embedded in the stage adds its size when it starts.
         self._bar = bar if total is None else None
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         try:
             yield bar
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            # CPU time of this process: comparable across runs on a shared machine, where wall is not.
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_started
             self._bar = None
             bar.close()
 
@@ -359,6 +362,7 @@ def evaluate_run(
     results["meta/step"] = step if step is not None else run.weights_meta.get("steps")
     results["meta/eval_seconds"] = time.perf_counter() - started
     results.update({f"meta/eval_seconds/{stage}": seconds for stage, seconds in ev.seconds.items()})
+    results.update({f"meta/eval_cpu_seconds/{stage}": seconds for stage, seconds in ev.cpu_seconds.items()})
     results["meta/uncertainty_doc"] = run.method.uncertainty_doc
     results["seed"] = cfg.train.seed
     results.update({f"config/{k}": v for k, v in cfg.flat().items()})
