@@ -132,3 +132,15 @@ def test_summary_prints_na_for_what_a_run_does_not_have() -> None:
     columns = dict(summary_columns(results))
     assert columns["OOD mnist best"] == 0.98 and columns["OOD mnist own"] == 0.6
     assert "mnist: mahalanobis" in format_summary(results)
+
+
+def test_probssl_eval_ends_with_the_summary(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:
+    import probssl.eval.evaluate as evaluate
+    from probssl.cli import main
+
+    results = {"knn/top1": 0.9, "linear/top1": 0.91, "cal/ece15": 0.02, "ood/noise/msp/auroc": 0.7}
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda *args, **kwargs: results)
+    assert main(["eval", str(tmp_path), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["kNN", "linear", "ECE", "NLL"] and "err-AUROC" in lines[0]
+    assert lines[1].split()[:4] == ["0.9000", "0.9100", "0.0200", "n/a"]
