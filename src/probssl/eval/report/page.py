@@ -129,7 +129,8 @@ _CAPTIONS = {
         "<b>How to read:</b> histograms of the out-of-distribution score (higher = judged more OOD) on "
         "the in-distribution test set (blue) and on an OOD set (orange). Well separated histograms mean "
         "OOD inputs can be flagged; overlap means they cannot. AUROC is the chance that a random OOD "
-        "image scores higher than a random in-distribution image (0.5 = chance, 1 = perfect)."
+        "image scores higher than a random in-distribution image (0.5 = chance, 1 = perfect); each panel "
+        "names its score, and its AUROC is the table's <code>ood/&lt;set&gt;/&lt;score&gt;/auroc</code>."
     ),
     "shift": (
         "<b>How to read:</b> accuracy on corrupted copies of the test set as the corruption gets stronger"
@@ -147,8 +148,9 @@ _CAPTIONS = {
     ),
     "ranked": (
         "<b>How to read:</b> for each run, the test images with the lowest (top row) and highest (bottom "
-        "row) uncertainty, with the uncertainty value under each image. Sensible uncertainty puts clean, "
-        "typical images on top and ambiguous, atypical or damaged ones below."
+        "row) uncertainty; under each image its label y, the probe's prediction ŷ (red when wrong) and the "
+        "uncertainty value. Sensible uncertainty puts clean, typical images on top and ambiguous, atypical, "
+        "damaged or misclassified ones below."
     ),
 }
 
