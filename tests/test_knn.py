@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.neighbors import KNeighborsClassifier
 
-from probssl.eval.knn import knn_predict, knn_predict_marginal
+from probssl.eval.knn import knn_predict, knn_predict_many, knn_predict_marginal, knn_predict_marginal_many
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 
@@ -136,3 +136,17 @@ def test_marginal_broadcasts_a_single_train_draw() -> None:
     torch.testing.assert_close(got, expected)
     with pytest.raises(ValueError):
         knn_predict_marginal(torch.stack([train, train]), labels, torch.stack([query_a] * 3), 4)
+
+
+def test_one_pass_for_several_k_equals_one_call_per_k() -> None:
+    """The top-200 list's first 20 entries are the top-20 list: sharing the pass changes no number."""
+    g = torch.Generator().manual_seed(3)
+    train, query = torch.randn(700, 16, generator=g), torch.randn(90, 16, generator=g)
+    labels = torch.randint(0, 5, (700,), generator=g)
+    many = knn_predict_many(train, labels, query, 5, ks=(3, 20, 200), chunk_size=32)
+    for k in (3, 20, 200):
+        assert torch.equal(many[k], knn_predict(train, labels, query, 5, k=k, chunk_size=32))
+    draws_train, draws_query = torch.randn(3, 700, 16, generator=g), torch.randn(3, 90, 16, generator=g)
+    marginal = knn_predict_marginal_many(draws_train, labels, draws_query, 5, ks=(20, 200))
+    for k in (20, 200):
+        assert torch.equal(marginal[k], knn_predict_marginal(draws_train, labels, draws_query, 5, k=k))

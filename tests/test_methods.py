@@ -81,3 +81,14 @@ def test_byol_target_is_a_separate_network_that_follows_by_ema():
     method.update_targets(0.0)  # momentum at progress 0 is base_momentum = 0.5
     for k in online:
         assert torch.allclose(target[k], 0.5 * before[k] + 0.5 * online[k].detach(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_explains_its_uncertainty_in_one_line(name):
+    from probssl.methods.base import SSLMethod
+
+    method_cls = METHODS.get(name)
+    doc = method_cls.uncertainty_doc
+    assert isinstance(doc, str) and doc.strip() and "\n" not in doc and len(doc) < 300
+    # A probabilistic method says what its own score is; only deterministic ones keep the default line.
+    assert (doc != SSLMethod.uncertainty_doc) == method_cls.probabilistic

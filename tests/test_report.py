@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -321,7 +322,7 @@ def test_report_renders_in_headless_chromium(report: tuple[Path, str, list[Path]
 
 
 def test_a_failing_figure_costs_only_that_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import probssl.eval.report as report_module
+    import probssl.eval.report.figures as report_module
 
     def broken_png(fig: object) -> str:
         raise RuntimeError("renderer exploded")
@@ -331,3 +332,62 @@ def test_a_failing_figure_costs_only_that_figure(tmp_path: Path, monkeypatch: py
     page = build_report([run], tmp_path / "r.html").read_text(encoding="utf-8")
     assert page.count("figure could not be drawn") == 5
     assert "renderer exploded" in page and "0.9000" in page
+
+
+def test_ood_columns_name_their_score_and_absent_metrics_read_na(tmp_path: Path) -> None:
+    """The table's AUROC for a score is the histogram's; what a run lacks is "n/a", never a number."""
+    from probssl.eval.report.figures import _auroc, _ood_data
+    from probssl.eval.report.runs import load_run
+
+    details = _details(np.random.default_rng(2))
+    details["ood"]["mnist"]["criterion"] = "entropy"
+    entry = details["ood"]["mnist"]
+    entropy_auroc = _auroc(np.array(entry["score_in"]), np.array(entry["score_out"]))
+    probabilistic = _metrics("vi_simsiam", 0, 0.9, 0.02) | {
+        "ood/mnist/msp/auroc": 0.71,
+        "ood/mnist/entropy/auroc": entropy_auroc,
+        "ood/mnist/knn1/auroc": 0.97,
+        "ood/mnist/mahalanobis/auroc": 0.95,
+        "ood/mnist/emb/auroc": 0.8,
+    }
+    deterministic = _metrics("simclr", 1, 0.85, 0.05) | {"ood/mnist/msp/auroc": 0.6}
+    runs = [_write_run(tmp_path / "p", probabilistic, details), _write_run(tmp_path / "d", deterministic)]
+    page = build_report(runs, tmp_path / "r.html").read_text(encoding="utf-8")
+    parser = _Cells()
+    parser.feed(page)
+    assert "ood/mnist/auroc" not in parser.headers  # the unnamed MSP alias is gone
+    assert {"ood/mnist/entropy/auroc", "ood/mnist/emb/auroc", "ood/mnist/best_feature/auroc"} <= set(
+        parser.headers
+    )
+    cells = {key: text for key, _, text in parser.rows["simclr · seed 1"]}
+    assert cells["ood/mnist/emb/auroc"] == "n/a" and cells["ood/mnist/best_feature/auroc"] == "n/a"
+    assert {key: text for key, _, text in parser.rows["vi_simsiam · seed 0"]}[
+        "ood/mnist/best_feature/auroc"
+    ] == ("0.9700")
+    histogram = _ood_data(load_run(runs[0]))["mnist"]
+    assert histogram["criterion"] == "entropy" and histogram["auroc"] == entropy_auroc
+    # Each run's own uncertainty is explained in one line (from the method registry for old runs).
+    from probssl.methods import METHODS
+
+    assert html.escape(METHODS.get("vi_simsiam").uncertainty_doc) in page
+    assert html.escape(METHODS.get("simclr").uncertainty_doc) in page
+
+
+def test_ranked_images_show_label_and_prediction() -> None:
+    from probssl.eval.report.figures import _ranked_data
+    from probssl.eval.report.runs import Run
+
+    details = _details(np.random.default_rng(3))
+    details["ranked_images"] |= {
+        "label_most": [1, 2, 3],
+        "prediction_most": [1, 2, 0],
+        "criterion": "entropy",
+    }
+    rows = _ranked_data(Run("r", Path("r"), {}, details))
+    assert [(label, prediction) for _, _, label, prediction in rows["most_certain"]] == [
+        (1, 1),
+        (2, 2),
+        (3, 0),
+    ]
+    assert [(label, prediction) for _, _, label, prediction in rows["least_certain"]] == [(None, None)] * 2
+    assert rows["criterion"] == "entropy"

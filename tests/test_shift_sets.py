@@ -46,10 +46,19 @@ def test_shift_suite_averages_each_severity_over_corruptions():
         draws = (images[:, 0, 0, 0] % 10).float()[None, :, None]
         return FeatureBank(draws=draws, mean=draws[0], uncertainty=u, labels=labels)
 
+    def embed_all(image_sets):
+        return [embed(images) for images in image_sets]
+
     images = labels.view(4, 1, 1, 1).float()
-    out, _ = shift_suite(FixedProbe(), embed, images, labels, ["a", "b"], corrupt, severities=(1, 2))
+    out, _ = shift_suite(FixedProbe(), embed_all, images, labels, ["a", "b"], corrupt, severities=(1, 2))
     for s in (1, 2):
         assert out[f"shift/severity{s}/acc"] == (out[f"shift/a/{s}/acc"] + out[f"shift/b/{s}/acc"]) / 2 == 0.5
         expected = (out[f"shift/a/{s}/emb_uncertainty"] + out[f"shift/b/{s}/emb_uncertainty"]) / 2
         assert out[f"shift/severity{s}/emb_uncertainty"] == pytest.approx(expected)
     assert out["shift/severity2/emb_uncertainty"] > out["shift/severity1/emb_uncertainty"]
+    # A method without an uncertainty of its own gets no emb_uncertainty keys, not zeros.
+    plain, details = shift_suite(
+        FixedProbe(), embed_all, images, labels, ["a"], corrupt, severities=(1, 2), own_uncertainty=False
+    )
+    assert not [k for k in plain if "emb_uncertainty" in k] and "emb_uncertainty" not in details["a"]
+    assert plain["shift/a/1/acc"] == out["shift/a/1/acc"]

@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from probssl.eval.evaluate import evaluate_run
-    from probssl.tables import format_table
+    from probssl.eval.summary import format_summary
 
     results = evaluate_run(
         args.run_dir,
@@ -87,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         step=args.step,
         suite_name=args.suite,
     )
-    print(format_table({str(args.run_dir): results}))
+    print(format_summary(results))
     name = "eval.json" if args.step is None else f"eval_step{args.step}.json"
     print(f"wrote {Path(args.run_dir) / name}")
     return 0

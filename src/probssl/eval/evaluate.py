@@ -10,17 +10,25 @@ carved from it) and scored on the test split. Suites:
 - ``full``:  uncertainty + corruptions, low-shot, transfer, retrieval (see :mod:`probssl.eval.suite`).
 
 ``uncertainty`` and ``full`` also write ``eval_details.json`` with the report's plot data.
+
+Cost: every image set is embedded once (banks are shared across stages), all severities of a
+corruption go through the encoder in one pass, and kNN computes its similarity matrix once for
+every k. Each stage (``STAGES``) has one progress bar and its wall time in
+``meta/eval_seconds/<stage>``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from probssl.data import DatasetError, ImageDataset, get_dataset_info, load_dataset, to_float
 from probssl.data.corruptions import corrupt, corruption_names
@@ -28,16 +36,24 @@ from probssl.data.shift_sets import OOD_SETS, TRANSFER_SETS, load_shift_set
 from probssl.embedding import Embedding
 from probssl.eval import suite
 from probssl.eval.features import FeatureBank, cached_features, extract_features
-from probssl.eval.knn import knn_predict_marginal
+from probssl.eval.knn import knn_predict_marginal_many
 from probssl.eval.metrics import nll, top1
 from probssl.io import atomic_write_json
 from probssl.runs import LoadedRun, load_run
 
 SUITES = ("basic", "uncertainty", "full")
+# Stages, each with one progress bar and its own ``meta/eval_seconds/<stage>`` in eval.json.
+STAGES = ("features", "probes", "ood", "shift", "lowshot", "transfer", "retrieval")
 
 
 class Evaluator:
-    """Embeds image sets with one run's method (cached per split) and fits its probes once."""
+    """Embeds image sets with one run's method (cached per split) and fits its probes once.
+
+    An image set is embedded once per evaluation whatever stage asks for it (an OOD set that is
+    also a transfer set, e.g. MNIST for Fashion-MNIST), and each stage has one progress bar and
+    one timer (:meth:`stage`). ``reuse=False`` recomputes everything every time it is asked for
+    (the plain path, kept to check that sharing work changes no number).
+    """
 
     def __init__(
         self,
@@ -47,12 +63,44 @@ class Evaluator:
         device: torch.device,
         progress: bool,
         tag: str = "",
+        reuse: bool = True,
     ) -> None:
         self.run, self.cfg = run, run.config
         self.data_dir = data_dir or self.cfg.data.data_dir
         self.samples, self.device, self.progress, self.tag = samples, device, progress, tag
         self.info = get_dataset_info(self.cfg.data.dataset)
         self._datasets: dict[str, ImageDataset] = {}
+        self.reuse = reuse
+        self._banks: dict[tuple[Callable | None, str], FeatureBank] = {}
+        self._shift_sets: dict[tuple[str, int | None], ImageDataset] = {}
+        self._bar: tqdm | None = None
+        self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, unit: str = "img", total: int | None = None) -> Iterator[tqdm]:
+        """One progress bar and one timer for a stage; embedding inside it advances the bar."""
+        bar = tqdm(total=total, desc=name, unit=unit, disable=not self.progress)
+        # Without a known total, each image set embedded in the stage adds its size when it starts.
+        self._bar = bar if total is None else None
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            yield bar
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            # CPU time of this process: comparable across runs on a shared machine, where wall is not.
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + time.process_time() - cpu_started
+            self._bar = None
+            bar.close()
+
+    def _count(self, images: int) -> Callable[[int], None] | None:
+        """Add ``images`` to the current stage bar's total; the returned callback advances it."""
+        bar = self._bar
+        if bar is None or bar.disable:
+            return None
+        bar.total = (bar.total or 0) + images
+        bar.refresh()
+        return bar.update
 
     def dataset(self, split: str) -> ImageDataset:
         """One split of the run's own dataset, read (and checksummed) once per evaluation."""
@@ -68,8 +116,42 @@ class Evaluator:
         desc: str = "features",
         represent: Callable[[torch.Tensor], Embedding] | None = None,
     ) -> FeatureBank:
-        """Features of ``images`` under the method's ``embed`` (or another ``represent``ation)."""
+        """Features of ``images`` under the method's ``embed`` (or another ``represent``ation).
+
+        Remembered by the images' content (and the representation), so the same images asked for
+        by two stages are embedded once; ``labels`` are attached to the remembered bank. ``desc``
+        names the image set (progress is shown per stage, see :meth:`stage`).
+        """
         labels = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
+        if not self.reuse:
+            return self._extract(images, labels, represent)
+        key = (represent, _content_key(images))
+        if key not in self._banks:
+            self._banks[key] = self._extract(images, labels, represent)
+        bank = self._banks[key]
+        return FeatureBank(bank.draws, bank.mean, bank.uncertainty, labels.detach().cpu().long())
+
+    def embed_many(self, image_sets: Sequence[torch.Tensor]) -> list[FeatureBank]:
+        """Features of several equally sized image sets in one pass (batches never mix two sets)."""
+        if not self.reuse:
+            return [self.embed(images) for images in image_sets]
+        size = len(image_sets[0])
+        images = torch.cat(list(image_sets))
+        labels = torch.full((len(images),), -1, dtype=torch.long)
+        bank = self._extract(images, labels, None, segment=size)
+        return [
+            FeatureBank(bank.draws[:, i : i + size], bank.mean[i : i + size], bank.uncertainty[i : i + size],
+                        labels[i : i + size])
+            for i in range(0, len(images), size)
+        ]  # fmt: skip
+
+    def _extract(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        represent: Callable[[torch.Tensor], Embedding] | None,
+        segment: int | None = None,
+    ) -> FeatureBank:
         if represent is None:
             samples = self.samples if self.samples > 1 else None
             represent = lambda x: self.run.method.embed(x, samples=samples)  # noqa: E731
@@ -80,9 +162,23 @@ class Evaluator:
             lambda x: to_float(x, self.info.mean, self.info.std),
             batch_size=self.cfg.eval.batch_size,
             device=self.device,
-            progress=self.progress,
-            desc=desc,
+            on_batch=self._count(len(images)),
+            segment=segment,
         )
+
+    def shift_set(self, name: str, max_items: int | None) -> ImageDataset:
+        """An OOD / transfer set conformed to the run's dataset, loaded once per evaluation."""
+        if (name, max_items) not in self._shift_sets or not self.reuse:
+            cfg = self.cfg
+            self._shift_sets[name, max_items] = load_shift_set(
+                name,
+                cfg.data.dataset,
+                self.data_dir,
+                cfg.data.download,
+                max_items=max_items,
+                seed=cfg.train.seed,
+            )
+        return self._shift_sets[name, max_items]
 
     def training_batches(self) -> Iterator[torch.Tensor]:
         """Normalised, un-augmented training images in a fixed shuffled order, one batch at a time
@@ -105,6 +201,13 @@ class Evaluator:
         return bank, dataset.images
 
 
+def _content_key(images: torch.Tensor) -> str:
+    """A digest of an image tensor's shape, dtype and bytes: equal keys mean equal images."""
+    digest = hashlib.blake2b(str((tuple(images.shape), images.dtype)).encode(), digest_size=16)
+    digest.update(images.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def evaluate_run(
     run_dir: str | Path,
     data_dir: str | None = None,
@@ -113,8 +216,13 @@ def evaluate_run(
     progress: bool = True,
     step: int | None = None,
     suite_name: str = "full",
+    reuse: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint)."""
+    """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint).
+
+    ``reuse=False`` turns off every shortcut that shares work between stages (see
+    :class:`Evaluator`; kNN then runs once per k): same numbers, more time.
+    """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite '{suite_name}'; valid suites: {', '.join(SUITES)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,106 +230,126 @@ def evaluate_run(
     cfg = run.config
     samples = samples or cfg.eval.samples
     started = time.perf_counter()
-    ev = Evaluator(run, data_dir, samples, device, progress, "" if step is None else f"_step{step}")
-    run.method.prepare_for_evaluation(ev.training_batches)
-    train, _ = ev.split("train")
-    test, test_images = ev.split("test")
+    ev = Evaluator(run, data_dir, samples, device, progress, "" if step is None else f"_step{step}", reuse)
+    with ev.stage("features"):
+        run.method.prepare_for_evaluation(ev.training_batches)
+        train, _ = ev.split("train")
+        test, test_images = ev.split("test")
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
 
     results: dict[str, Any] = {}
-    for k in cfg.eval.knn_k:
-        probs = knn_predict_marginal(
-            train.draws, train.labels, test.draws, num_classes, k=k, temperature=cfg.eval.knn_temperature
-        )
-        results[f"knn/top1@{k}"] = top1(probs, test.labels)
-    results["knn/top1"] = results[f"knn/top1@{cfg.eval.knn_k[0]}"]
+    extra = run.method.extra_representations()  # e.g. SCL's hard code
+    with ev.stage("probes", unit="probe", total=2 + len(extra)) as bar:
+        knn_args = (train.draws, train.labels, test.draws, num_classes)
+        if reuse:
+            knn = knn_predict_marginal_many(*knn_args, cfg.eval.knn_k, cfg.eval.knn_temperature)
+        else:
+            knn = {
+                k: knn_predict_marginal_many(*knn_args, (k,), cfg.eval.knn_temperature)[k]
+                for k in cfg.eval.knn_k
+            }
+        for k in cfg.eval.knn_k:
+            results[f"knn/top1@{k}"] = top1(knn[k], test.labels)
+        results["knn/top1"] = results[f"knn/top1@{cfg.eval.knn_k[0]}"]
+        bar.update()
 
-    probe_kwargs = {
-        "max_iter": cfg.eval.linear_max_iter,
-        "seed": cfg.train.seed,
-        "dtype": torch.float32,
-        "select_max_items": 10_000,
-    }
-    probe = suite.MarginalProbe.fit(train, num_classes, **probe_kwargs)
-    sample_probs = probe.sample_probs(test.draws)
-    probs = sample_probs.mean(0)
-    results["linear/top1"] = top1(probs, test.labels)
-    results["linear/nll"] = nll(probs, test.labels)
-    for name, represent in run.method.extra_representations().items():  # e.g. SCL's hard code
-        banks = [
-            ev.embed(ev.dataset(s).images, ev.dataset(s).labels, f"features/{name}-{s}", represent)
-            for s in ("train", "test")
-        ]
-        extra_probe = suite.MarginalProbe.fit(banks[0], num_classes, **probe_kwargs)
-        results[f"{name}/linear/top1"] = top1(extra_probe.sample_probs(banks[1].draws).mean(0), test.labels)
-    info = ev.info
-    results.update(run.method.model_metrics((info.channels, info.image_size, info.image_size)))
-    results["linear/l2"] = probe.selected_l2
+        probe_kwargs = {
+            "max_iter": cfg.eval.linear_max_iter,
+            "seed": cfg.train.seed,
+            "dtype": torch.float32,
+            "select_max_items": 10_000,
+        }
+        probe = suite.MarginalProbe.fit(train, num_classes, **probe_kwargs)
+        sample_probs = probe.sample_probs(test.draws)
+        probs = sample_probs.mean(0)
+        results["linear/top1"] = top1(probs, test.labels)
+        results["linear/nll"] = nll(probs, test.labels)
+        bar.update()
+        for name, represent in extra.items():
+            banks = [
+                ev.embed(ev.dataset(s).images, ev.dataset(s).labels, f"features/{name}-{s}", represent)
+                for s in ("train", "test")
+            ]
+            extra_probe = suite.MarginalProbe.fit(banks[0], num_classes, **probe_kwargs)
+            results[f"{name}/linear/top1"] = top1(
+                extra_probe.sample_probs(banks[1].draws).mean(0), test.labels
+            )
+            bar.update()
+        info = ev.info
+        results.update(run.method.model_metrics((info.channels, info.image_size, info.image_size)))
+        results["linear/l2"] = probe.selected_l2
 
-    details: dict[str, Any] = {}
-    skipped: list[str] = []
+        details: dict[str, Any] = {}
+        skipped: list[str] = []
+        if suite_name in ("uncertainty", "full"):
+            scores = suite.uncertainty_scores(sample_probs, test)
+            correct = probs.argmax(1) == test.labels
+            cal, details_cal = suite.calibration_suite(probs, test.labels)
+            results.update(cal)
+            details.update(details_cal)
+            results.update(suite.selective_suite(scores, correct))
+            details["ranked_images"] = suite.ranked_images(
+                test_images, scores["entropy"], labels=test.labels, predictions=probs.argmax(1)
+            )
+            details["ranked_images"]["criterion"] = "predictive entropy of the linear probe"
+
     if suite_name in ("uncertainty", "full"):
-        scores = suite.uncertainty_scores(sample_probs, test)
-        correct = probs.argmax(1) == test.labels
-        cal, details_cal = suite.calibration_suite(probs, test.labels)
-        results.update(cal)
-        details.update(details_cal)
-        results.update(suite.selective_suite(scores, correct))
-        details["ranked_images"] = suite.ranked_images(test_images, scores["entropy"])
-
         details["ood"] = {}
-        for name in OOD_SETS.get(cfg.data.dataset, ("noise",)):
-            try:
-                ood_set = load_shift_set(
-                    name,
-                    cfg.data.dataset,
-                    ev.data_dir,
-                    cfg.data.download,
-                    max_items=test.num_items,
-                    seed=cfg.train.seed,
-                )
-            except DatasetError as err:
-                skipped.append(f"ood/{name}: {err}")
-                continue
-            bank = ev.embed(ood_set.images, desc=f"features/ood-{name}")
-            scores_out = suite.uncertainty_scores(probe.sample_probs(bank.draws), bank)
-            metrics, plot = suite.ood_suite(name, scores, scores_out)
-            results.update(metrics)
-            details["ood"][name] = plot
+        with ev.stage("ood"):
+            for name in OOD_SETS.get(cfg.data.dataset, ("noise",)):
+                try:
+                    ood_set = ev.shift_set(name, max_items=test.num_items)
+                except DatasetError as err:
+                    skipped.append(f"ood/{name}: {err}")
+                    continue
+                bank = ev.embed(ood_set.images, desc=f"features/ood-{name}")
+                scores_out = suite.uncertainty_scores(probe.sample_probs(bank.draws), bank, like=scores)
+                metrics, plot = suite.ood_suite(name, scores, scores_out)
+                results.update(metrics)
+                details["ood"][name] = plot
 
     if suite_name == "full":
         n_shift = min(cfg.eval.shift_max_items, len(test_images))
-        shift, details["shift"] = suite.shift_suite(
-            probe,
-            lambda images: ev.embed(images, desc="features/shift"),
-            test_images[:n_shift],
-            test.labels[:n_shift],
-            corruption_names(ev.info.channels),
-            lambda images, name, severity: corrupt(images, name, severity, seed=cfg.train.seed),
-        )
+        corruptions = corruption_names(ev.info.channels)
+        with ev.stage("shift", unit="corruption", total=len(corruptions)) as bar:
+
+            def embed_severities(image_sets: Sequence[torch.Tensor]) -> list[FeatureBank]:
+                banks = ev.embed_many(image_sets)
+                bar.update()
+                return banks
+
+            shift, details["shift"] = suite.shift_suite(
+                probe,
+                embed_severities,
+                test_images[:n_shift],
+                test.labels[:n_shift],
+                corruptions,
+                lambda images, name, severity: corrupt(images, name, severity, seed=cfg.train.seed),
+                own_uncertainty="emb" in scores,
+            )
         results.update(shift)
 
-        results.update(suite.lowshot_suite(train, test, num_classes, run.run_dir / "splits", **probe_kwargs))
+        with ev.stage("lowshot", unit="step", total=1) as bar:
+            results.update(
+                suite.lowshot_suite(train, test, num_classes, run.run_dir / "splits", **probe_kwargs)
+            )
+            bar.update()
 
-        for name in TRANSFER_SETS.get(cfg.data.dataset, ()):
-            try:
-                target = load_shift_set(
-                    name,
-                    cfg.data.dataset,
-                    ev.data_dir,
-                    cfg.data.download,
-                    max_items=cfg.eval.transfer_max_items,
-                    seed=cfg.train.seed,
-                )
-            except DatasetError as err:
-                skipped.append(f"transfer/{name}: {err}")
-                continue
-            bank = ev.embed(target.images, target.labels, desc=f"features/transfer-{name}")
-            results.update(suite.transfer_suite(name, bank, int(target.labels.max()) + 1, **probe_kwargs))
+        with ev.stage("transfer"):
+            for name in TRANSFER_SETS.get(cfg.data.dataset, ()):
+                try:
+                    target = ev.shift_set(name, max_items=cfg.eval.transfer_max_items)
+                except DatasetError as err:
+                    skipped.append(f"transfer/{name}: {err}")
+                    continue
+                bank = ev.embed(target.images, target.labels, desc=f"features/transfer-{name}")
+                results.update(suite.transfer_suite(name, bank, int(target.labels.max()) + 1, **probe_kwargs))
 
-        uncertainty = test.uncertainty.float() if test.uncertainty.abs().sum() > 0 else scores["entropy"]
-        ret, details["sparsification"] = suite.retrieval_suite(test, uncertainty)
-        results.update(ret)
+        with ev.stage("retrieval", unit="step", total=1) as bar:
+            uncertainty = test.uncertainty.float() if "emb" in scores else scores["entropy"]
+            ret, details["sparsification"] = suite.retrieval_suite(test, uncertainty)
+            results.update(ret)
+            bar.update()
     for reason in skipped:
         warnings.warn(f"skipped {reason}", stacklevel=2)
 
@@ -233,6 +361,9 @@ def evaluate_run(
     results["meta/partial_training"] = bool(run.weights_meta.get("partial", False))
     results["meta/step"] = step if step is not None else run.weights_meta.get("steps")
     results["meta/eval_seconds"] = time.perf_counter() - started
+    results.update({f"meta/eval_seconds/{stage}": seconds for stage, seconds in ev.seconds.items()})
+    results.update({f"meta/eval_cpu_seconds/{stage}": seconds for stage, seconds in ev.cpu_seconds.items()})
+    results["meta/uncertainty_doc"] = run.method.uncertainty_doc
     results["seed"] = cfg.train.seed
     results.update({f"config/{k}": v for k, v in cfg.flat().items()})
     suffix = "" if step is None else f"_step{step}"

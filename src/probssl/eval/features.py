@@ -100,14 +100,23 @@ def extract_features(
     device: str | torch.device = "cpu",
     progress: bool = False,
     desc: str = "features",
+    on_batch: Callable[[int], None] | None = None,
+    segment: int | None = None,
 ) -> FeatureBank:
     """Run ``embed`` over ``images`` in batches and collect its distribution into a :class:`FeatureBank`.
 
     ``images`` is uint8 [N, C, H, W] on the CPU; each batch is moved to ``device`` first and only then
     passed to ``preprocess`` (uint8 → normalised float), so the host→device copy moves 1 byte per
-    pixel instead of 4. Runs under ``torch.no_grad``; the caller is responsible for eval mode (the
-    protocol needs norm layers in eval mode, design.md §4, and only the caller knows the model).
-    Results go to the CPU as float32 batch by batch, so device memory holds one batch at a time.
+    pixel instead of 4. ``embed`` runs under ``torch.inference_mode``; the caller is responsible for
+    eval mode (the protocol needs norm layers in eval mode, design.md §4, and only the caller knows
+    the model). Results go to the CPU as float32 batch by batch, so device memory holds one batch at
+    a time.
+
+    ``segment``: ``images`` is several image sets of ``segment`` rows each, embedded in one pass;
+    no batch straddles two sets, so every set is cut into exactly the batches it would get on its
+    own (methods that seed their draws per call, e.g. LAM, then give identical features).
+    ``on_batch(count)`` is called after each batch (a caller's progress bar); ``progress`` draws a
+    bar of its own.
     """
     n = images.shape[0]
     if labels.shape != (n,):
@@ -116,27 +125,35 @@ def extract_features(
         raise ValueError("no images to embed")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if segment is not None and (segment < 1 or n % segment):
+        raise ValueError(f"segment must divide the {n} images into equal sets, got {segment}")
+    segment = segment or n
+    starts = [lo + i for lo in range(0, n, segment) for i in range(0, segment, batch_size)]
     # Preallocated once the first batch shows S and D, then filled in place: peak memory is the
     # bank itself plus one batch, not the bank twice (a list of batches and their concatenation).
     draws = means = uncertainties = None
-    with torch.no_grad():
-        for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress):
-            batch = preprocess(images[start : start + batch_size].to(device, non_blocking=True))
+    for start in tqdm(starts, desc=desc, disable=not progress):
+        stop = min(start + batch_size, (start // segment + 1) * segment)
+        with torch.inference_mode():
+            batch = preprocess(images[start:stop].to(device, non_blocking=True))
             embedding = embed(batch)
             batch_draws = embedding.draws().detach()
-            stop = start + batch_draws.shape[1]
-            if draws is None:
-                draws = torch.empty((batch_draws.shape[0], n, batch_draws.shape[2]), dtype=torch.float32)
-                means = torch.empty((n, embedding.mean.shape[1]), dtype=torch.float32)
-                uncertainties = torch.empty(n, dtype=torch.float32)
-            elif batch_draws.shape[0] != draws.shape[0]:
-                raise ValueError(
-                    "embed returned a varying number of samples across batches: "
-                    f"{draws.shape[0]} then {batch_draws.shape[0]}"
-                )
-            draws[:, start:stop] = batch_draws.float().cpu()
-            means[start:stop] = embedding.mean.detach().float().cpu()
-            uncertainties[start:stop] = embedding.uncertainty.detach().float().cpu()
+            if batch_draws.shape[1] != stop - start:
+                raise ValueError(f"embed returned {batch_draws.shape[1]} rows for {stop - start} images")
+        if draws is None:
+            draws = torch.empty((batch_draws.shape[0], n, batch_draws.shape[2]), dtype=torch.float32)
+            means = torch.empty((n, embedding.mean.shape[1]), dtype=torch.float32)
+            uncertainties = torch.empty(n, dtype=torch.float32)
+        elif batch_draws.shape[0] != draws.shape[0]:
+            raise ValueError(
+                "embed returned a varying number of samples across batches: "
+                f"{draws.shape[0]} then {batch_draws.shape[0]}"
+            )
+        draws[:, start:stop] = batch_draws.float().cpu()
+        means[start:stop] = embedding.mean.detach().float().cpu()
+        uncertainties[start:stop] = embedding.uncertainty.detach().float().cpu()
+        if on_batch is not None:
+            on_batch(stop - start)
     return FeatureBank(
         draws=draws, mean=means, uncertainty=uncertainties, labels=labels.detach().cpu().long()
     )

@@ -9,6 +9,8 @@ the kNN analogue of Bayesian model averaging.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -43,6 +45,23 @@ def knn_predict(
     chunk_size: int = 1024,
     exclude_self: bool = False,
 ) -> Tensor:
+    """Class probabilities [M, C] for each query from its k most cosine-similar training points
+    (see :func:`knn_predict_many`, which does this for several k in one pass)."""
+    return knn_predict_many(
+        train_features, train_labels, query_features, num_classes, (k,), temperature, chunk_size, exclude_self
+    )[k]
+
+
+def knn_predict_many(
+    train_features: Tensor,
+    train_labels: Tensor,
+    query_features: Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (20,),
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+    exclude_self: bool = False,
+) -> dict[int, Tensor]:
     """Class probabilities [M, C] for each query from its k most cosine-similar training points.
 
     Both sides are L2-normalised, so the dot product is the cosine similarity. Queries are processed
@@ -51,6 +70,10 @@ def knn_predict(
     floats) is what would otherwise dominate memory. ``k`` larger than the number of
     candidates is clipped. ``exclude_self=True`` is leave-one-out for the case where the queries
     *are* the training set (row i is not allowed to vote for itself), as in retrieval evaluation.
+
+    One pass serves every k in ``ks``: the top-max(k) list is sorted by similarity, so its first k
+    entries are the top-k list (ties aside), and the similarity matrix — the whole cost — is computed
+    once instead of once per k. Returns {k: probabilities [M, C]}.
     """
     _check_features(train_features, train_labels, "train_features")
     _check_features(query_features, None, "query_features")
@@ -58,9 +81,9 @@ def knn_predict(
         raise ValueError(
             f"feature dims differ: train {train_features.shape[1]} vs query {query_features.shape[1]}"
         )
-    if k < 1 or temperature <= 0 or chunk_size < 1:
+    if not ks or min(ks) < 1 or temperature <= 0 or chunk_size < 1:
         raise ValueError(
-            f"need k >= 1, temperature > 0, chunk_size >= 1 (got {k}, {temperature}, {chunk_size})"
+            f"need k >= 1, temperature > 0, chunk_size >= 1 (got {list(ks)}, {temperature}, {chunk_size})"
         )
     n, m = train_features.shape[0], query_features.shape[0]
     if exclude_self and m != n:
@@ -70,16 +93,22 @@ def knn_predict(
     candidates = n - 1 if exclude_self else n
     if candidates < 1:
         raise ValueError("kNN needs at least one candidate neighbour")
-    k = min(k, candidates)
+    clipped = {k: min(k, candidates) for k in ks}
+    k_max = max(clipped.values())
 
     dtype = torch.promote_types(train_features.dtype, torch.float32)
     train = F.normalize(train_features.to(dtype), dim=1)
     labels = train_labels.to(train.device).long()
-    out = torch.empty(m, num_classes, dtype=dtype, device=train.device)
+    out = {k: torch.empty(m, num_classes, dtype=dtype, device=train.device) for k in ks}
     for start in range(0, m, chunk_size):
         query = F.normalize(query_features[start : start + chunk_size].to(train.device, dtype), dim=1)
-        top_sim, top_idx = _running_topk(query, train, k, chunk_size * 16, start if exclude_self else None)
-        out[start : start + query.shape[0]] = _votes(top_sim, labels[top_idx], num_classes, temperature)
+        top_sim, top_idx = _running_topk(
+            query, train, k_max, chunk_size * 16, start if exclude_self else None
+        )
+        for k, used in clipped.items():
+            out[k][start : start + query.shape[0]] = _votes(
+                top_sim[:, :used], labels[top_idx[:, :used]], num_classes, temperature
+            )
     return out
 
 
@@ -122,6 +151,21 @@ def knn_predict_marginal(
     temperature: float = 0.07,
     chunk_size: int = 1024,
 ) -> Tensor:
+    """Probabilistic kNN for one k (see :func:`knn_predict_marginal_many`)."""
+    return knn_predict_marginal_many(
+        train_draws, train_labels, query_draws, num_classes, (k,), temperature, chunk_size
+    )[k]
+
+
+def knn_predict_marginal_many(
+    train_draws: Tensor,
+    train_labels: Tensor,
+    query_draws: Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (20,),
+    temperature: float = 0.07,
+    chunk_size: int = 1024,
+) -> dict[int, Tensor]:
     """Probabilistic kNN: the vote distribution averaged over embedding samples, [M, C].
 
     ``train_draws`` [S, N, D] and ``query_draws`` [S, M, D] are paired by sample index s (draw s of
@@ -136,16 +180,17 @@ def knn_predict_marginal(
     s_train, s_query = train_draws.shape[0], query_draws.shape[0]
     if s_train != s_query and 1 not in (s_train, s_query):
         raise ValueError(f"cannot pair {s_train} train draws with {s_query} query draws")
-    total = None
+    total: dict[int, Tensor] = {}
     for s in range(max(s_train, s_query)):
-        probs = knn_predict(
+        probs = knn_predict_many(
             train_draws[min(s, s_train - 1)],
             train_labels,
             query_draws[min(s, s_query - 1)],
             num_classes,
-            k=k,
+            ks=ks,
             temperature=temperature,
             chunk_size=chunk_size,
         )
-        total = probs if total is None else total + probs
-    return total / max(s_train, s_query)
+        for k, p in probs.items():
+            total[k] = p if k not in total else total[k] + p
+    return {k: p / max(s_train, s_query) for k, p in total.items()}

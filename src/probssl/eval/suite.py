@@ -69,15 +69,23 @@ class MarginalProbe:
         )
 
 
-def uncertainty_scores(sample_probs: Tensor, bank: FeatureBank) -> dict[str, Tensor]:
-    """All OOD / selective criteria, each "higher = more uncertain"."""
+def uncertainty_scores(
+    sample_probs: Tensor, bank: FeatureBank, like: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """All OOD / selective criteria, each "higher = more uncertain".
+
+    Only criteria that are defined for the run: mutual information needs more than one draw (with one
+    it is 0 by construction) and ``emb`` needs an embedding that carries uncertainty (a deterministic
+    method's is all zeros); an undefined criterion would otherwise be reported as a measured AUROC of
+    0.5. ``like``: the in-distribution scores, whose criteria an OOD set must have too.
+    """
     probs = sample_probs.mean(0)
-    return {
-        "msp": msp_score(probs),
-        "entropy": entropy_score(probs),
-        "mi": mutual_information_score(sample_probs),
-        "emb": bank.uncertainty.float(),
-    }
+    scores = {"msp": msp_score(probs), "entropy": entropy_score(probs)}
+    if (like is not None and "mi" in like) or (like is None and sample_probs.shape[0] > 1):
+        scores["mi"] = mutual_information_score(sample_probs)
+    if (like is not None and "emb" in like) or (like is None and bool(bank.uncertainty.any())):
+        scores["emb"] = bank.uncertainty.float()
+    return scores
 
 
 def calibration_suite(probs: Tensor, labels: Tensor) -> tuple[Metrics, dict]:
@@ -88,6 +96,8 @@ def calibration_suite(probs: Tensor, labels: Tensor) -> tuple[Metrics, dict]:
 def selective_suite(scores: dict[str, Tensor], correct: Tensor) -> Metrics:
     out: Metrics = {}
     for prefix, criterion in (("sel/", "entropy"), ("sel/emb/", "emb")):
+        if criterion not in scores:
+            continue
         for key, value in selective_metrics(scores[criterion], correct).items():
             out[f"{prefix}{key}"] = value
     return out
@@ -111,37 +121,38 @@ def ood_suite(name: str, scores_in: dict[str, Tensor], scores_out: dict[str, Ten
 
 def shift_suite(
     probe: MarginalProbe,
-    embed_images: Callable[[Tensor], FeatureBank],
+    embed_images: Callable[[Sequence[Tensor]], list[FeatureBank]],
     images: Tensor,
     labels: Tensor,
     corruptions: Sequence[str],
     corrupt: Callable[[Tensor, str, int], Tensor],
     severities: Sequence[int] = (1, 2, 3, 4, 5),
+    own_uncertainty: bool = True,
 ) -> tuple[Metrics, dict]:
-    """Accuracy, ECE and mean uncertainty of the (clean-trained) probe on corrupted test images."""
+    """Accuracy, ECE and mean uncertainty of the (clean-trained) probe on corrupted test images.
+
+    ``embed_images`` gets every severity of one corruption at once (one pass of the encoder per
+    corruption) and returns one bank per image set. ``own_uncertainty=False`` (a method whose
+    embedding carries none) leaves out the ``emb_uncertainty`` keys rather than report zeros.
+    """
     from probssl.eval.calibration import ece
 
+    metrics = ("acc", "uncertainty") + (("emb_uncertainty",) if own_uncertainty else ())
     out: Metrics = {}
     details: dict[str, dict[str, list]] = {}
     for name in corruptions:
-        curve: dict[str, list] = {"severity": [], "acc": [], "uncertainty": [], "emb_uncertainty": []}
-        for severity in severities:
-            bank = embed_images(corrupt(images, name, severity))
-            sample_probs = probe.sample_probs(bank.draws)
-            probs = sample_probs.mean(0)
-            acc = top1(probs, labels)
-            unc = entropy_score(probs).mean().item()
-            out[f"shift/{name}/{severity}/acc"] = acc
-            out[f"shift/{name}/{severity}/ece"] = ece(probs, labels)
-            out[f"shift/{name}/{severity}/uncertainty"] = unc
-            out[f"shift/{name}/{severity}/emb_uncertainty"] = bank.uncertainty.float().mean().item()
-            for key, value in (
-                ("severity", severity),
-                ("acc", acc),
-                ("uncertainty", unc),
-                ("emb_uncertainty", out[f"shift/{name}/{severity}/emb_uncertainty"]),
-            ):
-                curve[key].append(value)
+        curve: dict[str, list] = {"severity": list(severities), **{m: [] for m in metrics}}
+        banks = embed_images([corrupt(images, name, severity) for severity in severities])
+        for severity, bank in zip(severities, banks, strict=True):
+            probs = probe.sample_probs(bank.draws).mean(0)
+            values = {"acc": top1(probs, labels), "uncertainty": entropy_score(probs).mean().item()}
+            if own_uncertainty:
+                values["emb_uncertainty"] = bank.uncertainty.float().mean().item()
+            values["ece"] = ece(probs, labels)
+            for metric in ("acc", "ece", *metrics[1:]):
+                out[f"shift/{name}/{severity}/{metric}"] = values[metric]
+            for metric in metrics:
+                curve[metric].append(values[metric])
         details[name] = curve
     if corruptions:
         out["shift/mean/acc"] = sum(out[f"shift/{n}/{s}/acc"] for n in corruptions for s in severities) / (
@@ -150,7 +161,7 @@ def shift_suite(
         # Per severity, averaged over corruptions: does the embedding's own uncertainty (1/κ, σ, Σ std)
         # rise as accuracy falls?
         for s in severities:
-            for metric in ("acc", "emb_uncertainty"):
+            for metric in ("acc", "emb_uncertainty")[: 2 if own_uncertainty else 1]:
                 values = [out[f"shift/{n}/{s}/{metric}"] for n in corruptions]
                 out[f"shift/severity{s}/{metric}"] = sum(values) / len(values)
     return out, details
@@ -225,14 +236,26 @@ def retrieval_suite(test: FeatureBank, uncertainty: Tensor, max_items: int = 10_
     return out, details
 
 
-def ranked_images(images: Tensor, uncertainty: Tensor, count: int = 8) -> dict:
-    """The most and least certain test images, for the report's grid."""
+def ranked_images(
+    images: Tensor,
+    uncertainty: Tensor,
+    count: int = 8,
+    labels: Tensor | None = None,
+    predictions: Tensor | None = None,
+) -> dict:
+    """The most and least certain test images, for the report's grid (with label and prediction,
+    so a reader can see whether the uncertain ones are the misclassified ones)."""
     order = torch.argsort(uncertainty, stable=True)
     most, least = order[:count], order.flip(0)[:count]
-    return {
+    out = {
         "shape": list(images.shape[1:]),
         "most_certain": [images[i].flatten().tolist() for i in most],
         "least_certain": [images[i].flatten().tolist() for i in least],
         "uncertainty_most": uncertainty[most].tolist(),
         "uncertainty_least": uncertainty[least].tolist(),
     }
+    for name, values in (("label", labels), ("prediction", predictions)):
+        if values is not None:
+            out[f"{name}_most"] = values[most].tolist()
+            out[f"{name}_least"] = values[least].tolist()
+    return out

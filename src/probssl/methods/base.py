@@ -51,6 +51,8 @@ class SSLMethod(nn.Module):
     trainable: ClassVar[bool] = True
     #: True for methods whose embeddings carry uncertainty (non-zero ``Embedding.uncertainty``).
     probabilistic: ClassVar[bool] = False
+    #: One line for reports and the README: what ``Embedding.uncertainty`` measures and on what scale.
+    uncertainty_doc: ClassVar[str] = "none (deterministic): the embedding carries no uncertainty of its own"
     #: True when ``embed`` returns as many draws as the model has (an ensemble's members), not ``samples``.
     draws_fixed_by_model: ClassVar[bool] = False
     #: number of augmented views the loss expects (2 global; multi-crop methods may ask for more).

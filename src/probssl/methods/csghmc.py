@@ -81,6 +81,11 @@ class CSGHMCConfig(MethodConfig):
 class CyclicalSGHMCSSL(SSLMethod):
     config_class = CSGHMCConfig
     probabilistic = True
+    uncertainty_doc = (
+        "spread of the weight-space posterior: 1 − ‖mean over SGHMC weight samples of the unit "
+        "embedding‖², Σ_d of the per-dimension variance of unit vectors; 0 when all samples agree, at "
+        "most 1"
+    )
 
     def __init__(self, backbone: nn.Module, cfg: CSGHMCConfig) -> None:
         nn.Module.__init__(self)  # the backbone lives inside the objective, registered once

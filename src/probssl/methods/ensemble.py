@@ -49,6 +49,10 @@ def _reinitialise(module: nn.Module) -> None:
 class DeepEnsemble(SSLMethod):
     config_class = EnsembleConfig
     probabilistic = True
+    uncertainty_doc = (
+        "disagreement between members: Σ_d std over members of the embedding; 0 when they agree, in the "
+        "units of the features (≈ 0–2 for unit-norm members)"
+    )
     draws_fixed_by_model = True  # M members = M draws, whatever ``samples`` asks for
 
     def __init__(self, backbone: nn.Module, cfg: EnsembleConfig) -> None:

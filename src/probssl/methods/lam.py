@@ -108,6 +108,10 @@ def image_identity_labels(num_images: int, num_views: int, device: torch.device)
 class LAM(SSLMethod):
     config_class = LAMConfig
     probabilistic = True  # posterior = "none" (the deterministic baseline) embeds with zero uncertainty
+    uncertainty_doc = (
+        "Laplace (or MC-dropout) posterior of the embedding layer: Σ_d std over posterior draws of the "
+        "unit embedding; 0 with posterior = none or one draw, grows with the posterior variance"
+    )
 
     def __init__(self, backbone: nn.Module, cfg: LAMConfig) -> None:
         cfg.validate()

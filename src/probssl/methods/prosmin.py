@@ -108,6 +108,10 @@ class NormalisedBottleneckProjector(nn.Module):
 @METHODS.register("prosmin")
 class ProSMIN(SSLMethod):
     probabilistic = True
+    uncertainty_doc = (
+        "aleatoric σ of the online Gaussian head: mean over dimensions of exp(½ log σ²) for the image; > "
+        "0, on the head's output scale"
+    )
     config_class = ProSMINConfig
 
     def __init__(self, backbone: nn.Module, cfg: ProSMINConfig) -> None:

@@ -86,6 +86,10 @@ def compression_ratio_stats(
 @METHODS.register("scl")
 class SCL(SSLMethod):
     probabilistic = True
+    uncertainty_doc = (
+        "spread of the stochastic latent: mean σ of the Gaussian code, or mean per-bit entropy in bits "
+        "(0–1) of the Bernoulli code"
+    )
     config_class = SCLConfig
 
     def __init__(self, backbone: nn.Module, cfg: SCLConfig) -> None:

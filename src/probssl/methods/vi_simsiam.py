@@ -113,6 +113,10 @@ def power_spherical_alignment_loss(
 @METHODS.register("vi_simsiam")
 class VISimSiam(SSLMethod):
     probabilistic = True
+    uncertainty_doc = (
+        "1/κ of the image's power-spherical posterior over directions: κ is the concentration, so 1/κ is "
+        "small (≈ 1/d at initialisation) for confident images and grows for ambiguous ones"
+    )
     config_class = VISimSiamConfig
 
     def __init__(self, backbone: nn.Module, cfg: VISimSiamConfig) -> None:

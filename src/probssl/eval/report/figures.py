@@ -1,0 +1,482 @@
+"""The report's figures, each a PNG data URI: reliability diagrams, OOD score histograms, accuracy under
+corruption, sparsification curves, test images ranked by uncertainty.
+
+Matplotlib without pyplot: figures are built from ``matplotlib.figure.Figure`` (Agg canvas) under an
+``rc_context``, so building a report never switches the caller's backend or touches global figure state.
+Legends sit outside the axes (below the panels or to their right), so they never cover a title or a bar.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import matplotlib
+import matplotlib.patches
+import numpy as np
+from matplotlib.figure import Figure
+
+from probssl.eval.report.runs import Run
+from probssl.eval.report.tables import _is_number, _shift_points
+
+_IN_COLOUR, _OUT_COLOUR = "#3b6fd6", "#e8730c"
+_DPI = 110
+_RC = {
+    "font.size": 9,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.color": "#e6e8ec",
+    "grid.linewidth": 0.7,
+    "axes.edgecolor": "#9aa1ad",
+    "axes.axisbelow": True,
+    "xtick.color": "#4b5563",
+    "ytick.color": "#4b5563",
+    "legend.frameon": False,
+    "legend.fontsize": 8.5,
+}
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+@contextmanager
+def _styled():
+    with matplotlib.rc_context(_RC):
+        yield
+
+
+def _png(fig: Figure) -> str:
+    """The figure as a ``data:image/png;base64,...`` URI (no Software tag: the page carries no URLs)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, bbox_inches="tight", metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _floats(values: Any) -> np.ndarray:
+    """A 1-D float array with JSON nulls as NaN."""
+    return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+
+
+def _grid(count: int, max_cols: int) -> tuple[int, int]:
+    cols = max(1, min(count, max_cols))
+    return math.ceil(count / cols), cols
+
+
+def _draw_per_run(
+    runs: Sequence[Run], draw: Callable[[Run], Any], failures: list[str], what: str
+) -> dict[str, Any]:
+    """Extract each run's plot data with ``draw``; a malformed section is noted and skipped, never fatal."""
+    out = {}
+    for run in runs:
+        try:
+            data = draw(run)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+            failures.append(f"{run.name}: {what} data malformed ({type(err).__name__}: {err})")
+            continue
+        if data is not None:
+            out[run.name] = data
+    return out
+
+
+def _reliability_data(run: Run) -> dict[str, np.ndarray] | None:
+    section = run.details.get("reliability")
+    if not section:
+        return None
+    lower, upper = _floats(section["bin_lower"]), _floats(section["bin_upper"])
+    n = len(lower)
+    conf = _floats(section.get("confidence") or [None] * n)
+    acc = _floats(section.get("accuracy") or [None] * n)
+    count = _floats(section.get("count") or [0] * n)
+    if not (len(upper) == len(conf) == len(acc) == len(count) == n) or n == 0:
+        raise ValueError("reliability lists differ in length or are empty")
+    centre = (lower + upper) / 2
+    conf = np.where(np.isnan(conf), centre, conf)
+    return {"lower": lower, "upper": upper, "conf": conf, "acc": acc, "count": np.nan_to_num(count)}
+
+
+def _reliability_figure(runs: Sequence[Run], data: Mapping[str, dict[str, np.ndarray]]) -> str:
+    shown = [run for run in runs if run.name in data]
+    rows, cols = _grid(len(shown), 4)
+    with _styled():
+        fig = Figure(figsize=(3.0 * cols, 3.35 * rows))
+        outer = fig.add_gridspec(rows, cols, wspace=0.28, hspace=0.45)
+        for k, run in enumerate(shown):
+            d = data[run.name]
+            inner = outer[k // cols, k % cols].subgridspec(2, 1, height_ratios=[3.2, 1], hspace=0.08)
+            ax, ax_count = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
+            width = d["upper"] - d["lower"]
+            ok = ~np.isnan(d["acc"])
+            ax.plot([0, 1], [0, 1], ls="--", color="#9aa1ad", lw=1, zorder=1)
+            ax.bar(
+                d["lower"][ok],
+                d["acc"][ok],
+                width=width[ok],
+                align="edge",
+                color=run.colour,
+                alpha=0.85,
+                edgecolor="white",
+                linewidth=0.6,
+                zorder=2,
+                label="accuracy",
+            )
+            gap_bottom = np.minimum(d["acc"][ok], d["conf"][ok])
+            ax.bar(
+                d["lower"][ok],
+                np.abs(d["conf"][ok] - d["acc"][ok]),
+                bottom=gap_bottom,
+                width=width[ok],
+                align="edge",
+                facecolor="none",
+                edgecolor="#d23c4b",
+                hatch="////",
+                linewidth=0.0,
+                zorder=3,
+                label="gap to confidence",
+            )
+            ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
+            ax.tick_params(labelbottom=False)
+            ax.set_title(_reliability_title(run, d), loc="left")
+            total = d["count"].sum()
+            share = d["count"] / total if total > 0 else d["count"]
+            ax_count.bar(
+                d["lower"],
+                share,
+                width=width,
+                align="edge",
+                color="#9aa1ad",
+                edgecolor="white",
+                linewidth=0.5,
+            )
+            ax_count.set(xlim=(0, 1), xlabel="confidence", ylabel="share")
+            ax_count.set_ylim(0, max(float(share.max()) * 1.15, 1e-3))
+            ax_count.grid(axis="x", visible=False)
+        _legend_below(fig, *fig.axes[0].get_legend_handles_labels(), ncol=2)
+        return _png(fig)
+
+
+def _reliability_title(run: Run, d: Mapping[str, np.ndarray]) -> str:
+    """Run name plus ECE: from eval.json when present, else recomputed from the bins."""
+    ece = run.metrics.get("cal/ece15")
+    if not _is_number(ece):
+        total = d["count"].sum()
+        ok = ~np.isnan(d["acc"])
+        ece = float((d["count"][ok] * np.abs(d["acc"][ok] - d["conf"][ok])).sum() / total) if total else None
+    return f"{run.name}\nECE = {ece:.4f}" if ece is not None else run.name
+
+
+def _auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
+    """P(out scores higher than in), ties counted half (Mann-Whitney U)."""
+    scores = np.concatenate([score_in, score_out])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    average = first + (counts - 1) / 2 + 1
+    ranks[order] = np.repeat(average, counts)
+    n_in, n_out = len(score_in), len(score_out)
+    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2
+    return float(u / (n_in * n_out))
+
+
+def _ood_data(run: Run) -> dict[str, dict[str, Any]] | None:
+    section = run.details.get("ood")
+    if not section:
+        return None
+    out = {}
+    for set_name, entry in section.items():
+        score_in, score_out = _floats(entry["score_in"]), _floats(entry["score_out"])
+        score_in, score_out = score_in[np.isfinite(score_in)], score_out[np.isfinite(score_out)]
+        if len(score_in) and len(score_out):
+            criterion = str(entry.get("criterion", ""))
+            table_value = run.metrics.get(f"ood/{set_name}/{criterion}/auroc") if criterion else None
+            out[str(set_name)] = {
+                "in": score_in,
+                "out": score_out,
+                "criterion": criterion,
+                # The table's number for this very score, so page and histogram cannot disagree.
+                "auroc": float(table_value) if _is_number(table_value) else _auroc(score_in, score_out),
+            }
+    return out or None
+
+
+def _ood_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, Any]]]) -> str:
+    """One row per run, one column per OOD set (same set in the same column, so runs compare vertically)."""
+    shown = [run for run in runs if run.name in data]
+    sets = list(dict.fromkeys(name for run in shown for name in data[run.name]))
+    cols = min(len(sets), 4)
+    rows_per_run = math.ceil(len(sets) / cols)
+    with _styled():
+        fig = Figure(figsize=(3.7 * cols + 0.4, 2.55 * rows_per_run * len(shown) + 0.5))
+        axes = fig.subplots(rows_per_run * len(shown), cols, squeeze=False)
+        for ax in axes.ravel():
+            ax.set_visible(False)
+        for r, run in enumerate(shown):
+            for k, set_name in enumerate(sets):
+                if set_name in data[run.name]:
+                    ax = axes[r * rows_per_run + k // cols, k % cols]
+                    ax.set_visible(True)
+                    _ood_panel(ax, run, set_name, data[run.name][set_name])
+        handles = [
+            matplotlib.patches.Patch(facecolor=_IN_COLOUR, alpha=0.5, label="in-distribution test set"),
+            matplotlib.patches.Patch(facecolor=_OUT_COLOUR, alpha=0.5, label="OOD set"),
+        ]
+        fig.subplots_adjust(hspace=0.85, wspace=0.28)
+        _legend_below(fig, handles, [h.get_label() for h in handles], ncol=2)
+        return _png(fig)
+
+
+def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
+    both = np.concatenate([d["in"], d["out"]])
+    lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) > 20 else (both.min(), both.max())
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    bins = np.linspace(lo, hi, 41)
+    for scores, colour in ((d["in"], _IN_COLOUR), (d["out"], _OUT_COLOUR)):
+        clipped = np.clip(scores, lo, hi)
+        ax.hist(clipped, bins=bins, density=True, color=colour, alpha=0.3)
+        ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
+    score = d["criterion"] or "score"
+    ax.set_title(f"{run.name}\nvs {set_name} · AUROC({score}) = {d['auroc']:.3f}", loc="left")
+    ax.set(xlabel=f"OOD score: {score} (higher = more OOD)", ylabel="density")
+    ax.spines["left"].set_color(run.colour)
+    ax.spines["left"].set_linewidth(2.5)
+
+
+def _shift_data(run: Run) -> dict[str, dict[str, dict[int, float]]] | None:
+    """{corruption: {metric: {severity: value}}} from details, else from the eval.json keys."""
+    section = run.details.get("shift")
+    if section:
+        out: dict[str, dict[str, dict[int, float]]] = {}
+        for name, entry in section.items():
+            severities = [int(s) for s in entry["severity"]]
+            by_metric = {}
+            for metric, values in entry.items():
+                if metric == "severity" or not isinstance(values, list):
+                    continue
+                if len(values) != len(severities):
+                    raise ValueError(
+                        f"shift/{name}/{metric} has {len(values)} values for {len(severities)} severities"
+                    )
+                by_metric[metric] = {
+                    s: float(v) for s, v in zip(severities, values, strict=True) if v is not None
+                }
+            out[str(name)] = by_metric
+        return out or None
+    return _shift_points(run.metrics) or None
+
+
+def _mean_over_corruptions(
+    shift: Mapping[str, Mapping[str, Mapping[int, float]]], metric: str
+) -> dict[int, float]:
+    pooled: dict[int, list[float]] = {}
+    for by_metric in shift.values():
+        for severity, value in by_metric.get(metric, {}).items():
+            pooled.setdefault(severity, []).append(value)
+    return {s: float(np.mean(v)) for s, v in sorted(pooled.items())}
+
+
+def _plot_curve(ax: Any, points: Mapping[int, float], run: Run, **kwargs: Any) -> None:
+    if points:
+        severities = sorted(points)
+        ax.plot(
+            severities,
+            [points[s] for s in severities],
+            marker="o",
+            markersize=3.5,
+            lw=1.7,
+            color=run.colour,
+            label=run.name,
+            **kwargs,
+        )
+
+
+def _shift_figure(
+    runs: Sequence[Run], data: Mapping[str, Mapping[str, Mapping[str, Mapping[int, float]]]]
+) -> str:
+    shown = [run for run in runs if run.name in data]
+    corruptions = sorted({name for run in shown for name in data[run.name]})
+    summary = ["acc"] + [
+        metric
+        for metric in ("uncertainty", "emb_uncertainty")  # the probe's, and the embedding's own (1/κ, σ, ...)
+        if any(_varies(data[run.name], metric) for run in shown)
+    ]
+    cols = 4
+    rows = 1 + math.ceil(len(corruptions) / cols)
+    with _styled():
+        fig = Figure(figsize=(3.2 * cols, 2.45 * rows + 0.4))
+        grid = fig.add_gridspec(rows, cols, hspace=0.7, wspace=0.32)
+        top = grid[0, :].subgridspec(1, len(summary), wspace=0.32)
+        for j, metric in enumerate(summary):
+            ax = fig.add_subplot(top[0, j])
+            for run in shown:
+                _plot_curve(ax, _mean_over_corruptions(data[run.name], metric), run)
+            label = {"acc": "accuracy", "uncertainty": "probe uncertainty"}.get(
+                metric, "embedding uncertainty"
+            )
+            ax.set(title=f"{label}, mean over corruptions", xlabel="severity", ylabel=label)
+            ax.set_xticks(range(1, 6))
+        shared = None
+        for k, name in enumerate(corruptions):
+            ax = fig.add_subplot(grid[1 + k // cols, k % cols], sharey=shared)
+            shared = shared or ax
+            for run in shown:
+                _plot_curve(ax, data[run.name].get(name, {}).get("acc", {}), run)
+            ax.set_title(name.replace("_", " "))
+            ax.set_xticks(range(1, 6))
+            if k % cols == 0:
+                ax.set_ylabel("accuracy")
+        handles, labels = _unique_legend(fig)
+        _legend_below(fig, handles, labels, ncol=min(len(labels), 4))
+        return _png(fig)
+
+
+def _varies(by_corruption: Mapping[str, Mapping[str, Mapping[int, float]]], metric: str) -> bool:
+    """Whether ``metric`` is present and not constant (a deterministic run's embedding uncertainty is 0)."""
+    values = {v for m in by_corruption.values() for v in m.get(metric, {}).values()}
+    return len(values) > 1
+
+
+def _legend_below(fig: Figure, handles: Sequence[Any], labels: Sequence[str], ncol: int) -> None:
+    """A figure legend under the panels: outside every axes, so it covers no title, bar or line
+    (``bbox_inches="tight"`` in :func:`_png` grows the image to hold it)."""
+    fig.legend(handles, labels, loc="upper center", ncol=max(1, ncol), bbox_to_anchor=(0.5, 0.0))
+
+
+def _unique_legend(fig: Figure) -> tuple[list[Any], list[str]]:
+    """Legend entries from every axis of ``fig``, one per label (a run may be missing from some panels)."""
+    seen: dict[str, Any] = {}
+    for ax in fig.axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    return list(seen.values()), list(seen)
+
+
+def _sparsification_data(run: Run) -> dict[str, np.ndarray] | None:
+    section = run.details.get("sparsification")
+    if not section:
+        return None
+    fractions, accuracy = _floats(section["fractions_removed"]), _floats(section["accuracy"])
+    oracle_values = section.get("oracle", section.get("accuracy_oracle"))
+    oracle = _floats(oracle_values) if oracle_values is not None else None
+    if len(fractions) != len(accuracy) or (oracle is not None and len(oracle) != len(fractions)):
+        raise ValueError("sparsification lists differ in length")
+    return {"fractions": fractions, "accuracy": accuracy, "oracle": oracle}
+
+
+def _area(x: np.ndarray, y: np.ndarray) -> float:
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2)) if len(x) > 1 else float("nan")
+
+
+def _sparsification_figure(runs: Sequence[Run], data: Mapping[str, Mapping[str, Any]]) -> str:
+    with _styled():
+        fig = Figure(figsize=(9.0, 4.0))
+        ax = fig.add_subplot()
+        for run in runs:
+            if run.name not in data:
+                continue
+            d = data[run.name]
+            label = run.name
+            if d["oracle"] is not None:
+                ause = _area(d["fractions"], d["oracle"]) - _area(d["fractions"], d["accuracy"])
+                label += f"  (gap to oracle {ause:.4f})"
+                ax.plot(d["fractions"], d["oracle"], ls="--", lw=1.3, color=run.colour, alpha=0.8)
+            ax.plot(d["fractions"], d["accuracy"], lw=2.0, color=run.colour, label=label)
+        ax.plot([], [], ls="--", color="#6b7280", label="oracle (errors removed first)")
+        ax.set(xlabel="fraction of most-uncertain test points removed", ylabel="accuracy of the rest")
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
+        return _png(fig)
+
+
+def _ranked_data(run: Run) -> dict[str, Any] | None:
+    section = run.details.get("ranked_images")
+    if not section:
+        return None
+    shape = tuple(int(s) for s in section["shape"])
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"ranked_images shape must be [C, H, W] with C in (1, 3), got {list(shape)}")
+    rows: dict[str, Any] = {}
+    for key in ("most_certain", "least_certain"):
+        images = [_to_hwc(image, shape) for image in section.get(key) or []]
+        end = key.split("_")[0]
+
+        def column(name: str, cast: Callable[[Any], Any], count: int = len(images), end: str = end) -> list:
+            values = [None if v is None else cast(v) for v in section.get(f"{name}_{end}") or []]
+            return (values + [None] * count)[:count]
+
+        rows[key] = list(
+            zip(
+                images,
+                column("uncertainty", float),
+                column("label", int),
+                column("prediction", int),
+                strict=True,
+            )
+        )
+    if not any(rows.values()):
+        return None
+    rows["criterion"] = str(section.get("criterion", ""))
+    return rows
+
+
+def _to_hwc(image: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    """A flat (or nested) CHW pixel list as an HWC float array in [0, 1] for ``imshow``."""
+    array = np.asarray(image, dtype=float).reshape(shape)
+    scale = 1.0 if array.max(initial=0) <= 1.0 else 255.0
+    return np.clip(array / scale, 0, 1).transpose(1, 2, 0)
+
+
+def _ranked_figure(run: Run, rows: Mapping[str, Any]) -> str:
+    """Two rows of test images; under each: label y, the probe's prediction ŷ (red when wrong) and
+    the uncertainty the rows are ranked by."""
+    n = max(len(rows.get(key, [])) for key in ("most_certain", "least_certain"))
+    with _styled():
+        fig = Figure(figsize=(0.95 * n + 1.3, 3.3))
+        axes = fig.subplots(2, n, squeeze=False)
+        for r, (key, label) in enumerate(
+            (("most_certain", "most certain"), ("least_certain", "least certain"))
+        ):
+            for c in range(n):
+                ax = axes[r, c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.grid(False)
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                if c >= len(rows.get(key, [])):
+                    continue
+                image, value, label_, prediction = rows[key][c]
+                grey = image.shape[-1] == 1
+                ax.imshow(
+                    image[..., 0] if grey else image,
+                    cmap="gray" if grey else None,
+                    vmin=0,
+                    vmax=1,
+                    interpolation="nearest",
+                )
+                text = "n/a" if value is None else f"{value:.3g}"
+                wrong = label_ is not None and prediction is not None and label_ != prediction
+                if label_ is not None or prediction is not None:
+                    y = "?" if label_ is None else label_
+                    y_hat = "?" if prediction is None else prediction
+                    text = f"y={y} ŷ={y_hat}\n{text}"
+                ax.set_xlabel(text, fontsize=7.5, labelpad=2, color="#d23c4b" if wrong else "#1d2330")
+            axes[r, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center", labelpad=8)
+        if rows.get("criterion"):
+            fig.suptitle(
+                f"ranked by {rows['criterion']} · y = label, ŷ = prediction (red: wrong)", fontsize=8.5
+            )
+        fig.subplots_adjust(wspace=0.12, hspace=0.75)
+        return _png(fig)
+
+
+# ----------------------------------------------------------------------------------------------- page

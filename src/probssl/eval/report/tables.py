@@ -1,0 +1,365 @@
+"""The report's tables: which eval.json keys are metrics, which direction is better, how cells read.
+
+Tables are built, not typed: columns are whatever metric keys any run has, grouped by prefix; the
+direction of "better" comes from the metric's name (ECE, NLL, Brier, FPR95, AURC ... are lower-better).
+A metric a run does not have is shown "n/a", never as a number.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from probssl.eval.report.runs import Run
+from probssl.eval.summary import NOT_AVAILABLE, best_feature_detector, ood_sets
+
+# Metric groups in display order: (key prefix, heading).
+# Metric groups in display order: (key prefix, heading).
+GROUPS: tuple[tuple[str, str], ...] = (
+    ("knn", "kNN"),
+    ("linear", "Linear probe"),
+    ("cal", "Calibration"),
+    ("ood", "OOD detection"),
+    ("shift", "Corruptions"),
+    ("lowshot", "Low-shot"),
+    ("transfer", "Transfer"),
+    ("sel", "Selective prediction"),
+    ("ret", "Retrieval"),
+    ("compress", "Compression"),
+)
+_OTHER_GROUP = ("other", "Other")
+# Keys that describe a run rather than measure it; shown in the run overview, not the metric table.
+_DESCRIPTIVE_PREFIXES = ("config/", "meta/")
+_DESCRIPTIVE_KEYS = ("seed",)
+
+# Direction of "better" from name tokens; the last token that matches decides (``err_auroc`` is an AUROC).
+_HIGHER_TOKENS = re.compile(
+    r"top\d*|acc|accuracy|auroc|auc|aupr|recall|precision|map|mrr|ndcg|spearman|kendall|pearson|corr|f1|"
+    r"ausc|r2|agreement"
+)
+_NEUTRAL_TOKENS = frozenset({"std", "items", "l2", "uncertainty", "seconds"})
+_LOWER_TOKENS = re.compile(
+    r"a?ece\d*|mce|nll|brier|fpr\d*|e?aurc|err|error|risk|loss|ause|bpd|bits|mse|rmse|mae|distortion"
+)
+
+
+def metric_direction(key: str) -> Literal["higher", "lower"] | None:
+    """Whether a larger value of metric ``key`` is better ("higher"), worse ("lower"), or neither (None,
+    e.g. mean uncertainty or timings, which get no "best" highlight)."""
+    tokens = [t for t in re.split(r"[/_@.\-\s]+", key.lower()) if t and not t.isdigit()]
+    if tokens and tokens[-1] in _NEUTRAL_TOKENS:
+        return None  # a spread, a count or a chosen hyper-parameter is neither better nor worse
+    for token in reversed(tokens):
+        if _HIGHER_TOKENS.fullmatch(token):
+            return "higher"
+        if _LOWER_TOKENS.fullmatch(token):
+            return "lower"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _group_of(key: str) -> str:
+    prefix = key.split("/", 1)[0]
+    return prefix if any(prefix == g for g, _ in GROUPS) else _OTHER_GROUP[0]
+
+
+# Per-criterion OOD keys (ood/<set>/<criterion>/<metric>) would add 16 columns per set: the table keeps
+# their AUROC only; every value stays in eval.json.
+_OOD_CRITERION_KEY = re.compile(r"ood/[^/]+/[^/]+/(?!auroc$)[^/]+")
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    descriptive = key.startswith(_DESCRIPTIVE_PREFIXES) or key in _DESCRIPTIVE_KEYS
+    return _is_number(value) and not descriptive and "/" in key and not _OOD_CRITERION_KEY.fullmatch(key)
+
+
+_SHIFT_KEY = re.compile(r"shift/(?P<name>[^/]+)/(?P<severity>\d+)/(?P<metric>[^/]+)")
+
+
+def _shift_points(metrics: Mapping[str, Any]) -> dict[str, dict[str, dict[int, float]]]:
+    """``shift/<corruption>/<severity>/<metric>`` keys as {corruption: {metric: {severity: value}}}."""
+    points: dict[str, dict[str, dict[int, float]]] = {}
+    for key, value in metrics.items():
+        match = _SHIFT_KEY.fullmatch(key)
+        if match and _is_number(value):
+            by_metric = points.setdefault(match["name"], {})
+            by_metric.setdefault(match["metric"], {})[int(match["severity"])] = float(value)
+    return points
+
+
+def shift_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Per-severity corruption keys collapsed for the table: ``shift/mean/<metric>`` (mean over every
+    corruption and severity) and ``shift/<corruption>/<metric>`` (mean over severities). 45+ columns of
+    ``shift/<name>/<sev>/acc`` would drown the table; the curves are in the figure below it."""
+    out: dict[str, float] = {}
+    pooled: dict[str, list[float]] = {}
+    for name, by_metric in sorted(_shift_points(metrics).items()):
+        for metric, by_severity in by_metric.items():
+            values = [v for v in by_severity.values() if math.isfinite(v)]
+            if values:
+                out[f"shift/{name}/{metric}"] = float(np.mean(values))
+                pooled.setdefault(metric, []).extend(values)
+    for metric, values in pooled.items():
+        out[f"shift/mean/{metric}"] = float(np.mean(values))
+    return out
+
+
+_OOD_ALIAS_KEY = re.compile(r"ood/(?P<set>[^/]+)/(auroc|aupr_in|aupr_out|fpr95)")
+
+
+def _table_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric metrics shown in the main table: per-severity shift keys become their means.
+
+    OOD columns always name their score: ``ood/<set>/auroc`` (an alias of the MSP criterion) is left
+    out when the per-score keys are there, so a table AUROC and a histogram's AUROC of the same name
+    are the same number; ``ood/<set>/best_feature/auroc`` is the best feature-space detector's.
+    """
+    summary = shift_summary(metrics)
+    table = {k: float(v) for k, v in metrics.items() if _is_metric(k, v) and not _SHIFT_KEY.fullmatch(k)}
+    for key in list(table):
+        alias = _OOD_ALIAS_KEY.fullmatch(key)
+        if alias and f"ood/{alias['set']}/msp/auroc" in metrics:
+            del table[key]
+    for name in ood_sets(metrics):
+        best = best_feature_detector(metrics, name)
+        if best is not None:
+            table[f"ood/{name}/best_feature/auroc"] = best[1]
+    table.update({k: v for k, v in summary.items() if k.startswith("shift/mean/")})
+    return table
+
+
+def table_columns(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
+    """Metric keys present in any row, grouped by prefix in ``GROUPS`` order, sorted within a group."""
+    keys: set[str] = set()
+    for row in rows:
+        keys.update(row)
+    grouped: dict[str, list[str]] = {}
+    for key in keys:
+        grouped.setdefault(_group_of(key), []).append(key)
+    order = [g for g, _ in GROUPS] + [_OTHER_GROUP[0]]
+    return [(g, sorted(grouped[g], key=_column_order)) for g in order if g in grouped]
+
+
+def _column_order(key: str) -> tuple[bool, list[Any]]:
+    """Summary columns (``<group>/mean...``) first, then natural order."""
+    return (not key.split("/", 1)[-1].startswith("mean"), _natural_key(key))
+
+
+def _natural_key(key: str) -> list[Any]:
+    """Sort ``top1@20`` before ``top1@200`` and ``recall@2`` before ``recall@10``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
+
+
+def _best_rows(values: Sequence[float | None], direction: str | None) -> set[int]:
+    """Indices of the best finite value(s); none when there is no direction or fewer than two values."""
+    finite = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    if direction is None or len(finite) < 2:
+        return set()
+    pick = max if direction == "higher" else min
+    best = pick(v for _, v in finite)
+    if all(math.isclose(v, best, rel_tol=1e-12, abs_tol=1e-15) for _, v in finite):
+        return set()  # a tie across every run highlights nothing
+    return {i for i, v in finite if math.isclose(v, best, rel_tol=1e-12, abs_tol=1e-15)}
+
+
+def _format_number(value: Any) -> str:
+    if value is None:
+        return NOT_AVAILABLE
+    if isinstance(value, bool) or not _is_number(value):
+        return html.escape(str(value))
+    if isinstance(value, int):
+        return f"{value:,}"
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.1f}"
+    if magnitude >= 10:
+        return f"{value:.3f}"
+    return f"{value:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------ html
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _swatch(run: Run) -> str:
+    return f'<span class="swatch" style="background:{run.colour}"></span>'
+
+
+def _arrow(direction: str | None) -> str:
+    symbol = {"higher": "↑", "lower": "↓"}.get(direction or "", "")
+    title = {"higher": "higher is better", "lower": "lower is better"}.get(direction or "", "")
+    return f'<span class="arrow" title="{title}">{symbol}</span>' if symbol else ""
+
+
+_TABLE_BUDGET_PX = 940  # metric columns per band: what fits beside the run column in the page width
+
+
+def _column_label(key: str, group: str) -> str:
+    return key.split("/", 1)[1] if group != _OTHER_GROUP[0] and "/" in key else key
+
+
+def _column_px(label: str) -> int:
+    """Rough rendered width of a column: its header label (which may wrap at spaces) or a 6-digit number,
+    plus padding."""
+    return 7 * max(max(len(word) for word in label.split()) + 2, 8) + 22
+
+
+def _bands(groups: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str], bool]]]:
+    """Split the columns into stacked tables that each fit the page width, never splitting a group that fits
+    in one band; a group wider than a band is cut into evenly sized parts. A table that needs sideways
+    scrolling hides half its numbers in a screenshot or a printout."""
+    bands: list[list[tuple[str, list[str], bool]]] = [[]]
+    used = 0
+    for group, columns in groups:
+        width = sum(_column_px(_column_label(key, group)) for key in columns)
+        if used + width <= _TABLE_BUDGET_PX:
+            bands[-1].append((group, columns, False))
+            used += width
+            continue
+        parts = math.ceil(width / _TABLE_BUDGET_PX)
+        size = math.ceil(len(columns) / parts)
+        for i in range(0, len(columns), size):
+            chunk = columns[i : i + size]
+            bands.append([(group, chunk, i > 0)])
+            used = sum(_column_px(_column_label(key, group)) for key in chunk)
+    return [band for band in bands if band]
+
+
+def _metric_table(
+    runs: Sequence[Run],
+    rows: Sequence[Mapping[str, float]],
+    direction: Callable[[str], str | None] = metric_direction,
+) -> str:
+    """Rows = runs, columns = metrics grouped by prefix (two header rows), best per column highlighted;
+    wide tables are stacked in bands rather than scrolled."""
+    groups = table_columns(rows)
+    if not groups:
+        return '<p class="note">No numeric metrics in any run.</p>'
+    best = {
+        key: _best_rows([row.get(key) for row in rows], direction(key)) for _, cols in groups for key in cols
+    }
+    return "".join(_table_band(runs, rows, band, best, direction) for band in _bands(groups))
+
+
+def _table_band(
+    runs: Sequence[Run],
+    rows: Sequence[Mapping[str, float]],
+    band: list[tuple[str, list[str], bool]],
+    best: Mapping[str, set[int]],
+    direction: Callable[[str], str | None],
+) -> str:
+    headings = dict((*GROUPS, _OTHER_GROUP))
+    top = ['<th class="run" rowspan="2">run</th>']
+    keys = []
+    for group, columns, continued in band:
+        heading = headings[group] + (" (cont.)" if continued else "")
+        top.append(f'<th class="g0" colspan="{len(columns)}">{_e(heading)}</th>')
+        for j, key in enumerate(columns):
+            label = _e(_column_label(key, group)).replace("/", "/<wbr>")
+            css = ' class="g0"' if j == 0 else ""
+            keys.append(f'<th{css} title="{_e(key)}">{label}{_arrow(direction(key))}</th>')
+    columns = [(j == 0, key) for _, cols, _ in band for j, key in enumerate(cols)]
+    body = []
+    for i, (run, row) in enumerate(zip(runs, rows, strict=True)):
+        cells = [f'<td class="run">{_swatch(run)}{_e(run.name)}</td>']
+        for first, key in columns:
+            classes = ["num"] + (["g0"] if first else [])
+            if key not in row:
+                classes.append("missing")
+            elif i in best[key]:
+                classes.append("best")
+            cells.append(f'<td class="{" ".join(classes)}">{_format_number(row.get(key))}</td>')
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return (
+        '<div class="table-wrap"><table class="metrics"><thead>'
+        f'<tr class="groups">{"".join(top)}</tr><tr class="keys">{"".join(keys)}</tr>'
+        f"</thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def _has_plot_data(run: Run, section: str) -> bool:
+    """Whether the run brought data for a figure (corruption curves can also come from eval.json)."""
+    if isinstance(run.details.get(section), dict) and run.details[section]:
+        return True
+    return section == "shift" and bool(_shift_points(run.metrics))
+
+
+def uncertainty_doc(metrics: Mapping[str, Any]) -> str:
+    """What the run's own uncertainty is, in one line: from eval.json (``meta/uncertainty_doc``), else
+    from the registered method's ``uncertainty_doc`` (runs evaluated before the key existed)."""
+    doc = metrics.get("meta/uncertainty_doc")
+    if isinstance(doc, str) and doc:
+        return doc
+    method = metrics.get("config/method", metrics.get("meta/method"))
+    if not isinstance(method, str):
+        return NOT_AVAILABLE
+    from probssl.methods import METHODS  # the registry, never a method by name
+
+    try:
+        return METHODS.get(method).uncertainty_doc
+    except Exception:  # an unknown or since-removed method: the report still renders
+        return NOT_AVAILABLE
+
+
+def _overview_table(runs: Sequence[Run]) -> str:
+    """Who is who: directory, method, dataset, seed, and which plot data each run brought."""
+    sections = ("reliability", "ood", "shift", "sparsification", "ranked_images")
+    columns = ("run", "method", "dataset", "seed", "samples", "its uncertainty", "plot data")
+    header = "".join(f"<th>{h}</th>" for h in columns)
+    body = []
+    for run in runs:
+        m = run.metrics
+        chips = "".join(
+            f'<span class="chip{" on" if _has_plot_data(run, s) else ""}">{s.replace("_", " ")}</span>'
+            for s in sections
+        )
+        warnings = "".join(f'<div class="warn">⚠ {_e(n)}</div>' for n in run.notes)
+        if m.get("meta/partial_training"):
+            warnings += '<div class="warn">⚠ weights from an unfinished training run</div>'
+        cells = [
+            f'<td class="run">{_swatch(run)}{_e(run.name)}<span class="dir" title="{_e(run.path)}">'
+            f"{_e(run.path.name)}</span></td>",
+            f"<td>{_e(m.get('config/method', m.get('meta/method', '–')))}</td>",
+            f"<td>{_e(m.get('config/data.dataset', m.get('meta/dataset', '–')))}</td>",
+            f"<td>{_e(m.get('seed', m.get('config/seed', '–')))}</td>",
+            f"<td>{_e(m.get('meta/samples', '–'))}</td>",
+            f'<td class="doc">{_e(uncertainty_doc(m))}</td>',
+            f"<td>{chips}{warnings}</td>",
+        ]
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return (
+        f'<div class="table-wrap"><table><thead><tr>{header}</tr></thead><tbody>{"".join(body)}'
+        "</tbody></table></div>"
+    )
+
+
+def _shift_table(runs: Sequence[Run]) -> str:
+    """Mean accuracy over severities per corruption (columns) and run (rows), when any run has shift keys."""
+    rows = []
+    for run in runs:
+        summary = shift_summary(run.metrics)
+        rows.append(
+            {k.removesuffix("/acc").replace("_", " "): v for k, v in summary.items() if k.endswith("/acc")}
+        )
+    if not any(rows):
+        return ""
+    return (
+        "<h3>Accuracy under corruption, mean over severities</h3>"
+        + _metric_table(runs, rows, direction=lambda key: "higher")
+        + '<p class="legend">Column <i>mean</i> averages every corruption and severity.</p>'
+    )
