@@ -167,3 +167,41 @@ def test_selective_suite_without_own_uncertainty_has_no_emb_keys() -> None:
     assert out["sel/knn1/err_auroc"] == pytest.approx(roc_auc_score(~correct.numpy(), scores["knn1"].numpy()))
     out = suite.selective_suite({**scores, "emb": scores["knn1"]}, correct)
     assert out["sel/emb/err_auroc"] == out["sel/knn1/err_auroc"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "vi_simsiam", "ensemble"])
+def test_uncertainty_suite_end_to_end_writes_only_defined_metrics(method: str, tmp_path) -> None:
+    import warnings
+
+    from probssl.config import build_config
+    from probssl.eval.evaluate import evaluate_run
+    from probssl.train import train
+
+    cfg = build_config(
+        None,
+        ["backbone.width=8"],
+        method=method,
+        data={"dataset": "digits", "subset": 128},
+        train={"epochs": 1, "batch_size": 32, "progress": False, "tensorboard": False},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an OOD set missing from the data dir is skipped with a warning
+        results = evaluate_run(train(cfg, tmp_path / "run"), progress=False, suite_name="uncertainty")
+    deterministic = method == "simclr"
+    sampled = results["meta/samples"] > 1
+    assert sampled == (method == "ensemble")
+    for key in (
+        "ood/noise/knn1/auroc",
+        "ood/noise/mahalanobis_unsup/auroc",
+        "ood/noise/energy/auroc",
+        "ret/r_auroc",
+    ):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["ood/noise/best_feature/auroc"] == results["ood/noise/knn1/auroc"]
+    assert results["ood/far/knn1/auroc"] == results["ood/noise/knn1/auroc"]  # noise is far-OOD
+    assert ("ood/noise/emb/auroc" in results) == (not deterministic)
+    assert ("sel/emb/err_auroc" in results) == (not deterministic)
+    assert ("sel/crop_up" in results) == (not deterministic)
+    assert ("ood/noise/mi/auroc" in results) == sampled
+    assert ("ood/noise/knn1_bma/auroc" in results) == sampled
