@@ -114,7 +114,7 @@ def test_ood_suite_reference_detector_and_sklearn_auroc() -> None:
     g = torch.Generator().manual_seed(0)
     scores_in = {"msp": torch.rand(30, generator=g), "knn1": torch.rand(30, generator=g)}
     scores_out = {"msp": torch.rand(20, generator=g), "knn1": torch.rand(20, generator=g) + 0.3}
-    out, _ = suite.ood_suite(
+    out, plot = suite.ood_suite(
         "mnist", {**scores_in, "entropy": scores_in["msp"]}, {**scores_out, "entropy": scores_out["msp"]}
     )
     is_ood = [0] * 30 + [1] * 20
@@ -123,6 +123,8 @@ def test_ood_suite_reference_detector_and_sklearn_auroc() -> None:
     for key in ("auroc", "aupr_in", "aupr_out", "fpr95"):
         assert out[f"ood/mnist/best_feature/{key}"] == out[f"ood/mnist/{suite.REFERENCE_DETECTOR}/{key}"]
     assert out["ood/mnist/best_feature/detector"] == "knn1"
+    assert plot["by_criterion"]["knn1"]["score_out"] == scores_out["knn1"].tolist()
+    assert set(plot["by_criterion"]) == {"knn1"}  # no own uncertainty: no emb histogram
     out, _ = suite.ood_suite(
         "noise",
         {"msp": scores_in["msp"], "entropy": scores_in["msp"]},

@@ -233,6 +233,16 @@ def ood_suite(name: str, scores_in: dict[str, Tensor], scores_out: dict[str, Ten
         "criterion": "entropy",
         "score_in": scores_in["entropy"].tolist(),
         "score_out": scores_out["entropy"].tolist(),
+        # Histograms for the report's other headline columns: the method's own uncertainty and the
+        # reference detector, so a figure can always show the score behind the AUROC it sits next to.
+        "by_criterion": {
+            criterion: {
+                "score_in": scores_in[criterion].tolist(),
+                "score_out": scores_out[criterion].tolist(),
+            }
+            for criterion in ("emb", REFERENCE_DETECTOR)
+            if criterion in scores_in
+        },
     }
     return out, details
 
