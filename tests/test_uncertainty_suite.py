@@ -51,6 +51,9 @@ def test_r_auroc_matches_brute_force_errors_and_sklearn() -> None:
     del scores["emb"]
     assert suite.r_auroc_suite(bank, scores)["ret/r_auroc"] == out["ret/entropy/r_auroc"]
     assert suite.r_auroc_suite(bank, scores, max_items=20)["ret/r_auroc_items"] == 20
+    one_hot = F.one_hot(labels, 3).float()  # same label: cosine 1, other label: 0 — no retrieval errors
+    separated = FeatureBank(draws=one_hot[None], mean=one_hot, uncertainty=unc, labels=labels)
+    assert suite.r_auroc_suite(separated, scores) == {"ret/r_auroc_items": 50}  # no errors: undefined
 
 
 def test_crop_boxes_and_crops_match_manual_resize() -> None:

@@ -281,10 +281,13 @@ def r_auroc_suite(test: FeatureBank, scores: dict[str, Tensor], max_items: int =
     its nearest other item has another label — a recall@1 miss, ties resolved against the query as in
     :mod:`probssl.eval.retrieval`. ``ret/<criterion>/r_auroc`` is the AUROC of each criterion for
     those errors (errors positive); ``ret/r_auroc`` uses the embedding's own uncertainty, or the
-    probe's entropy for a method without one (the same choice as ``ret/ausc``).
+    probe's entropy for a method without one (the same choice as ``ret/ausc``). Absent when every
+    retrieval is right (or every one wrong).
     """
     n = min(test.num_items, max_items)
     correct = first_relevant_rank(test.mean[:n], test.labels[:n]) == 1
+    if bool(correct.all()) or not bool(correct.any()):
+        return {"ret/r_auroc_items": n}  # no errors (or no hits) to rank: R-AUROC is undefined, not 0.5
     out: Metrics = {f"ret/{c}/r_auroc": error_auroc(score[:n], correct) for c, score in scores.items()}
     out["ret/r_auroc"] = out["ret/emb/r_auroc" if "emb" in scores else "ret/entropy/r_auroc"]
     out["ret/r_auroc_items"] = n
