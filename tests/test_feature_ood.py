@@ -242,6 +242,11 @@ def test_feature_detectors_average_over_posterior_draws() -> None:
         axis=0,
     )
     np.testing.assert_allclose(scores["energy_bma"].numpy(), energy, rtol=1e-6)
+    # Point scores: feature detectors on the means, logit scores on draw 0 through the probe fitted on it.
+    point_energy = -logsumexp(probe.probes[0].predict_logits(q_draws[0].float()).numpy(), axis=1)
+    np.testing.assert_allclose(scores["energy"].numpy(), point_energy, rtol=1e-6)
+    knn1 = _sklearn_kth_cosine(x.float().numpy(), qx.float().numpy(), 1)
+    np.testing.assert_allclose(scores["knn1"].numpy(), knn1, atol=1e-6)
     all_scores = suite.uncertainty_scores(probe.sample_probs(query.draws), query, detectors)
     assert "emb" in all_scores and "mi" in all_scores
     # `own` from the test bank decides for an OOD bank, even one whose uncertainty is all zeros.

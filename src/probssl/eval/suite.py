@@ -108,7 +108,8 @@ def has_own_uncertainty(bank: FeatureBank) -> bool:
 class FeatureDetectors:
     """Feature-space OOD detectors fitted on the training bank (``probssl.eval.feature_ood``).
 
-    On the point estimate (``bank.mean``; the probe of draw 0 for the logit scores):
+    On the point estimate (``bank.mean``; for the logit scores draw 0 through its probe, since the
+    probe is fitted per draw and an ensemble's mean, say, lies in no member's feature space):
     ``knn1``, ``knn50`` (−cos to the k-th nearest training feature), ``mahalanobis`` (class
     Gaussians, tied covariance, raw features: Lee et al. 2018), ``mahalanobis_unsup`` (k-means with
     as many clusters as classes on normalised features: SSD, Sehwag et al. 2021), ``energy``
@@ -147,24 +148,33 @@ class FeatureDetectors:
         ]
         return cls(train, probe, gaussians, ks)
 
-    def _scores(self, train: Tensor, query: Tensor, gaussians: dict[str, GaussianDetector], probe_index: int):
+    def _scores(
+        self, train: Tensor, query: Tensor, gaussians: dict[str, GaussianDetector], logits: Tensor
+    ) -> dict[str, Tensor]:
         knn = knn_scores(train, query, self.ks)
-        logits = self.probe.probes[min(probe_index, len(self.probe.probes) - 1)].predict_logits(query)
         scores = {f"knn{k}": knn[k].double() for k in self.ks}
         scores.update({name: detector.score(query) for name, detector in gaussians.items()})
         scores["energy"] = energy_score(logits)
         scores["maxlogit"] = max_logit_score(logits)
         return scores
 
+    def _logits(self, bank: FeatureBank, s: int) -> Tensor:
+        """Logits of draw s through the probe fitted on training draw s (paired as ``sample_probs``)."""
+        probe = self.probe.probes[min(s, len(self.probe.probes) - 1)]
+        return probe.predict_logits(bank.draws[min(s, bank.num_samples - 1)])
+
     def scores(self, bank: FeatureBank) -> dict[str, Tensor]:
         """Every detector's [N] score on ``bank`` (float64), higher = more OOD."""
-        out = self._scores(self.train.mean, bank.mean, self.gaussians[0], 0)
+        out = self._scores(self.train.mean, bank.mean, self.gaussians[0], self._logits(bank, 0))
         draws = len(self.gaussians) - 1
         if draws:
             totals: dict[str, Tensor] = {}
             for s in range(draws):
                 query = bank.draws[min(s, bank.num_samples - 1)]
-                for name, value in self._scores(self.train.draws[s], query, self.gaussians[1 + s], s).items():
+                scores = self._scores(
+                    self.train.draws[s], query, self.gaussians[1 + s], self._logits(bank, s)
+                )
+                for name, value in scores.items():
                     totals[name] = totals[name] + value if name in totals else value
             out.update({f"{name}_bma": total / draws for name, total in totals.items()})
         return out
