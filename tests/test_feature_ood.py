@@ -182,7 +182,8 @@ def test_feature_detectors_deterministic_bank() -> None:
     probe = _probe(train, 3)
     detectors = suite.FeatureDetectors.fit(train, probe, 3, seed=0)
     scores = detectors.scores(query)
-    assert set(scores) == {"knn1", "knn50", "mahalanobis", "mahalanobis_unsup", "energy", "maxlogit"}
+    names = {"knn1", "knn50", "mahalanobis", "mahalanobis_unsup", "mahalanobis_raw", "energy", "maxlogit"}
+    assert set(scores) == names
     np.testing.assert_allclose(
         scores["knn50"].numpy(),
         _sklearn_kth_cosine(x.float().numpy(), query_x.float().numpy(), 50),
@@ -191,12 +192,13 @@ def test_feature_detectors_deterministic_bank() -> None:
     expected = _brute_force_mahalanobis(
         x.float().double().numpy(), labels.numpy(), query_x.float().double().numpy()
     )
-    np.testing.assert_allclose(scores["mahalanobis"].numpy(), expected, rtol=1e-6)
-    clusters = KMeans(n_clusters=3, n_init=3, random_state=0).fit_predict(
-        torch.nn.functional.normalize(x.float().double(), dim=1).numpy()
-    )
+    np.testing.assert_allclose(scores["mahalanobis_raw"].numpy(), expected, rtol=1e-6)
     xn = torch.nn.functional.normalize(x.float().double(), dim=1).numpy()
     qn = torch.nn.functional.normalize(query_x.float().double(), dim=1).numpy()
+    np.testing.assert_allclose(
+        scores["mahalanobis"].numpy(), _brute_force_mahalanobis(xn, labels.numpy(), qn), rtol=1e-5
+    )
+    clusters = KMeans(n_clusters=3, n_init=3, random_state=0).fit_predict(xn)
     np.testing.assert_allclose(
         scores["mahalanobis_unsup"].numpy(), _brute_force_mahalanobis(xn, clusters, qn), rtol=1e-5
     )
@@ -220,7 +222,15 @@ def test_feature_detectors_average_over_posterior_draws() -> None:
     probe = _probe(train, 3)
     detectors = suite.FeatureDetectors.fit(train, probe, 3, seed=0, max_draws=2)
     scores = detectors.scores(query)
-    for name in ("knn1", "knn50", "mahalanobis", "mahalanobis_unsup", "energy", "maxlogit"):
+    for name in (
+        "knn1",
+        "knn50",
+        "mahalanobis",
+        "mahalanobis_unsup",
+        "mahalanobis_raw",
+        "energy",
+        "maxlogit",
+    ):
         assert f"{name}_bma" in scores
     knn1 = np.mean(
         [_sklearn_kth_cosine(draws[s].float().numpy(), q_draws[s].float().numpy(), 1) for s in range(2)],
@@ -236,7 +246,7 @@ def test_feature_detectors_average_over_posterior_draws() -> None:
         ],
         axis=0,
     )
-    np.testing.assert_allclose(scores["mahalanobis_bma"].numpy(), maha, rtol=1e-6)
+    np.testing.assert_allclose(scores["mahalanobis_raw_bma"].numpy(), maha, rtol=1e-6)
     energy = np.mean(
         [-logsumexp(probe.probes[s].predict_logits(q_draws[s].float()).numpy(), axis=1) for s in range(2)],
         axis=0,

@@ -111,9 +111,12 @@ class FeatureDetectors:
     On the point estimate (``bank.mean``; for the logit scores draw 0 through its probe, since the
     probe is fitted per draw and an ensemble's mean, say, lies in no member's feature space):
     ``knn1``, ``knn50`` (−cos to the k-th nearest training feature), ``mahalanobis`` (class
-    Gaussians, tied covariance, raw features: Lee et al. 2018), ``mahalanobis_unsup`` (k-means with
-    as many clusters as classes on normalised features: SSD, Sehwag et al. 2021), ``energy``
-    (−logsumexp of the probe's logits) and ``maxlogit`` (−max logit). With posterior draws (S > 1)
+    Gaussians with a tied covariance, Lee et al. 2018, on L2-normalised features),
+    ``mahalanobis_unsup`` (the same with k-means clusters, as many as classes, instead of labels:
+    SSD, Sehwag et al. 2021), ``mahalanobis_raw`` (Lee et al.'s original, on raw features),
+    ``energy`` (−logsumexp of the probe's logits) and ``maxlogit`` (−max logit). The normalised
+    features are the geometry the SSL losses and the kNN detector use, and with them ``mahalanobis``
+    and ``mahalanobis_unsup`` differ only in labels vs clusters. With posterior draws (S > 1)
     also ``<name>_bma``: the same detector run on each draw (training draw s against query draw s,
     Gaussians and probe of draw s), its score averaged over draws (``BMA_MAX_DRAWS``) — does the
     posterior help a strong detector?
@@ -139,7 +142,8 @@ class FeatureDetectors:
             sources += [train.draws[s] for s in range(min(train.num_samples, max_draws))]
         gaussians = [
             {
-                "mahalanobis": GaussianDetector.fit(x, train.labels),
+                "mahalanobis": GaussianDetector.fit(x, train.labels, normalise=True),
+                "mahalanobis_raw": GaussianDetector.fit(x, train.labels),
                 "mahalanobis_unsup": GaussianDetector.fit(
                     x, kmeans_clusters(x, min(num_classes, train.num_items), seed), normalise=True
                 ),
