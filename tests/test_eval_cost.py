@@ -57,7 +57,7 @@ def test_sharing_work_across_stages_changes_no_number(tmp_path: Path) -> None:
     plain, shared = _evaluate_both_ways(_tiny_run(tmp_path, "simclr", []))
     _assert_same_numbers(plain, shared)
     stages = {k.removeprefix("meta/eval_seconds/") for k in shared if k.startswith("meta/eval_seconds/")}
-    assert stages == {"features", "probes", "ood", "shift", "lowshot", "transfer", "retrieval"}
+    assert stages == {"features", "probes", "uncertainty", "ood", "shift", "lowshot", "transfer", "retrieval"}
     # A deterministic method: no measured-looking value for what it does not have.
     assert not [k for k in shared if "/emb/" in k or "/mi/" in k or "emb_uncertainty" in k]
 

@@ -8,6 +8,7 @@ import torch
 
 from probssl.eval.calibration import binned_ece
 from probssl.eval.retrieval import (
+    first_relevant_rank,
     map_at_r,
     nearest_neighbour_labels,
     recall_at_k,
@@ -185,3 +186,83 @@ def test_invalid_inputs_raise() -> None:
     with pytest.raises(ValueError):
         retrieval_ece(torch.ones(4, 3), torch.zeros(4, dtype=torch.long))
     assert np.isfinite(map_at_r(torch.randn(5, 2), torch.tensor([0, 0, 1, 1, 1])))
+
+
+def _grouped_brute_force(prototypes: torch.Tensor, groups: list[int], labels: list[int], ks: tuple[int, ...]):
+    """Recall@k and mAP@R by plain loops for items that are exact copies of ``prototypes[groups[i]]``.
+
+    Ties are defined on the embeddings themselves (same prototype = same similarity, no float noise):
+    each query's other items are sorted by (prototype cosine descending, other-label first).
+    """
+    p = prototypes.double().tolist()
+    norms = [sum(v * v for v in row) ** 0.5 for row in p]
+    cos = [
+        [sum(a * b for a, b in zip(p[g], p[h], strict=True)) / (norms[g] * norms[h]) for h in range(len(p))]
+        for g in range(len(p))
+    ]
+    n = len(labels)
+    recall = dict.fromkeys(ks, 0)
+    aps = []
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        order = sorted(others, key=lambda j: (-cos[groups[i]][groups[j]], labels[j] == labels[i]))
+        rel = [labels[j] == labels[i] for j in order]
+        for k in ks:
+            recall[k] += any(rel[:k])
+        r = sum(rel)
+        if r:
+            hits, ap = 0, 0.0
+            for pos in range(1, r + 1):
+                if rel[pos - 1]:
+                    hits += 1
+                    ap += hits / pos
+            aps.append(ap / r)
+    return {f"recall@{k}": recall[k] / n for k in ks}, sum(aps) / len(aps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_exactly_duplicated_rows_are_ties(dtype: torch.dtype, chunk_size: int, scaled: bool) -> None:
+    # 6 distinct directions, each copied ~10 times under mixed labels (optionally rescaled: same
+    # direction, different norm). Float noise must not decide the order among copies.
+    g = torch.Generator().manual_seed(3)
+    prototypes = torch.randn(6, 69, generator=g, dtype=dtype)
+    groups = torch.randint(0, 6, (61,), generator=g)
+    labels = torch.randint(0, 4, (61,), generator=g)
+    embeddings = prototypes[groups]
+    if scaled:
+        embeddings = embeddings * (0.1 + 10 * torch.rand(61, 1, generator=g, dtype=dtype))
+    ks = (1, 2, 5, 10, 30)
+    expected_recall, expected_map = _grouped_brute_force(prototypes, groups.tolist(), labels.tolist(), ks)
+    assert recall_at_k(embeddings, labels, ks, chunk_size=chunk_size) == pytest.approx(
+        expected_recall, abs=1e-12
+    )
+    assert map_at_r(embeddings, labels, chunk_size=chunk_size) == pytest.approx(expected_map, abs=1e-12)
+    # 1-NN ties go to the lowest index among the tied items.
+    nn = nearest_neighbour_labels(embeddings, labels, chunk_size=chunk_size)
+    for i in range(61):
+        same = [j for j in range(61) if j != i and groups[j] == groups[i]]
+        if same:
+            assert nn[i] == labels[same[0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunk_size", [1, 7, 1024])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_fully_collapsed_embedding_scores_zero(dtype: torch.dtype, chunk_size: int, scaled: bool) -> None:
+    # The case that used to give recall@10 ≈ 0.98 in float64: N = 191, D = 69, 4 balanced classes.
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        embeddings = torch.randn(1, 69, generator=g, dtype=dtype).expand(191, 69).contiguous()
+        if scaled:
+            embeddings = embeddings * (0.1 + 10 * torch.rand(191, 1, generator=g, dtype=dtype))
+        labels = torch.arange(191) % 4
+        # Classes of 48, 48, 48, 47: a query has 143 or 144 other-label items, all tied with its own.
+        recall = recall_at_k(embeddings, labels, ks=(1, 10, 143, 145), chunk_size=chunk_size)
+        assert recall["recall@1"] == recall["recall@10"] == recall["recall@143"] == 0.0
+        assert recall["recall@145"] == 1.0
+        assert map_at_r(embeddings, labels, chunk_size=chunk_size) == 0.0
+        assert first_relevant_rank(embeddings, labels, chunk_size).tolist() == [
+            1 + int((labels != labels[i]).sum()) for i in range(191)
+        ]

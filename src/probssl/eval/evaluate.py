@@ -43,7 +43,7 @@ from probssl.runs import LoadedRun, load_run
 
 SUITES = ("basic", "uncertainty", "full")
 # Stages, each with one progress bar and its own ``meta/eval_seconds/<stage>`` in eval.json.
-STAGES = ("features", "probes", "ood", "shift", "lowshot", "transfer", "retrieval")
+STAGES = ("features", "probes", "uncertainty", "ood", "shift", "lowshot", "transfer", "retrieval")
 
 
 class Evaluator:
@@ -279,15 +279,23 @@ def evaluate_run(
         results.update(run.method.model_metrics((info.channels, info.image_size, info.image_size)))
         results["linear/l2"] = probe.selected_l2
 
-        details: dict[str, Any] = {}
-        skipped: list[str] = []
-        if suite_name in ("uncertainty", "full"):
-            scores = suite.uncertainty_scores(sample_probs, test)
+    details: dict[str, Any] = {}
+    skipped: list[str] = []
+    if suite_name in ("uncertainty", "full"):
+        with ev.stage("uncertainty"):
+            detectors = suite.FeatureDetectors.fit(train, probe, num_classes, cfg.train.seed)
+            scores = suite.uncertainty_scores(sample_probs, test, detectors)
             correct = probs.argmax(1) == test.labels
             cal, details_cal = suite.calibration_suite(probs, test.labels)
             results.update(cal)
             details.update(details_cal)
             results.update(suite.selective_suite(scores, correct))
+            results.update(suite.r_auroc_suite(test, scores))
+            n_crop = min(cfg.eval.shift_max_items, len(test_images))
+            embed_crops = lambda images: ev.embed(images, desc="features/crops")  # noqa: E731
+            results.update(
+                suite.crop_suite(embed_crops, test_images[:n_crop], test.uncertainty, cfg.train.seed)
+            )
             details["ranked_images"] = suite.ranked_images(
                 test_images, scores["entropy"], labels=test.labels, predictions=probs.argmax(1)
             )
@@ -303,10 +311,13 @@ def evaluate_run(
                     skipped.append(f"ood/{name}: {err}")
                     continue
                 bank = ev.embed(ood_set.images, desc=f"features/ood-{name}")
-                scores_out = suite.uncertainty_scores(probe.sample_probs(bank.draws), bank, like=scores)
+                scores_out = suite.uncertainty_scores(
+                    probe.sample_probs(bank.draws), bank, detectors, like=scores
+                )
                 metrics, plot = suite.ood_suite(name, scores, scores_out)
                 results.update(metrics)
                 details["ood"][name] = plot
+        results.update(suite.ood_group_means(results, cfg.data.dataset, list(details["ood"])))
 
     if suite_name == "full":
         n_shift = min(cfg.eval.shift_max_items, len(test_images))

@@ -4,15 +4,23 @@ Leave-one-out over one set of embeddings: every item is a query against all the 
 (a query never retrieves itself), similarity is cosine. Queries are processed ``chunk_size`` at a
 time, so memory is O(chunk_size · N), never O(N²).
 
-Ties in similarity (exact duplicates, e.g. a collapsed encoder) are resolved against the query:
-among equally similar items, items of another label are ranked first. Recall@k and mAP@R are
-therefore never inflated by ties, and a fully collapsed embedding scores (near) zero instead of
-whatever the storage order happens to give. The 1-NN label used by ``retrieval_ece`` breaks
-ties by the lowest item index.
+Ties in similarity (duplicates, e.g. a collapsed encoder) are resolved against the query: among
+equally similar items, items of another label are ranked first. Recall@k and mAP@R are therefore
+never inflated by ties, and a fully collapsed embedding scores (near) zero instead of whatever the
+storage order happens to give. The 1-NN label used by ``retrieval_ece`` breaks ties by the lowest
+item index.
+
+"Equally similar" means within ``tie_tolerance`` (a few ulps), not bit-equal: the cosine of a query
+with two identical (or identically directed) items is computed by different BLAS lanes and can
+differ in the last bit, so an exact comparison would let the storage order decide after all — a
+fully collapsed float64 embedding then got recall@10 ≈ 0.98 instead of 0. The tolerance,
+4 · √D · ε of the similarity dtype, is above that rounding error (≈ √D · ε for a dot product of
+unit vectors) and far below any similarity gap that carries information.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -36,6 +44,11 @@ def _check_embeddings(embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tenso
     return normalised, labels.detach().to(normalised.device).long()
 
 
+def tie_tolerance(dtype: torch.dtype, dim: int) -> float:
+    """Similarities closer than this are ties: 4 · √D · machine ε of ``dtype`` (module docstring)."""
+    return 4.0 * math.sqrt(max(dim, 1)) * torch.finfo(dtype).eps
+
+
 def _similarity_chunks(normalised: Tensor, chunk_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield (query indices [m], cosine similarities [m, N]) with each query's own column at −inf."""
     if chunk_size < 1:
@@ -55,6 +68,45 @@ def _relevance(labels: Tensor, index: Tensor) -> Tensor:
     return relevant
 
 
+def _relevant_positions(sim: Tensor, relevant: Tensor, count: int, tolerance: float) -> Tensor:
+    """[m, count] rank positions (1-based) of each query's ``count`` most similar relevant items.
+
+    The m-th most similar relevant item (similarity s_m) sits at position m + #{other-label items
+    with similarity ≥ s_m − tolerance}: every other-label item tied with it ranks first. Positions
+    increase strictly with m, so this is a ranking even though "within tolerance" is not transitive.
+    Entries beyond a query's number of relevant items are meaningless (callers mask them).
+    """
+    irrelevant = ~relevant & torch.isfinite(sim)  # the query's own column (−inf) is neither
+    relevant_sims = sim.masked_fill(~relevant, float("-inf")).topk(count, dim=1).values
+    irrelevant_sorted = sim.masked_fill(~irrelevant, float("-inf")).sort(dim=1).values
+    n = sim.shape[1]
+    # Items ≥ threshold = N − (items < threshold); the −inf fill never reaches a finite threshold.
+    at_least = n - torch.searchsorted(irrelevant_sorted, (relevant_sims - tolerance).contiguous())
+    order = torch.arange(1, count + 1, device=sim.device)
+    return order[None, :] + at_least
+
+
+def first_relevant_rank(embeddings: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
+    """[N] rank (1-based) of each query's most similar same-label item, ties against the query.
+
+    Leave-one-out, cosine similarity; a query whose label occurs only once gets N (never a hit, since
+    only N − 1 items can be retrieved). ``rank == 1`` is a recall@1 hit, i.e. a correct leave-one-out
+    1-NN retrieval.
+    """
+    normalised, labels = _check_embeddings(embeddings, labels)
+    tolerance = tie_tolerance(normalised.dtype, normalised.shape[1])
+    n = normalised.shape[0]
+    ranks = torch.empty(n, dtype=torch.long, device=normalised.device)
+    for index, sim in _similarity_chunks(normalised, chunk_size):
+        relevant = _relevance(labels, index)
+        # _relevant_positions(sim, relevant, 1, tolerance) without its sort (the costly part):
+        best_relevant = sim.masked_fill(~relevant, float("-inf")).amax(dim=1, keepdim=True)
+        irrelevant = ~relevant & torch.isfinite(sim)
+        rank = 1 + (irrelevant & (sim >= best_relevant - tolerance)).sum(dim=1)
+        ranks[index] = torch.where(relevant.any(dim=1), rank, torch.full_like(rank, n))
+    return ranks
+
+
 def recall_at_k(
     embeddings: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5, 10), chunk_size: int = 1024
 ) -> dict[str, float]:
@@ -63,36 +115,28 @@ def recall_at_k(
     Leave-one-out, cosine similarity. The denominator is all N queries: a query whose label occurs
     only once can never hit and counts as a miss. Ties are resolved against the query (module
     docstring): the first relevant item's rank is 1 + the number of other-label items at least as
-    similar as the most similar relevant item. A k ≥ N − 1 covers every other item. Keys
-    ``recall@{k}``.
+    similar (within ``tie_tolerance``) as the most similar relevant item. A k ≥ N − 1 covers every
+    other item. Keys ``recall@{k}``.
     """
     if any(k < 1 for k in ks):
         raise ValueError(f"every k must be >= 1, got {tuple(ks)}")
-    normalised, labels = _check_embeddings(embeddings, labels)
-    hits = dict.fromkeys(ks, 0)
-    for index, sim in _similarity_chunks(normalised, chunk_size):
-        relevant = _relevance(labels, index)
-        irrelevant = ~relevant
-        irrelevant[torch.arange(index.numel(), device=sim.device), index] = False
-        best_relevant = sim.masked_fill(~relevant, float("-inf")).amax(dim=1, keepdim=True)
-        first_rank = (irrelevant & (sim >= best_relevant)).sum(dim=1) + 1
-        has_relevant = relevant.any(dim=1)
-        for k in ks:
-            hits[k] += int(((first_rank <= k) & has_relevant).sum())
-    n = normalised.shape[0]
-    return {f"recall@{k}": hits[k] / n for k in ks}
+    ranks = first_relevant_rank(embeddings, labels, chunk_size)
+    n = ranks.numel()
+    return {f"recall@{k}": int((ranks <= min(k, n - 1)).sum()) / n for k in ks}
 
 
 def map_at_r(embeddings: Tensor, labels: Tensor, chunk_size: int = 1024) -> float:
     """Mean average precision at R (Musgrave, Belongie & Lim 2020).
 
     For a query with R other items of its label, rank the other N − 1 items by cosine similarity
-    (ties: other-label items first) and let rel(i) = 1 if the i-th is relevant;
-    AP@R = (1/R) Σ_{i=1..R} rel(i) · P@i with P@i = (1/i) Σ_{j ≤ i} rel(j). mAP@R is the mean over
-    queries with R ≥ 1 (queries whose label occurs once are skipped). Unlike recall@k it rewards
-    ranking *all* same-label items first, not just one.
+    (ties, within ``tie_tolerance``: other-label items first) and let rel(i) = 1 if the i-th is
+    relevant; AP@R = (1/R) Σ_{i=1..R} rel(i) · P@i with P@i = (1/i) Σ_{j ≤ i} rel(j). mAP@R is the
+    mean over queries with R ≥ 1 (queries whose label occurs once are skipped). Unlike recall@k it
+    rewards ranking *all* same-label items first, not just one. At the m-th relevant item's
+    position p_m, P@p_m = m / p_m, so AP@R = (1/R) Σ_{m: p_m ≤ R} m / p_m.
     """
     normalised, labels = _check_embeddings(embeddings, labels)
+    tolerance = tie_tolerance(normalised.dtype, normalised.shape[1])
     _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
     r_all = counts[inverse] - 1
     if int(r_all.max()) == 0:
@@ -103,16 +147,10 @@ def map_at_r(embeddings: Tensor, labels: Tensor, chunk_size: int = 1024) -> floa
         r_max = int(r.max())
         if r_max == 0:
             continue
-        relevant = _relevance(labels, index)
-        # Two stable sorts = lexicographic order: similarity descending, then irrelevant first.
-        by_relevance = torch.argsort(relevant.to(torch.int8), dim=1, stable=True)
-        sim_sorted = sim.gather(1, by_relevance)
-        order = torch.argsort(sim_sorted, dim=1, descending=True, stable=True)[:, :r_max]
-        rel = relevant.gather(1, by_relevance).gather(1, order).double()
-        positions = torch.arange(1, r_max + 1, dtype=torch.float64, device=rel.device)
-        precision = rel.cumsum(dim=1) / positions
-        within_r = positions[None, :] <= r[:, None]
-        ap = (precision * rel * within_r).sum(dim=1) / r.clamp_min(1)
+        positions = _relevant_positions(sim, _relevance(labels, index), r_max, tolerance)
+        m = torch.arange(1, r_max + 1, dtype=torch.float64, device=sim.device)
+        counted = (m[None, :] <= r[:, None]) & (positions <= r[:, None])
+        ap = (m[None, :] / positions.double() * counted).sum(dim=1) / r.clamp_min(1)
         total += float(ap[r > 0].sum())
         queries += int((r > 0).sum())
     return total / queries
@@ -128,11 +166,14 @@ def retrieval_metrics(
 
 
 def nearest_neighbour_labels(embeddings: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
-    """Label [N] of each item's leave-one-out cosine nearest neighbour (ties: lowest index)."""
+    """Label [N] of each item's leave-one-out cosine nearest neighbour (ties within
+    ``tie_tolerance``: lowest index)."""
     normalised, labels = _check_embeddings(embeddings, labels)
+    tolerance = tie_tolerance(normalised.dtype, normalised.shape[1])
     neighbour = torch.empty(normalised.shape[0], dtype=torch.long, device=normalised.device)
     for index, sim in _similarity_chunks(normalised, chunk_size):
-        neighbour[index] = sim.argmax(dim=1)
+        tied_best = sim >= sim.amax(dim=1, keepdim=True) - tolerance
+        neighbour[index] = tied_best.to(torch.uint8).argmax(dim=1)  # the first maximum: lowest index
     return labels[neighbour]
 
 

@@ -5,11 +5,17 @@ go through the same code) and returns flat, prefixed metrics plus plot data for 
 
 - ``cal/``    calibration of the marginalised linear probe on the test split
 - ``sel/``    uncertainty vs error (predictive entropy for every method; ``sel/emb/`` the embedding's own)
-- ``ood/<set>/``   OOD detection, every criterion "higher = more OOD", OOD is the positive class
+- ``ood/<set>/``   OOD detection, every criterion "higher = more OOD", OOD is the positive class:
+  the probe's MSP / entropy / MI, the embedding's own uncertainty (``emb``) and the deterministic
+  feature-space detectors (``FeatureDetectors``); ``ood/near/``, ``ood/far/`` group means
 - ``shift/<corruption>/<severity>/``   accuracy, ECE and mean uncertainty under corruptions
 - ``lowshot/``   1% / 10% labels, class-balanced fixed index files, 3 seeds
 - ``transfer/<set>/``   a probe on a frozen encoder, fitted and tested on the two halves of another set
-- ``ret/``    leave-one-out retrieval, sparsification (AUSC) and retrieval ECE
+- ``ret/``    leave-one-out retrieval, sparsification (AUSC) and retrieval ECE; R-AUROC
+- ``sel/crop_up``   the crop test (share of images whose own uncertainty rises on a small crop)
+
+A metric that does not exist for a run is absent, never a stand-in value: ``emb`` criteria only for
+methods with a per-input uncertainty, ``mi`` only with more than one sample.
 
 The suite never sees a method: only features, labels and probabilities.
 """
@@ -25,12 +31,21 @@ import torch
 from torch import Tensor
 
 from probssl.eval.calibration import calibration_metrics, reliability_diagram
+from probssl.eval.crop_test import CROP_AREA, crop_up_share, random_crops
+from probssl.eval.feature_ood import (
+    GaussianDetector,
+    energy_score,
+    kmeans_clusters,
+    knn_scores,
+    max_logit_score,
+)
 from probssl.eval.features import FeatureBank
 from probssl.eval.linear import LinearProbe
 from probssl.eval.metrics import top1
 from probssl.eval.ood import entropy_score, msp_score, mutual_information_score, ood_metrics
-from probssl.eval.retrieval import retrieval_ece, retrieval_metrics, sparsification
-from probssl.eval.selective import selective_metrics
+from probssl.eval.ood_groups import GROUPS, ood_group
+from probssl.eval.retrieval import first_relevant_rank, retrieval_ece, retrieval_metrics, sparsification
+from probssl.eval.selective import aurc, error_auroc, selective_metrics
 from probssl.eval.splits import class_balanced_subset, stratified_split
 from probssl.io import atomic_write_text
 
@@ -69,22 +84,132 @@ class MarginalProbe:
         )
 
 
+FEATURE_KS = (1, 50)
+"""k of the kNN detectors (``knn1``, ``knn50``): 1 has no hyper-parameter, 50 is Sun et al.'s CIFAR k."""
+
+REFERENCE_DETECTOR = "knn1"
+"""The deterministic feature-space detector reported as ``ood/<set>/best_feature/``, declared in
+advance. No in-distribution-only criterion can rank OOD detectors (that needs OOD data), and picking
+the best on the OOD test set would overstate the baseline, so the reference is fixed: the distance
+to the nearest normalised training feature (Sun et al. 2022), which has no hyper-parameter."""
+
+BMA_MAX_DRAWS = 4
+"""The ``*_bma`` detectors average over the first min(S, 4) posterior draws. Each draw is one full
+detector pass — kNN of every evaluated set against the whole training bank (≈ 15 s per 10k queries
+against 60k × 128 features on one loaded core), three Gaussian fits and a k-means — so this caps a
+12- or 30-sample posterior at 4 passes. The average is a Monte-Carlo estimate of the posterior-mean
+score either way; 4 draws already remove three quarters of the single-draw variance."""
+
+
+def has_own_uncertainty(bank: FeatureBank) -> bool:
+    """Whether the method reports a per-input uncertainty (deterministic methods report zeros)."""
+    return bool(bank.uncertainty.abs().sum() > 0)
+
+
+@dataclass
+class FeatureDetectors:
+    """Feature-space OOD detectors fitted on the training bank (``probssl.eval.feature_ood``).
+
+    On the point estimate (``bank.mean``; for the logit scores draw 0 through its probe, since the
+    probe is fitted per draw and an ensemble's mean, say, lies in no member's feature space):
+    ``knn1``, ``knn50`` (−cos to the k-th nearest training feature), ``mahalanobis`` (class
+    Gaussians with a tied covariance, Lee et al. 2018, on L2-normalised features),
+    ``mahalanobis_unsup`` (the same with k-means clusters, as many as classes, instead of labels:
+    SSD, Sehwag et al. 2021), ``mahalanobis_raw`` (Lee et al.'s original, on raw features),
+    ``energy`` (−logsumexp of the probe's logits) and ``maxlogit`` (−max logit). The normalised
+    features are the geometry the SSL losses and the kNN detector use, and with them ``mahalanobis``
+    and ``mahalanobis_unsup`` differ only in labels vs clusters. With posterior draws (S > 1)
+    also ``<name>_bma``: the same detector run on each draw (training draw s against query draw s,
+    Gaussians and probe of draw s), its score averaged over draws (``BMA_MAX_DRAWS``) — does the
+    posterior help a strong detector?
+    """
+
+    train: FeatureBank
+    probe: MarginalProbe
+    gaussians: list[dict[str, GaussianDetector]]  # [0]: the point estimate; [1 + s]: draw s
+    ks: tuple[int, ...]
+
+    @classmethod
+    def fit(
+        cls,
+        train: FeatureBank,
+        probe: MarginalProbe,
+        num_classes: int,
+        seed: int,
+        max_draws: int = BMA_MAX_DRAWS,
+    ) -> FeatureDetectors:
+        ks = tuple(k for k in FEATURE_KS if k <= train.num_items)
+        sources = [train.mean]
+        if train.num_samples > 1:
+            sources += [train.draws[s] for s in range(min(train.num_samples, max_draws))]
+        gaussians = [
+            {
+                "mahalanobis": GaussianDetector.fit(x, train.labels, normalise=True),
+                "mahalanobis_raw": GaussianDetector.fit(x, train.labels),
+                "mahalanobis_unsup": GaussianDetector.fit(
+                    x, kmeans_clusters(x, min(num_classes, train.num_items), seed), normalise=True
+                ),
+            }
+            for x in sources
+        ]
+        return cls(train, probe, gaussians, ks)
+
+    def _scores(
+        self, train: Tensor, query: Tensor, gaussians: dict[str, GaussianDetector], logits: Tensor
+    ) -> dict[str, Tensor]:
+        knn = knn_scores(train, query, self.ks)
+        scores = {f"knn{k}": knn[k].double() for k in self.ks}
+        scores.update({name: detector.score(query) for name, detector in gaussians.items()})
+        scores["energy"] = energy_score(logits)
+        scores["maxlogit"] = max_logit_score(logits)
+        return scores
+
+    def _logits(self, bank: FeatureBank, s: int) -> Tensor:
+        """Logits of draw s through the probe fitted on training draw s (paired as ``sample_probs``)."""
+        probe = self.probe.probes[min(s, len(self.probe.probes) - 1)]
+        return probe.predict_logits(bank.draws[min(s, bank.num_samples - 1)])
+
+    def scores(self, bank: FeatureBank) -> dict[str, Tensor]:
+        """Every detector's [N] score on ``bank`` (float64), higher = more OOD."""
+        out = self._scores(self.train.mean, bank.mean, self.gaussians[0], self._logits(bank, 0))
+        draws = len(self.gaussians) - 1
+        if draws:
+            totals: dict[str, Tensor] = {}
+            for s in range(draws):
+                query = bank.draws[min(s, bank.num_samples - 1)]
+                scores = self._scores(
+                    self.train.draws[s], query, self.gaussians[1 + s], self._logits(bank, s)
+                )
+                for name, value in scores.items():
+                    totals[name] = totals[name] + value if name in totals else value
+            out.update({f"{name}_bma": total / draws for name, total in totals.items()})
+        return out
+
+
 def uncertainty_scores(
-    sample_probs: Tensor, bank: FeatureBank, like: dict[str, Tensor] | None = None
+    sample_probs: Tensor,
+    bank: FeatureBank,
+    detectors: FeatureDetectors | None = None,
+    own: bool | None = None,
+    like: dict[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """All OOD / selective criteria, each "higher = more uncertain".
 
-    Only criteria that are defined for the run: mutual information needs more than one draw (with one
-    it is 0 by construction) and ``emb`` needs an embedding that carries uncertainty (a deterministic
-    method's is all zeros); an undefined criterion would otherwise be reported as a measured AUROC of
-    0.5. ``like``: the in-distribution scores, whose criteria an OOD set must have too.
+    ``mi`` only with more than one sample (it is 0 by definition otherwise); ``emb`` only when the
+    method has its own uncertainty — ``own``, by default read off ``bank``; pass the test bank's
+    answer when scoring an OOD bank so that both sides carry the same criteria. ``like``: the
+    in-distribution scores, whose criteria (``mi``, ``emb``) an OOD set must have too.
     """
     probs = sample_probs.mean(0)
     scores = {"msp": msp_score(probs), "entropy": entropy_score(probs)}
-    if (like is not None and "mi" in like) or (like is None and sample_probs.shape[0] > 1):
+    if ("mi" in like) if like is not None else sample_probs.shape[0] > 1:
         scores["mi"] = mutual_information_score(sample_probs)
-    if (like is not None and "emb" in like) or (like is None and bool(bank.uncertainty.any())):
+    if like is not None:
+        own = "emb" in like
+    if has_own_uncertainty(bank) if own is None else own:
         scores["emb"] = bank.uncertainty.float()
+    if detectors is not None:
+        scores.update(detectors.scores(bank))
     return scores
 
 
@@ -94,29 +219,113 @@ def calibration_suite(probs: Tensor, labels: Tensor) -> tuple[Metrics, dict]:
 
 
 def selective_suite(scores: dict[str, Tensor], correct: Tensor) -> Metrics:
+    """``sel/`` (predictive entropy) and ``sel/emb/`` (the embedding's own) in full; for every other
+    criterion (MSP, MI, the feature-space detectors) ``sel/<criterion>/err_auroc`` and ``aurc``."""
     out: Metrics = {}
     for prefix, criterion in (("sel/", "entropy"), ("sel/emb/", "emb")):
-        if criterion not in scores:
-            continue
-        for key, value in selective_metrics(scores[criterion], correct).items():
-            out[f"{prefix}{key}"] = value
+        if criterion in scores:
+            for key, value in selective_metrics(scores[criterion], correct).items():
+                out[f"{prefix}{key}"] = value
+    for criterion, score in scores.items():
+        if criterion not in ("entropy", "emb"):
+            out[f"sel/{criterion}/err_auroc"] = error_auroc(score, correct)
+            out[f"sel/{criterion}/aurc"] = aurc(score, correct)
     return out
 
 
 def ood_suite(name: str, scores_in: dict[str, Tensor], scores_out: dict[str, Tensor]) -> tuple[Metrics, dict]:
-    """``ood/<set>/<metric>`` uses MSP (defined for every method, so rows compare); each criterion too."""
+    """``ood/<set>/<metric>`` uses MSP (defined for every method, so rows compare); each criterion too.
+
+    ``ood/<set>/best_feature/<metric>`` repeats the pre-declared reference feature-space detector
+    (``REFERENCE_DETECTOR``, never chosen on the OOD set), to stand next to ``ood/<set>/emb/``.
+    """
     out: Metrics = {f"ood/{name}/positive": "ood"}
     for criterion in scores_in:
         for key, value in ood_metrics(scores_in[criterion], scores_out[criterion]).items():
             out[f"ood/{name}/{criterion}/{key}"] = value
     for key in ("auroc", "aupr_in", "aupr_out", "fpr95"):
         out[f"ood/{name}/{key}"] = out[f"ood/{name}/msp/{key}"]
+        if REFERENCE_DETECTOR in scores_in:
+            out[f"ood/{name}/best_feature/{key}"] = out[f"ood/{name}/{REFERENCE_DETECTOR}/{key}"]
+    if REFERENCE_DETECTOR in scores_in:
+        out[f"ood/{name}/best_feature/detector"] = REFERENCE_DETECTOR
     details = {
         "criterion": "entropy",
         "score_in": scores_in["entropy"].tolist(),
         "score_out": scores_out["entropy"].tolist(),
+        # Histograms for the report's other headline columns: the method's own uncertainty and the
+        # reference detector, so a figure can always show the score behind the AUROC it sits next to.
+        "by_criterion": {
+            criterion: {
+                "score_in": scores_in[criterion].tolist(),
+                "score_out": scores_out[criterion].tolist(),
+            }
+            for criterion in ("emb", REFERENCE_DETECTOR)
+            if criterion in scores_in
+        },
     }
     return out, details
+
+
+def ood_group_means(results: Metrics, dataset: str, ood_sets: Sequence[str]) -> Metrics:
+    """``ood/near/<criterion>/auroc`` and ``ood/far/...``: AUROC means over each group's OOD sets.
+
+    Groups from :func:`probssl.eval.ood_groups.ood_group`; a criterion enters a group's mean only if
+    every set of the group has it, and ``ood/<group>/sets`` names the sets averaged. Unclassified
+    sets are in no group; an empty group writes nothing.
+    """
+    out: Metrics = {}
+    for group in GROUPS:
+        members = [name for name in ood_sets if ood_group(dataset, name) == group]
+        per_set = [
+            {
+                key[len(f"ood/{name}/") :]: value
+                for key, value in results.items()
+                if key.startswith(f"ood/{name}/") and key.endswith("auroc") and isinstance(value, float)
+            }
+            for name in members
+            if any(key.startswith(f"ood/{name}/") for key in results)
+        ]
+        if not per_set:
+            continue
+        out[f"ood/{group}/sets"] = ", ".join(members)
+        for criterion in sorted(set.intersection(*(set(values) for values in per_set))):
+            out[f"ood/{group}/{criterion}"] = sum(values[criterion] for values in per_set) / len(per_set)
+    return out
+
+
+def r_auroc_suite(test: FeatureBank, scores: dict[str, Tensor], max_items: int = 10_000) -> Metrics:
+    """R-AUROC (Kirchhof et al., URL benchmark): does an uncertainty predict its own retrieval errors?
+
+    Item i's leave-one-out retrieval on the test split (cosine, the point estimate) is an error when
+    its nearest other item has another label — a recall@1 miss, ties resolved against the query as in
+    :mod:`probssl.eval.retrieval`. ``ret/<criterion>/r_auroc`` is the AUROC of each criterion for
+    those errors (errors positive); ``ret/r_auroc`` uses the embedding's own uncertainty, or the
+    probe's entropy for a method without one (the same choice as ``ret/ausc``). Absent when every
+    retrieval is right (or every one wrong).
+    """
+    n = min(test.num_items, max_items)
+    correct = first_relevant_rank(test.mean[:n], test.labels[:n]) == 1
+    if bool(correct.all()) or not bool(correct.any()):
+        return {"ret/r_auroc_items": n}  # no errors (or no hits) to rank: R-AUROC is undefined, not 0.5
+    out: Metrics = {f"ret/{c}/r_auroc": error_auroc(score[:n], correct) for c, score in scores.items()}
+    out["ret/r_auroc"] = out["ret/emb/r_auroc" if "emb" in scores else "ret/entropy/r_auroc"]
+    out["ret/r_auroc_items"] = n
+    return out
+
+
+def crop_suite(
+    embed_images: Callable[[Tensor], FeatureBank], images: Tensor, uncertainty: Tensor, seed: int
+) -> Metrics:
+    """``sel/crop_up``: share of images whose own uncertainty rises on a random crop of ``CROP_AREA``
+    resized back (:mod:`probssl.eval.crop_test`). Empty for a method without its own uncertainty."""
+    if not bool(uncertainty.abs().sum() > 0):
+        return {}
+    cropped = embed_images(random_crops(images, CROP_AREA, seed))
+    return {
+        "sel/crop_up": crop_up_share(uncertainty[: len(images)], cropped.uncertainty),
+        "sel/crop_items": len(images),
+    }
 
 
 def shift_suite(
