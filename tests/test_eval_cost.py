@@ -121,17 +121,20 @@ def test_summary_prints_na_for_what_a_run_does_not_have() -> None:
         "sel/err_auroc": 0.85,
     }
     columns = dict(summary_columns(results))
-    assert columns["OOD mnist best"] is None and columns["OOD mnist own"] is None
+    assert columns["OOD mnist feat"] is None and columns["OOD mnist own"] is None
     assert columns["err-AUROC own"] is None and columns["ECE"] == 0.02
     text = format_summary(results)
     assert text.count("n/a") >= 3 and "0.5000" not in text  # the probe's entropy is no feature detector
 
     results |= {"ood/mnist/knn1/auroc": 0.97, "ood/mnist/mahalanobis/auroc": 0.98, "ood/mnist/emb/auroc": 0.6}
-    results |= {"sel/emb/err_auroc": 0.7}
-    assert best_feature_detector(results, "mnist") == ("mahalanobis", 0.98)
+    results |= {"ood/mnist/best_feature/auroc": 0.97, "ood/mnist/best_feature/detector": "knn1"}
+    results |= {"sel/emb/err_auroc": 0.7, "ood/near/best_feature/auroc": 0.97}
+    # the pre-declared reference, not the maximum over detectors on the OOD set itself
+    assert best_feature_detector(results, "mnist") == ("knn1", 0.97)
     columns = dict(summary_columns(results))
-    assert columns["OOD mnist best"] == 0.98 and columns["OOD mnist own"] == 0.6
-    assert "mnist: mahalanobis" in format_summary(results)
+    assert columns["OOD mnist feat"] == 0.97 and columns["OOD mnist own"] == 0.6
+    assert "OOD near feat" not in columns  # a group mean is not a set
+    assert "mnist: knn1" in format_summary(results)
 
 
 def test_probssl_eval_ends_with_the_summary(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:

@@ -347,7 +347,9 @@ def test_ood_columns_name_their_score_and_absent_metrics_read_na(tmp_path: Path)
         "ood/mnist/msp/auroc": 0.71,
         "ood/mnist/entropy/auroc": entropy_auroc,
         "ood/mnist/knn1/auroc": 0.97,
-        "ood/mnist/mahalanobis/auroc": 0.95,
+        "ood/mnist/mahalanobis/auroc": 0.99,
+        "ood/mnist/best_feature/auroc": 0.97,  # the pre-declared knn1, not the best on the OOD set
+        "ood/mnist/best_feature/detector": "knn1",
         "ood/mnist/emb/auroc": 0.8,
     }
     deterministic = _metrics("simclr", 1, 0.85, 0.05) | {"ood/mnist/msp/auroc": 0.6}

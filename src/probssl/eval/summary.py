@@ -3,9 +3,10 @@
 The summary reads only ``eval.json`` keys, so it works for any run and any version of the suite:
 
 - ``kNN``, ``linear`` (top-1), ``ECE``, ``NLL`` of the marginalised linear probe;
-- per OOD set, the AUROC of the best *feature-space* detector that was computed (any
-  ``ood/<set>/<score>/auroc`` whose score is neither the probe's output nor the embedding's own) and
-  of the method's own uncertainty (``ood/<set>/emb/auroc``);
+- per OOD set, the AUROC of the reference *feature-space* detector (``ood/<set>/best_feature/``,
+  declared in advance — kNN distance, see :data:`probssl.eval.suite.REFERENCE_DETECTOR` — never the
+  maximum over detectors on the OOD set itself, which would flatter the baseline) and of the method's
+  own uncertainty (``ood/<set>/emb/auroc``);
 - error AUROC of the probe's predictive entropy (``sel/err_auroc``) and of the method's own
   uncertainty (``sel/emb/err_auroc``).
 
@@ -22,10 +23,9 @@ from typing import Any
 
 NOT_AVAILABLE = "n/a"
 
-# Scores computed from the linear probe's outputs, and the embedding's own uncertainty: everything else
-# under ood/<set>/<score>/auroc is a detector on the features themselves (kNN distance, Mahalanobis, ...).
-PROBE_SCORES = frozenset({"msp", "entropy", "mi", "energy", "maxlogit"})
 OWN_SCORE = "emb"
+REFERENCE = "best_feature"  # the pre-declared feature-space detector's keys: ood/<set>/best_feature/...
+GROUP_NAMES = frozenset({"near", "far"})  # ood/near/..., ood/far/... are group means, not sets
 
 _OOD_AUROC = re.compile(r"ood/(?P<set>[^/]+)/(?P<score>[^/]+)/auroc")
 
@@ -37,26 +37,22 @@ def _number(value: Any) -> float | None:
 
 
 def ood_sets(results: Mapping[str, Any]) -> list[str]:
-    """OOD set names in the order their keys first appear."""
+    """OOD set names in the order their keys first appear (the near / far group means excluded)."""
     names: dict[str, None] = {}
     for key in results:
         match = _OOD_AUROC.fullmatch(key)
-        if match:
+        if match and match["set"] not in GROUP_NAMES:
             names.setdefault(match["set"], None)
     return list(names)
 
 
 def best_feature_detector(results: Mapping[str, Any], ood_set: str) -> tuple[str, float] | None:
-    """(score name, AUROC) of the best feature-space detector on ``ood_set``, or None when none exists."""
-    best: tuple[str, float] | None = None
-    for key, value in results.items():
-        match = _OOD_AUROC.fullmatch(key)
-        if not match or match["set"] != ood_set or match["score"] in PROBE_SCORES | {OWN_SCORE}:
-            continue
-        auroc = _number(value)
-        if auroc is not None and (best is None or auroc > best[1]):
-            best = (match["score"], auroc)
-    return best
+    """(detector name, AUROC) of the reference feature-space detector on ``ood_set``, or None when the
+    run has none (an evaluation from before the detectors existed)."""
+    auroc = _number(results.get(f"ood/{ood_set}/{REFERENCE}/auroc"))
+    if auroc is None:
+        return None
+    return str(results.get(f"ood/{ood_set}/{REFERENCE}/detector", "knn1")), auroc
 
 
 def summary_columns(results: Mapping[str, Any]) -> list[tuple[str, float | None]]:
@@ -69,7 +65,7 @@ def summary_columns(results: Mapping[str, Any]) -> list[tuple[str, float | None]
     ]
     for name in ood_sets(results):
         best = best_feature_detector(results, name)
-        columns.append((f"OOD {name} best", None if best is None else best[1]))
+        columns.append((f"OOD {name} feat", None if best is None else best[1]))
         columns.append((f"OOD {name} own", _number(results.get(f"ood/{name}/{OWN_SCORE}/auroc"))))
     columns.append(("err-AUROC", _number(results.get("sel/err_auroc"))))
     columns.append(("err-AUROC own", _number(results.get(f"sel/{OWN_SCORE}/err_auroc"))))
@@ -91,6 +87,9 @@ def format_summary(results: Mapping[str, Any]) -> str:
         if best is not None:
             notes.append(f"{name}: {best[0]}")
     if notes:
-        lines.append("best feature-space detector: " + ", ".join(notes))
-    lines.append("own = the method's own uncertainty; best = best feature-space detector; n/a = not defined")
+        lines.append("feature-space reference detector: " + ", ".join(notes))
+    lines.append(
+        "own = the method's own uncertainty; feat = the pre-declared feature-space detector "
+        "(kNN distance to the training features); n/a = not defined"
+    )
     return "\n".join(lines)

@@ -120,7 +120,7 @@ def _table_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
     OOD columns always name their score: ``ood/<set>/auroc`` (an alias of the MSP criterion) is left
     out when the per-score keys are there, so a table AUROC and a histogram's AUROC of the same name
-    are the same number; ``ood/<set>/best_feature/auroc`` is the best feature-space detector's.
+    are the same number; ``ood/<set>/best_feature/auroc`` is the pre-declared feature-space detector's.
     """
     summary = shift_summary(metrics)
     table = {k: float(v) for k, v in metrics.items() if _is_metric(k, v) and not _SHIFT_KEY.fullmatch(k)}
