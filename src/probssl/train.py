@@ -10,7 +10,9 @@ exactly where an uninterrupted run would be.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
+import json
 import math
 import random
 import time
@@ -33,7 +35,10 @@ from probssl.checkpoint import (
     write_rng,
 )
 from probssl.config import ConfigError, RunConfig, config_from_dict, load_yaml, save_config
-from probssl.data import ImageDataset, MultiViewAugment, get_dataset_info, load_dataset, preset_for_dataset
+from probssl.data import DatasetInfo, ImageDataset, MultiViewAugment, preset_for_dataset
+from probssl.data._interim import load_dataset, open_source, resolve_dataset_info
+from probssl.data.pipeline import BatchPlan, SubsetSource, build_pipeline, choose_pipeline
+from probssl.data.sources import ImageSource
 from probssl.data.views import PRESETS
 from probssl.distributed import (
     all_reduce_mean,
@@ -42,7 +47,7 @@ from probssl.distributed import (
     init_distributed,
     teardown_distributed,
 )
-from probssl.io import atomic_write_json
+from probssl.io import atomic_write_json, atomic_write_text
 from probssl.methods import TrainContext
 from probssl.optim import build_optimizer, warmup_cosine
 from probssl.run_log import MetricLogger
@@ -59,6 +64,12 @@ RESUMABLE_KEYS = {
     "train.keep_checkpoints",
     "data.data_dir",
     "data.download",
+    # where and how images are read, never which pixels: the data order and the pixels are the same
+    "data.workers",
+    "data.cache_dir",
+    "data.verify",
+    "data.pipeline",
+    "data.memory_limit_gb",
 }
 
 
@@ -76,16 +87,80 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch, independent of any global RNG state (exact resume)."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def training_subset(dataset: ImageDataset, size: int | None, seed: int) -> ImageDataset:
+def training_subset(
+    dataset: ImageDataset | ImageSource, size: int | None, seed: int
+) -> ImageDataset | ImageSource:
+    """A fixed random ``size``-item subset (the same items whichever input path reads them)."""
     if size is None or size >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    return dataset.subset(order[:size].sort().values)
+    chosen = order[:size].sort().values
+    return dataset.subset(chosen) if isinstance(dataset, ImageDataset) else SubsetSource(dataset, chosen)
+
+
+DATASET_INFO_FILE = "dataset_info.json"
+SKIPPED_FILE = "skipped_images.txt"
+
+
+@dataclasses.dataclass
+class TrainingData:
+    info: DatasetInfo  # what the model and the augmentation are built for (mean/std, size, channels)
+    items: ImageDataset | ImageSource  # the training split (after ``data.subset``)
+    pipeline: str  # memory | stream
+    skipped: list[str]  # unreadable items left out (``data.skip_corrupt``)
+
+
+def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingData:
+    """The run's DatasetInfo, its training split and the input path (``memory`` | ``stream``) to read it by.
+
+    A resumed run reuses the DatasetInfo it stored (mean/std of a folder are computed once, at the
+    start), so the normalisation cannot drift if files change. ``auto`` keeps the split in memory when
+    its decoded uint8 size is below ``data.memory_limit_gb`` and streams it otherwise.
+    """
+    dc = cfg.data
+    stored = out_dir / DATASET_INFO_FILE
+    if resume and stored.is_file():
+        info = dataset_info_from_json(stored)
+    else:
+        info = resolve_dataset_info(
+            dc.dataset, data_dir=dc.data_dir, image_size=dc.image_size, verify=dc.verify
+        )
+    source = open_source(
+        dc.dataset,
+        "train",
+        data_dir=dc.data_dir,
+        image_size=dc.image_size,
+        download=dc.download,
+        verify=dc.verify,
+        skip_corrupt=dc.skip_corrupt,
+    )
+    skipped = skipped_items(source)
+    source = training_subset(source, dc.subset, cfg.train.seed)
+    decoded_bytes = len(source) * source.channels * source.image_size**2
+    kind = choose_pipeline(dc.pipeline, decoded_bytes, dc.memory_limit_gb)
+    if kind == "stream":
+        return TrainingData(info, source, kind, skipped)
+    dataset = load_dataset(
+        dc.dataset,
+        "train",
+        dc.data_dir,
+        dc.download,
+        image_size=dc.image_size,
+        verify=dc.verify,
+        skip_corrupt=dc.skip_corrupt,
+        cache_dir=dc.cache_dir,
+    )
+    return TrainingData(info, training_subset(dataset, dc.subset, cfg.train.seed), kind, skipped)
+
+
+def dataset_info_from_json(path: Path) -> DatasetInfo:
+    raw = json.loads(path.read_text())
+    return DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def skipped_items(source: object) -> list[str]:
+    """What the source skipped as unreadable (``data.skip_corrupt``), for the run directory's record."""
+    return [str(item) for item in getattr(source, "skipped", ()) or ()]
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -122,12 +197,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         torch.use_deterministic_algorithms(True)
 
     # ---- data ---------------------------------------------------------------------------------
-    info = get_dataset_info(cfg.data.dataset)
-    dataset = training_subset(
-        load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.download),
-        cfg.data.subset,
-        tc.seed,
-    )
+    data = open_training_data(cfg, out_dir, resume)
+    info, dataset = data.info, data.items
     if len(dataset) == 0:
         raise TrainingError(f"dataset '{cfg.data.dataset}' (train split) is empty")
     if tc.batch_size % world:
@@ -137,8 +208,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
             f"train.batch_size={tc.batch_size} is larger than the training set ({len(dataset)} "
             f"images); use --batch-size {len(dataset)} or less"
         )
-    local_batch = tc.batch_size // world
-    steps_per_epoch = len(dataset) // tc.batch_size  # drop the last incomplete batch
+    plan = BatchPlan(len(dataset), tc.batch_size, tc.seed, world_size=world, rank=rank)
+    pipeline = build_pipeline(
+        dataset, plan, data.pipeline, cfg.data.workers, pin_memory=device.type == "cuda"
+    )
+    steps_per_epoch = plan.steps_per_epoch  # the last incomplete batch is dropped
     total_steps = tc.epochs * steps_per_epoch
 
     # ---- model, optimiser, schedules (identical init on every rank) ---------------------------
@@ -196,6 +270,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
             )
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+        atomic_write_json(out_dir / DATASET_INFO_FILE, dataclasses.asdict(info))
+        if cfg.data.skip_corrupt:
+            atomic_write_text(out_dir / SKIPPED_FILE, "".join(f"{item}\n" for item in data.skipped))
 
     model = DistributedDataParallel(method) if world > 1 and method.trainable else method
     logger = MetricLogger(out_dir, tensorboard=tc.tensorboard, enabled=is_main)
@@ -224,7 +301,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         return path
 
     # ---- the loop -----------------------------------------------------------------------------
-    images = dataset.images
     bar = tqdm(
         total=stop_step,
         initial=start_step,
@@ -233,16 +309,14 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         unit="step",
         dynamic_ncols=True,
     )
-    perm_epoch, perm = -1, None
     window_start, window_steps, train_start = time.perf_counter(), 0, time.perf_counter()
     loss = None
-    for step in range(start_step, stop_step if method.trainable else start_step):
-        epoch, it = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm_epoch, perm = epoch, epoch_permutation(len(dataset), tc.seed, epoch)
-        lo = it * tc.batch_size + rank * local_batch
-        x = images[perm[lo : lo + local_batch]].to(device, non_blocking=True)
-        views = augment(x)
+    last_step = stop_step if method.trainable else start_step
+    for step, batch in zip(
+        range(start_step, last_step), pipeline.batches(start_step, last_step), strict=True
+    ):
+        epoch = step // steps_per_epoch
+        views = augment(batch.to(device, non_blocking=True))
         if tc.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         if not owns_schedule:
@@ -292,11 +366,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
     def training_views() -> Iterator[list[torch.Tensor]]:
         """One more epoch of augmented views in a fixed order, seeded apart from the training stream."""
-        order = epoch_permutation(len(dataset), tc.seed, tc.epochs)
         seed_everything(tc.seed * 7919 + 104_729 + rank)
-        for it in range(steps_per_epoch):
-            lo = it * tc.batch_size + rank * local_batch
-            views = augment(images[order[lo : lo + local_batch]].to(device, non_blocking=True))
+        # the epoch after the last one: same plan, so the order is epoch_permutation(n, seed, epochs)
+        for batch in pipeline.batches(total_steps, total_steps + steps_per_epoch):
+            views = augment(batch.to(device, non_blocking=True))
             if tc.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             yield views

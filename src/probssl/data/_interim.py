@@ -7,7 +7,9 @@ from probssl.data.datasets import load_dataset as _load_builtin
 from probssl.data.sources import ArraySource
 
 
-def open_source(dataset, split, *, data_dir=None, image_size=None, download=True, verify=True, skip_corrupt=False):
+def open_source(
+    dataset, split, *, data_dir=None, image_size=None, download=True, verify=True, skip_corrupt=False
+):
     d = _load_builtin(dataset, split, data_dir, download)
     return ArraySource(d.images, d.labels, d.classes, d.name, d.split)
 
@@ -17,6 +19,14 @@ def resolve_dataset_info(dataset, *, data_dir=None, image_size=None, verify=True
 
 
 def load_dataset(
-    name, split, data_dir=None, download=True, *, image_size=None, verify=True, skip_corrupt=False, cache_dir=None
+    name,
+    split,
+    data_dir=None,
+    download=True,
+    *,
+    image_size=None,
+    verify=True,
+    skip_corrupt=False,
+    cache_dir=None,
 ) -> ImageDataset:
     return _load_builtin(name, split, data_dir, download)
