@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import math
 import random
 import time
@@ -51,7 +50,7 @@ from probssl.io import atomic_write_json, atomic_write_text
 from probssl.methods import TrainContext
 from probssl.optim import build_optimizer, warmup_cosine
 from probssl.run_log import MetricLogger
-from probssl.runs import build_model
+from probssl.runs import DATASET_INFO_FILE, build_model, dataset_info_from_json
 
 # Keys that may differ between a run and its resumption: they change how a run is watched or where
 # it stops, never what it computes.
@@ -98,7 +97,6 @@ def training_subset(
     return dataset.subset(chosen) if isinstance(dataset, ImageDataset) else SubsetSource(dataset, chosen)
 
 
-DATASET_INFO_FILE = "dataset_info.json"
 SKIPPED_FILE = "skipped_images.txt"
 
 
@@ -151,11 +149,6 @@ def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingD
         cache_dir=dc.cache_dir,
     )
     return TrainingData(info, training_subset(dataset, dc.subset, cfg.train.seed), kind, skipped)
-
-
-def dataset_info_from_json(path: Path) -> DatasetInfo:
-    raw = json.loads(path.read_text())
-    return DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 def skipped_items(source: object) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from probssl.data import DatasetError, ImageDataset, get_dataset_info, load_dataset, to_float
+from probssl.data import DatasetError, ImageDataset, load_dataset, to_float
 from probssl.data.corruptions import corrupt, corruption_names
 from probssl.data.shift_sets import OOD_SETS, TRANSFER_SETS, load_shift_set
 from probssl.embedding import Embedding
@@ -51,7 +51,7 @@ class Evaluator:
         self.run, self.cfg = run, run.config
         self.data_dir = data_dir or self.cfg.data.data_dir
         self.samples, self.device, self.progress, self.tag = samples, device, progress, tag
-        self.info = get_dataset_info(self.cfg.data.dataset)
+        self.info = run.info  # stored with the run: own folders have computed mean/std
         self._datasets: dict[str, ImageDataset] = {}
 
     def dataset(self, split: str) -> ImageDataset:
