@@ -40,6 +40,7 @@ __all__ = [
     "build_pipeline",
     "choose_pipeline",
     "epoch_permutation",
+    "sequential_batches",
 ]
 
 
@@ -202,6 +203,26 @@ class StreamingBatches:
             if isinstance(batch, _ReadFailure):
                 raise DatasetError(batch.message)
             yield batch
+
+
+def sequential_batches(source: ImageSource, batch_size: int, workers: int = 0) -> Iterator[torch.Tensor]:
+    """Every item of ``source`` once, in order, as uint8 batches (inference: ``probssl embed``).
+
+    Same reading machinery as :class:`StreamingBatches`, so at most a few batches are ever decoded.
+    """
+    loader = DataLoader(
+        _SourceItems(source),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate_uint8,
+        worker_init_fn=_one_thread_per_worker if workers else None,
+        generator=torch.Generator(),
+    )
+    for batch in loader:
+        if isinstance(batch, _ReadFailure):
+            raise DatasetError(batch.message)
+        yield batch
 
 
 class SubsetSource:
