@@ -25,8 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from probssl.data import DatasetError, to_float
-from probssl.data._formats import FormatError, read_image
+from probssl.data import DatasetError, open_source, to_float
 from probssl.data.pipeline import sequential_batches
 from probssl.data.shift_sets import conform
 from probssl.data.sources import ImageSource
@@ -35,46 +34,19 @@ from probssl.runs import load_run
 
 __all__ = ["embed_images", "knn_cosine_distance", "open_images", "write_embeddings"]
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
+def open_images(source: str | os.PathLike[str] | ImageSource, image_size: int) -> ImageSource:
+    """A folder (flat or with class folders), a tar of one, one image file, or an ImageSource as it is.
 
-class _ImageFile:
-    """One image file as a one-item :class:`ImageSource`."""
-
-    def __init__(self, path: Path, image_size: int, channels: int) -> None:
-        self.path, self.name, self.split, self.classes = path, path.name, "all", []
-        self.image_size, self.channels = image_size, channels
-
-    def __len__(self) -> int:
-        return 1
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.full(1, -1, dtype=np.int64)
-
-    def item_id(self, index: int) -> str:
-        return str(self.path)
-
-    def read(self, index: int) -> np.ndarray:
-        try:
-            image = read_image(self.path, None)
-        except FormatError as err:
-            raise DatasetError(f"{self.path}: {err}; pass a PNG or JPEG image") from err
-        return np.ascontiguousarray(image.transpose(2, 0, 1))
-
-
-def open_images(source: str | os.PathLike[str] | ImageSource, image_size: int, channels: int) -> ImageSource:
-    """A folder (flat or with class folders), a tar of one, one image file, or an ImageSource as it is."""
+    Paths are read at the run's ``image_size`` (shorter side + centre crop); channels are matched per
+    batch (grey <-> RGB) by :func:`embed_images`.
+    """
     if isinstance(source, ImageSource):
         return source
     path = Path(source).expanduser()
     if not path.exists():
         raise DatasetError(f"{path} does not exist; pass an image folder, a .tar of one, or an image file")
-    if path.is_file() and path.suffix.lower() in _IMAGE_SUFFIXES:
-        return _ImageFile(path.absolute(), image_size, channels)
-    from probssl.data._interim import open_source
-
-    return open_source(str(path), "all", image_size=image_size, download=False, verify=False)
+    return open_source(str(path.absolute()), "all", image_size=image_size, download=False, verify=False)
 
 
 def knn_cosine_distance(
@@ -118,7 +90,7 @@ def embed_images(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = load_run(run_dir, device)
     cfg, info, method = run.config, run.info, run.method
-    images = open_images(source, info.image_size, info.channels)
+    images = open_images(source, info.image_size)
     if len(images) == 0:
         raise DatasetError(f"{source} holds no images")
 

@@ -24,15 +24,15 @@ USER_ERRORS = (ConfigError, UnknownNameError, DatasetError, CheckpointError, Fil
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a method (works under torchrun for DDP)")
     p.add_argument("--method", help="registered method name (probssl list)")
-    p.add_argument(
-        "--dataset", help="dataset name (probssl list), or an image folder / .tar of one (see README)"
-    )
+    p.add_argument("--dataset", help="dataset name (probssl list), or a folder / .tar of images")
     p.add_argument("--data-dir", help="directory with the official dataset files")
+    p.add_argument(
+        "--image-size", type=int, help="resize images: shorter side to N, centre N x N (data.image_size)"
+    )
     p.add_argument("--backbone", help="backbone name, or 'auto'")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--subset", type=int, help="train on a fixed random subset of N training images")
-    p.add_argument("--image-size", type=int, help="resize images to N x N (shorter side + centre crop)")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (default runs/<dataset>/<method>-s<seed>)")
     p.add_argument("--config", help="YAML config file; flags and key=value overrides win over it")
@@ -51,12 +51,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     mapping: dict[str, Any] = {}
     flags = {"method": args.method, "backbone": args.backbone}
     mapping.update({k: v for k, v in flags.items() if v is not None})
-    data = {
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "subset": args.subset,
-        "image_size": args.image_size,
-    }
+    data = {"dataset": args.dataset, "data_dir": args.data_dir, "subset": args.subset}
+    data["image_size"] = args.image_size
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed}
     if args.no_progress:
         train["progress"] = False

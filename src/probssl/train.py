@@ -34,8 +34,17 @@ from probssl.checkpoint import (
     write_rng,
 )
 from probssl.config import ConfigError, RunConfig, config_from_dict, load_yaml, save_config
-from probssl.data import DatasetInfo, ImageDataset, MultiViewAugment, preset_for_dataset
-from probssl.data._interim import load_dataset, open_source, resolve_dataset_info
+from probssl.data import (
+    DatasetInfo,
+    ImageDataset,
+    MultiViewAugment,
+    decoded_nbytes,
+    load_source,
+    open_source,
+    preset_for_dataset,
+    resolve_dataset_info,
+    skipped_items,
+)
 from probssl.data.pipeline import BatchPlan, SubsetSource, build_pipeline, choose_pipeline
 from probssl.data.sources import ImageSource
 from probssl.data.views import PRESETS
@@ -121,7 +130,11 @@ def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingD
         info = dataset_info_from_json(stored)
     else:
         info = resolve_dataset_info(
-            dc.dataset, data_dir=dc.data_dir, image_size=dc.image_size, verify=dc.verify
+            dc.dataset,
+            data_dir=dc.data_dir,
+            image_size=dc.image_size,
+            verify=dc.verify,
+            cache_dir=dc.cache_dir,
         )
     source = open_source(
         dc.dataset,
@@ -131,29 +144,16 @@ def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingD
         download=dc.download,
         verify=dc.verify,
         skip_corrupt=dc.skip_corrupt,
-    )
-    skipped = skipped_items(source)
-    source = training_subset(source, dc.subset, cfg.train.seed)
-    decoded_bytes = len(source) * source.channels * source.image_size**2
-    kind = choose_pipeline(dc.pipeline, decoded_bytes, dc.memory_limit_gb)
-    if kind == "stream":
-        return TrainingData(info, source, kind, skipped)
-    dataset = load_dataset(
-        dc.dataset,
-        "train",
-        dc.data_dir,
-        dc.download,
-        image_size=dc.image_size,
-        verify=dc.verify,
-        skip_corrupt=dc.skip_corrupt,
         cache_dir=dc.cache_dir,
     )
-    return TrainingData(info, training_subset(dataset, dc.subset, cfg.train.seed), kind, skipped)
-
-
-def skipped_items(source: object) -> list[str]:
-    """What the source skipped as unreadable (``data.skip_corrupt``), for the run directory's record."""
-    return [str(item) for item in getattr(source, "skipped", ()) or ()]
+    skipped = skipped_items(source)
+    items = training_subset(source, dc.subset, cfg.train.seed)
+    kind = choose_pipeline(dc.pipeline, decoded_nbytes(items), dc.memory_limit_gb)
+    if kind == "stream":
+        return TrainingData(info, items, kind, skipped)
+    # decoded once into a memory-mapped cache, then the same subset of it
+    dataset = training_subset(load_source(source, dc.cache_dir), dc.subset, cfg.train.seed)
+    return TrainingData(info, dataset, kind, skipped)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -309,3 +309,89 @@ def _read_image_matplotlib(path: Path, image_size: int | None) -> np.ndarray:  #
     if image_size is not None and arr.shape[:2] != (image_size, image_size):
         raise FormatError(f"is {arr.shape[1]}x{arr.shape[0]}; resizing to {image_size} needs Pillow")
     return arr
+
+
+# ------------------------------------------------------------- own images (shorter side + centre crop)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+
+def _open_pil(data: bytes | Path) -> Any:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data)
+
+
+def image_header(data: bytes | Path, decode: bool = False) -> tuple[int, int, bool]:
+    """(width, height, is_grey) from an image's header alone, or with ``decode`` after decoding it.
+
+    The header alone is what lets a collection's channel count and size be known before decoding it
+    (200,000 files cost a header parse each, not a decode each); ``decode`` also finds the files whose
+    pixel data is damaged (a truncated JPEG has a perfect header).
+    """
+    from PIL import Image
+
+    try:
+        with _open_pil(data) as im:
+            if decode:
+                im.load()
+            return int(im.size[0]), int(im.size[1]), im.mode in _GRAY_MODES
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise FormatError(f"not a readable image ({type(e).__name__}: {e})") from e
+
+
+def shorter_side_crop_box(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Resized (w, h) with the shorter side at ``size`` (aspect kept, rounded), and the crop's top-left.
+
+    The crop offset is ``floor((resized - size) / 2)`` on each axis, the usual centre crop.
+    """
+    scale = size / min(width, height)
+    new_w = size if width <= height else max(size, round(width * scale))
+    new_h = size if height <= width else max(size, round(height * scale))
+    return (new_w, new_h), ((new_w - size) // 2, (new_h - size) // 2)
+
+
+def resize_crop(im: Any, size: int) -> Any:
+    """A Pillow image with its shorter side resized to ``size`` (antialiased bilinear), centre-cropped."""
+    from PIL import Image
+
+    if im.size == (size, size):
+        return im
+    (new_w, new_h), (left, top) = shorter_side_crop_box(im.size[0], im.size[1], size)
+    if (new_w, new_h) != im.size:
+        im = im.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return im.crop((left, top, left + size, top + size))
+
+
+def resize_images(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [N, C, H, W] -> uint8 [N, C, size, size] by :func:`resize_crop`, image by image."""
+    from PIL import Image
+
+    n, c = images.shape[:2]
+    out = np.empty((n, c, size, size), np.uint8)
+    for i in range(n):
+        arr = images[i, 0] if c == 1 else images[i].transpose(1, 2, 0)
+        resized = np.asarray(resize_crop(Image.fromarray(np.ascontiguousarray(arr)), size))
+        out[i] = resized[None] if c == 1 else resized.transpose(2, 0, 1)
+    return out
+
+
+def decode_image(data: bytes | Path, channels: int, image_size: int | None) -> np.ndarray:
+    """One encoded image -> uint8 [channels, H, W], as every own-image source delivers it.
+
+    ``channels`` 3 turns grey (and palette/alpha) images into RGB, 1 turns colour into luminance
+    (ITU-R 601, Pillow's "L"). With ``image_size`` N the shorter side is resized to N (Pillow's
+    antialiased bilinear filter) and the centre N x N is kept, so aspect ratio is never distorted;
+    without it the image is returned at its own size.
+    """
+    from PIL import Image
+
+    try:
+        with _open_pil(data) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if image_size is not None:
+                im = resize_crop(im, image_size)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise FormatError(f"not a readable image ({type(e).__name__}: {e})") from e
+    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))

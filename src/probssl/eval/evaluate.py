@@ -58,7 +58,16 @@ class Evaluator:
         """One split of the run's own dataset, read (and checksummed) once per evaluation."""
         if split not in self._datasets:
             cfg = self.cfg.data
-            self._datasets[split] = load_dataset(cfg.dataset, split, self.data_dir, cfg.download)
+            self._datasets[split] = load_dataset(
+                cfg.dataset,
+                split,
+                self.data_dir,
+                cfg.download,
+                image_size=cfg.image_size,
+                verify=cfg.verify,
+                skip_corrupt=cfg.skip_corrupt,
+                cache_dir=cfg.cache_dir,
+            )
         return self._datasets[split]
 
     def embed(
