@@ -8,6 +8,7 @@ same run. The DDP case runs a real 2-process gloo job under torchrun.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,8 +18,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from probssl.config import build_config
+from probssl.data import load_dataset
+from probssl.runs import load_run
+from probssl.train import train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
@@ -153,3 +160,55 @@ def test_two_process_ddp_streaming_epoch_sees_every_image_once(tmp_path):
     assert len(set(flat.tolist())) == 64  # every item of the epoch once: 70 // 8 * 8
     perm = torch.randperm(70, generator=torch.Generator().manual_seed(5 * 100_003 + 1))
     assert set(flat.tolist()) == set(perm[:64].tolist())
+
+
+# ------------------------------------------------------------------------- own folders, in-process
+
+
+def _write_folder(root: Path, per_class: int = 24, size: int = 8, corrupt: bool = False) -> Path:
+    """``root/<class>/<image>.png``: two classes of small RGB images, bright vs dark."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(("dark", "bright")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 128, (size, size, 3), dtype=np.uint8) + 127 * c
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i:03d}.png")
+    if corrupt:
+        (root / "dark" / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def _folder_cfg(folder: Path, pipeline: str, **data):
+    return build_config(
+        method="simclr",
+        backbone="convnet",
+        backbone_args={"width": 8},
+        data={"dataset": str(folder), "pipeline": pipeline, "workers": 1, **data},
+        train={"epochs": 2, "batch_size": 8, "progress": False, "tensorboard": False, "deterministic": True},
+    )
+
+
+def test_a_folder_trains_identically_in_memory_and_streaming(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
+    folder = _write_folder(tmp_path / "imgs")
+    memory = train(_folder_cfg(folder, "memory"), tmp_path / "memory")
+    stream = train(_folder_cfg(folder, "stream"), tmp_path / "stream")
+    a, b = load_file(str(memory / "model.safetensors")), load_file(str(stream / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    info = load_run(stream).info  # computed from the folder's training split, stored with the run
+    train_split = load_dataset(str(folder), "train").images.double() / 255
+    np.testing.assert_allclose(info.mean, train_split.mean((0, 2, 3)).numpy(), atol=1e-6)
+    np.testing.assert_allclose(info.std, train_split.std((0, 2, 3), unbiased=False).numpy(), atol=1e-6)
+    assert json.loads((stream / "dataset_info.json").read_text())["image_size"] == 8
+
+
+def test_skip_corrupt_lists_the_skipped_images_in_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
+    folder = _write_folder(tmp_path / "imgs", corrupt=True)
+    run = train(_folder_cfg(folder, "stream", skip_corrupt=True), tmp_path / "run")
+    listed = (run / "skipped_images.txt").read_text().splitlines()
+    assert len(listed) == 1 and listed[0].endswith("broken.png")

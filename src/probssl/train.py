@@ -231,7 +231,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         optimizer = method.configure_optimizer(context) or build_optimizer(method, cfg.optim, lr)
     # A sampler with a cyclical step size owns its schedule; everything else follows warm-up + cosine.
     owns_schedule = bool(getattr(optimizer, "owns_lr_schedule", False))
-    preset = cfg.data.views or preset_for_dataset(cfg.data.dataset)
+    preset = cfg.data.views or preset_for_dataset(cfg.data.dataset, info.channels, info.image_size)
     augment = MultiViewAugment(
         PRESETS[preset], info.image_size, info.channels, info.mean, info.std, num_global=method.num_views
     ).to(device)
