@@ -148,6 +148,8 @@ _DATASET_PRESETS: dict[str, str] = {
     "cifar100": "cifar",
     "svhn": "cifar",
     "stl10": "stl",
+    "cifar10_jpeg": "cifar",
+    "eurosat_test": "cifar",
 }
 
 

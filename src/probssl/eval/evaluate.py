@@ -24,7 +24,7 @@ import torch
 
 from probssl.data import DatasetError, ImageDataset, load_dataset, to_float
 from probssl.data.corruptions import corrupt, corruption_names
-from probssl.data.shift_sets import OOD_SETS, TRANSFER_SETS, load_shift_set
+from probssl.data.shift_sets import load_shift_set, ood_set_names, transfer_set_names
 from probssl.embedding import Embedding
 from probssl.eval import suite
 from probssl.eval.features import FeatureBank, cached_features, extract_features
@@ -179,15 +179,17 @@ def evaluate_run(
         details["ranked_images"] = suite.ranked_images(test_images, scores["entropy"])
 
         details["ood"] = {}
-        for name in OOD_SETS.get(cfg.data.dataset, ("noise",)):
+        for name in ood_set_names(cfg.data.dataset, cfg.eval.ood_sets):
             try:
                 ood_set = load_shift_set(
                     name,
-                    cfg.data.dataset,
+                    ev.info,
                     ev.data_dir,
                     cfg.data.download,
                     max_items=test.num_items,
                     seed=cfg.train.seed,
+                    verify=cfg.data.verify,
+                    cache_dir=cfg.data.cache_dir,
                 )
             except DatasetError as err:
                 skipped.append(f"ood/{name}: {err}")
@@ -212,15 +214,18 @@ def evaluate_run(
 
         results.update(suite.lowshot_suite(train, test, num_classes, run.run_dir / "splits", **probe_kwargs))
 
-        for name in TRANSFER_SETS.get(cfg.data.dataset, ()):
+        for name in transfer_set_names(cfg.data.dataset, cfg.eval.transfer_sets):
             try:
                 target = load_shift_set(
                     name,
-                    cfg.data.dataset,
+                    ev.info,
                     ev.data_dir,
                     cfg.data.download,
                     max_items=cfg.eval.transfer_max_items,
                     seed=cfg.train.seed,
+                    need_labels=True,
+                    verify=cfg.data.verify,
+                    cache_dir=cfg.data.cache_dir,
                 )
             except DatasetError as err:
                 skipped.append(f"transfer/{name}: {err}")
