@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from sklearn.neighbors import NearestNeighbors
 
 import probssl
 from probssl.apply_run import knn_cosine_distance, write_embeddings
+from probssl.cli import main
 from probssl.config import build_config
 from probssl.data import load_dataset, to_float
 from probssl.data.sources import ArraySource
@@ -130,3 +132,35 @@ def test_embed_refuses_uint8_input_and_says_what_it_expects(simclr_run):
     method = load_run(simclr_run).method
     with pytest.raises(TypeError, match="expects normalised float images.*to_float"):
         method.embed(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_cli_embed_on_a_flat_folder_of_other_sized_rgb_images(scl_run, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(7):  # a flat folder: unlabelled, 12x12 RGB for an 8x8 grey run
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    out = tmp_path / "found.npz"
+    assert (
+        main(["embed", str(scl_run), str(folder), "--out", str(out), "--samples", "2", "--no-progress"]) == 0
+    )
+    assert "embedded 7 images" in capsys.readouterr().out
+    with np.load(out) as found:
+        n, d = found["embedding"].shape
+        assert n == 7 and found["uncertainty"].shape == (7,) and found["ood_score"].shape == (7,)
+        assert found["samples"].shape == (2, 7, d)
+        assert sorted(Path(p).name for p in found["path"]) == [f"p{i}.png" for i in range(7)]
+        by_path = {str(p): float(u) for p, u in zip(found["path"], found["uncertainty"], strict=True)}
+    rows = list(csv.DictReader(out.with_suffix(".csv").open()))
+    uncertainties = [float(r["uncertainty"]) for r in rows]
+    assert uncertainties == sorted(uncertainties, reverse=True)
+    assert all(by_path[r["path"]] == pytest.approx(float(r["uncertainty"])) for r in rows)
+
+
+def test_cli_embed_of_a_missing_source_is_one_clear_error(simclr_run, tmp_path, capsys):
+    assert main(["embed", str(simclr_run), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
