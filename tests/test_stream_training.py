@@ -212,3 +212,26 @@ def test_skip_corrupt_lists_the_skipped_images_in_the_run(tmp_path, monkeypatch)
     run = train(_folder_cfg(folder, "stream", skip_corrupt=True), tmp_path / "run")
     listed = (run / "skipped_images.txt").read_text().splitlines()
     assert len(listed) == 1 and listed[0].endswith("broken.png")
+
+
+def test_cli_trains_and_evaluates_a_folder_streaming(tmp_path, monkeypatch):
+    from probssl.cli import main
+
+    monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
+    folder = _write_folder(tmp_path / "imgs", size=10)
+    run = tmp_path / "run"
+    args = ["train", "--dataset", str(folder), "--image-size", "8", "--batch-size", "8", "--epochs", "1"]
+    args += [
+        "--out",
+        str(run),
+        "--no-progress",
+        "backbone=convnet",
+        "backbone.width=8",
+        "train.tensorboard=false",
+    ]
+    assert main([*args, "data.pipeline=stream", "data.workers=0"]) == 0
+    info = json.loads((run / "dataset_info.json").read_text())
+    assert info["channels"] == 3 and info["image_size"] == 8 and info["num_classes"] == 2
+    assert main(["eval", str(run), "--suite", "basic", "--no-progress"]) == 0
+    results = json.loads((run / "eval.json").read_text())
+    assert results["knn/top1"] > 0.9  # bright vs dark images: trivially separable
