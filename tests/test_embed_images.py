@@ -88,7 +88,7 @@ def test_written_npz_and_csv_ranked_by_uncertainty(tmp_path):
     result = {
         "embedding": rng.normal(size=(6, 3)).astype(np.float32),
         "uncertainty": np.array([0.2, 0.9, 0.1, 0.9, 0.5, 0.0], dtype=np.float32),
-        "ood_score": rng.uniform(size=6).astype(np.float32),
+        "ood_score": np.array([0.3, 0.1, 0.5, 0.7, 0.2, 0.4], dtype=np.float32),
         "path": np.array([f"img{i}.png" for i in range(6)]),
     }
     npz, table = write_embeddings(result, tmp_path / "out" / "found.npz")
@@ -97,16 +97,12 @@ def test_written_npz_and_csv_ranked_by_uncertainty(tmp_path):
         for key, value in result.items():
             np.testing.assert_array_equal(saved[key], value)
     rows = list(csv.DictReader(table.open()))
-    assert [r["path"] for r in rows] == [
-        "img1.png",
-        "img3.png",
-        "img4.png",
-        "img0.png",
-        "img2.png",
-        "img5.png",
-    ]
+    u, o = result["uncertainty"], result["ood_score"]
+    expected = sorted(range(6), key=lambda i: (-u[i], -o[i]))  # uncertainty, then OOD score, descending
+    assert [r["path"] for r in rows] == [f"img{i}.png" for i in expected]
+    assert expected == [3, 1, 4, 0, 2, 5]  # the 0.9 tie goes to the higher OOD score
     assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert float(rows[2]["ood_score"]) == pytest.approx(float(result["ood_score"][4]))
+    assert float(rows[2]["ood_score"]) == pytest.approx(float(o[4]))
 
 
 def test_samples_on_a_deterministic_method_warn_once(simclr_run):

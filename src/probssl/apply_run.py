@@ -127,7 +127,8 @@ def embed_images(
 
 
 def write_embeddings(result: dict[str, Any], out: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``out`` (.npz with every array) and ``out`` with .csv: one row per image, most uncertain first."""
+    """``out`` (.npz with every array) and ``out`` with .csv: one row per image, most uncertain first
+    (then highest OOD score first)."""
     out = Path(out)
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")
@@ -135,7 +136,8 @@ def write_embeddings(result: dict[str, Any], out: str | os.PathLike[str]) -> tup
     partial = out.with_name(f".{out.stem}.partial.npz")  # atomic: a killed write leaves no half file
     np.savez(partial, **result)
     os.replace(partial, out)
-    order = np.argsort(-result["uncertainty"], kind="stable")  # ties keep the source's order
+    # most uncertain first; ties (all of them for a deterministic method) most out-of-distribution first
+    order = np.lexsort((-result["ood_score"], -result["uncertainty"]))
     lines = [["rank", "path", "uncertainty", "ood_score"]]
     for rank, i in enumerate(order, start=1):
         lines.append(
