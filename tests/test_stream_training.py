@@ -235,3 +235,25 @@ def test_cli_trains_and_evaluates_a_folder_streaming(tmp_path, monkeypatch):
     assert main(["eval", str(run), "--suite", "basic", "--no-progress"]) == 0
     results = json.loads((run / "eval.json").read_text())
     assert results["knn/top1"] > 0.9  # bright vs dark images: trivially separable
+
+
+def test_a_small_subset_of_a_large_folder_decodes_only_its_items(tmp_path, monkeypatch):
+    import probssl.train as train_module
+
+    monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
+    decoded = []
+    real_load_source = train_module.load_source
+    monkeypatch.setattr(
+        train_module,
+        "load_source",
+        lambda source, *a: decoded.append(len(source)) or real_load_source(source, *a),
+    )
+    folder = _write_folder(tmp_path / "imgs")
+    # the folder is "too large" for memory, its 16-image subset is not
+    cfg = _folder_cfg(folder, "auto", subset=16, memory_limit_gb=16 * 3 * 8 * 8 / 2**30)
+    small = train(cfg, tmp_path / "small")
+    assert decoded == [16]
+    large = train(_folder_cfg(folder, "stream", subset=16), tmp_path / "large")
+    a, b = load_file(str(small / "model.safetensors")), load_file(str(large / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -160,8 +160,11 @@ def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingD
     kind = choose_pipeline(dc.pipeline, decoded_nbytes(items), dc.memory_limit_gb)
     if kind == "stream":
         return TrainingData(info, items, kind, skipped)
-    # decoded once into a memory-mapped cache, then the same subset of it
-    dataset = training_subset(load_source(source, dc.cache_dir), dc.subset, cfg.train.seed)
+    if items is source or decoded_nbytes(source) <= dc.memory_limit_gb * 2**30:
+        # decoded once into a memory-mapped cache (reused by the next run), then the same subset of it
+        dataset = training_subset(load_source(source, dc.cache_dir), dc.subset, cfg.train.seed)
+    else:  # a small subset of a large set: decode only its items (not cached)
+        dataset = load_source(items, dc.cache_dir)
     return TrainingData(info, dataset, kind, skipped)
 
 
