@@ -4,7 +4,9 @@ Read top to bottom: set-up (distributed, seeds, data, model, schedules, resume),
 (batch → batched augmentation on the device → loss → finite guard → update → EMA → log →
 checkpoint), then the method's post-training pass and the final weights. Data order is a pure
 function of (seed, epoch) and every rank's RNG state is in the checkpoint, so ``--resume`` continues
-exactly where an uninterrupted run would be.
+exactly where an uninterrupted run would be. Batches come from :mod:`probssl.data.pipeline`: the
+decoded split in memory, or streamed by DataLoader workers when it is too large; both give the same
+batches, so the choice never changes what is computed.
 """
 
 from __future__ import annotations
