@@ -146,17 +146,25 @@ def rss(dataset: str, steps: int, batch: int, workers: int) -> dict:
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak_main = peak_tree = peak_worker = 0
+    series = []  # (seconds, steps logged, trainer MiB, workers' MiB): flat or growing?
+    last_sample = 0.0
     while proc.poll() is None:
         pids = _tree(proc.pid)
         sizes = [_rss_bytes(p) for p in pids]
         peak_main = max(peak_main, sizes[0])
         peak_tree = max(peak_tree, sum(sizes))
         peak_worker = max([peak_worker, *sizes[1:]])
+        now = time.perf_counter() - started
+        if now - last_sample >= 30:
+            metrics = out / "run" / "metrics.csv"
+            logged = len(metrics.read_text().splitlines()) - 1 if metrics.is_file() else 0
+            series.append((round(now), logged * 50, sizes[0] >> 20, [s >> 20 for s in sizes[1:]]))
+            last_sample = now
         time.sleep(0.2)
     _, err = proc.communicate()
     if proc.returncode:
         raise SystemExit(f"training failed ({proc.returncode}):\n{err[-3000:]}")
-    summary = json.loads((out / "run" / "train_summary.json").read_text())
+    last = (out / "run" / "metrics.csv").read_text().splitlines()[-1].split(",")  # an early stop: no summary
     info = json.loads((out / "run" / "dataset_info.json").read_text())
     from probssl.data import open_source
 
@@ -168,11 +176,12 @@ def rss(dataset: str, steps: int, batch: int, workers: int) -> dict:
         "batch": batch,
         "workers": workers,
         "seconds": time.perf_counter() - started,
-        "train_img_s": summary["img_per_s"],
+        "train_img_s_last_window": float(last[-1]),
         "peak_rss_trainer_bytes": peak_main,
         "peak_rss_one_worker_bytes": peak_worker,
         "peak_rss_tree_sum_bytes": peak_tree,  # counts pages shared by fork once per process
         "in_memory_would_need_bytes": n * info["channels"] * info["image_size"] ** 2,
+        "series_s_steps_trainer_mib_workers_mib": series,
     }
 
 
