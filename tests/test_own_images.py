@@ -405,3 +405,52 @@ def test_cli_image_size_flag_maps_to_data_image_size() -> None:
     args = build_parser().parse_args(["train", "--dataset", "/some/folder", "--image-size", "48"])
     cfg = config_from_args(args)
     assert cfg.data.image_size == 48 and cfg.data.dataset == "/some/folder"
+
+
+def test_tar_made_with_dot_prefix_and_macos_junk_reads_like_the_folder(tmp_path: Path) -> None:
+    pixels = make_labelled(tmp_path / "pics", {"a": 2, "b": 3})
+    (tmp_path / "pics" / "__MACOSX" / "a").mkdir(parents=True)
+    (tmp_path / "pics" / "__MACOSX" / "a" / "._img000.png").write_bytes(b"resource fork")
+    (tmp_path / "pics" / ".DS_Store").write_bytes(b"junk")
+    tar_path = tmp_path / "dot.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(tmp_path / "pics", arcname=".")  # members ./a/img000.png, ..., and the folder '.'
+    src = open_source(str(tar_path), "all")
+    assert src.classes == ["a", "b"] and len(src) == 5
+    assert np.array_equal(src.read(2), pixels["b/img000.png"].transpose(2, 0, 1))
+    assert open_source(str(tmp_path / "pics"), "all").classes == ["a", "b"]
+
+
+def test_symlink_loop_in_a_folder_is_listed_once(tmp_path: Path) -> None:
+    make_labelled(tmp_path / "pics", {"a": 2, "b": 2})
+    (tmp_path / "pics" / "a" / "loop").symlink_to(tmp_path / "pics" / "a")
+    assert len(open_source(str(tmp_path / "pics"), "all")) == 4
+
+
+def test_exif_rotation_is_applied(tmp_path: Path) -> None:
+    arr = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    (tmp_path / "r").mkdir()
+    Image.fromarray(arr).save(tmp_path / "r" / "turned.png", exif=exif)
+    upright = np.rot90(arr, k=-1)  # 10 x 6
+    src = open_source(str(tmp_path / "r" / "turned.png"), "all", image_size=6)
+    assert np.array_equal(src.read(0), upright[2:8].transpose(2, 0, 1))  # portrait: centre rows 2..7
+
+
+def test_damaged_tars_and_empty_names_are_clear_errors(tmp_path: Path) -> None:
+    make_labelled(tmp_path / "pics", {"a": 3})
+    gz = make_tar(tmp_path / "pics", tmp_path / "pics.tar.gz", "w:gz")
+    gz.write_bytes(gz.read_bytes()[:-40])  # cut the gzip trailer and some data
+    with pytest.raises(
+        DatasetError, match=r"cannot read .*pics\.tar\.gz as a tar: it is damaged or truncated"
+    ):
+        open_source(str(gz), "all")
+    (tmp_path / "fake.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(DatasetError, match="damaged or truncated"):
+        open_source(str(tmp_path / "fake.tar"), "all")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetError, match="neither a folder, a tar nor an image file"):
+        open_source(str(tmp_path / "notes.txt"), "all")
+    with pytest.raises(DatasetError, match="empty"):
+        open_source("  ", "train")

@@ -322,6 +322,19 @@ def _open_pil(data: bytes | Path) -> Any:
     return Image.open(io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data)
 
 
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+
+def _exif_orientation(im: Any) -> int:
+    """The EXIF orientation tag (1 = upright) of JPEG/WebP/PNG files that carry one; 1 otherwise."""
+    if im.format not in ("JPEG", "WEBP", "PNG", "MPO"):
+        return 1
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except (ValueError, TypeError, OSError, SyntaxError):
+        return 1
+
+
 def image_header(data: bytes | Path, decode: bool = False) -> tuple[int, int, bool]:
     """(width, height, is_grey) from an image's header alone, or with ``decode`` after decoding it.
 
@@ -335,7 +348,10 @@ def image_header(data: bytes | Path, decode: bool = False) -> tuple[int, int, bo
         with _open_pil(data) as im:
             if decode:
                 im.load()
-            return int(im.size[0]), int(im.size[1]), im.mode in _GRAY_MODES
+            width, height = int(im.size[0]), int(im.size[1])
+            if _exif_orientation(im) in _QUARTER_TURNS:
+                width, height = height, width
+            return width, height, im.mode in _GRAY_MODES
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FormatError(f"not a readable image ({type(e).__name__}: {e})") from e
 
@@ -384,10 +400,12 @@ def decode_image(data: bytes | Path, channels: int, image_size: int | None) -> n
     antialiased bilinear filter) and the centre N x N is kept, so aspect ratio is never distorted;
     without it the image is returned at its own size.
     """
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     try:
         with _open_pil(data) as im:
+            if _exif_orientation(im) != 1:  # a camera's rotation flag: show the image upright
+                im = ImageOps.exif_transpose(im)
             im = im.convert("L" if channels == 1 else "RGB")
             if image_size is not None:
                 im = resize_crop(im, image_size)

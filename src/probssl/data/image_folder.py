@@ -56,6 +56,10 @@ def _hidden(part: str) -> bool:
     return part.startswith(".") or part == "__MACOSX"
 
 
+def _visible(dirs: list[str]) -> list[str]:
+    return [d for d in dirs if d and not any(_hidden(p) for p in d.split("/"))]
+
+
 def is_image_name(name: str) -> bool:
     """An image by suffix, not hidden (plain string operations: this runs once per tar member)."""
     parts = name.split("/")
@@ -67,7 +71,13 @@ def walk(root: Path) -> tuple[list[str], list[str]]:
     """(image files, folders) under ``root`` as sorted relative POSIX names; hidden entries skipped."""
     files: list[str] = []
     dirs: list[str] = []
+    seen: set[str] = set()
     for here, subdirs, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a symlink loop (or a second link to the same folder): list it once
+            subdirs[:] = []
+            continue
+        seen.add(real)
         subdirs[:] = sorted(d for d in subdirs if not _hidden(d))
         rel = Path(here).relative_to(root).as_posix()
         prefix = "" if rel == "." else rel + "/"
@@ -78,6 +88,7 @@ def walk(root: Path) -> tuple[list[str], list[str]]:
 
 def strip_single_top(files: list[str], dirs: list[str]) -> tuple[str, list[str], list[str]]:
     """If every file sits under one top-level folder, drop that folder from the names (tar-of-a-folder)."""
+    dirs = _visible(dirs)
     tops = {f.split("/", 1)[0] for f in files}
     loose = any("/" not in f for f in files)
     if len(tops) != 1 or loose:
@@ -136,6 +147,7 @@ def _plain(files: list[str], dirs: list[str], where: str) -> tuple[list[str], np
 
 def plan_layout(files: list[str], dirs: list[str], where: str, seed: int = SPLIT_SEED) -> Layout:
     """Apply the layout rules to ``files`` (relative POSIX image names, sorted) and ``dirs``."""
+    dirs = _visible(dirs)
     tops = {f.split("/", 1)[0] for f in files if "/" in f}
     tops |= {d.split("/")[0] for d in dirs}
     test_dir = "test" if "test" in tops else "val" if "val" in tops else None

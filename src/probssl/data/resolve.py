@@ -71,6 +71,8 @@ def _data_root(data_dir: PathLike | None) -> Path:
 
 
 def _existing_path(dataset: str) -> Path:
+    if not str(dataset).strip():
+        raise DatasetError("the dataset name is empty; give a registered name (probssl list) or a path")
     path = Path(dataset).expanduser().absolute()
     if not path.exists():
         raise DatasetError(
