@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from probssl.io import atomic_write as _atomic_write
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "cache_path",
@@ -126,6 +129,7 @@ def decoded_array(
         out.flush()
         del out
 
+    logger.info("decoding %d images of %s once into %s", shape[0], name, path)
     atomic_write(path, write)
     for stale in folder.glob(f"{prefix}*.npy"):
         if stale != path:
