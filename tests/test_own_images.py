@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from probssl.data import (
     DatasetError,
@@ -454,3 +454,21 @@ def test_damaged_tars_and_empty_names_are_clear_errors(tmp_path: Path) -> None:
         open_source(str(tmp_path / "notes.txt"), "all")
     with pytest.raises(DatasetError, match="empty"):
         open_source("  ", "train")
+
+
+def test_an_unwritable_cache_is_a_clear_error_only_where_the_cache_is_needed(tmp_path: Path) -> None:
+    make_labelled(tmp_path / "pics", {"a": 2})
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    src = open_source(str(tmp_path / "pics"), "all", cache_dir=blocked)  # the scan memo is optional
+    assert len(src) == 2 and src.read(0).shape == (3, 8, 8)
+    with pytest.raises(DatasetError, match=r"cannot write .*a_file.*data\.cache_dir"):
+        load_dataset(str(tmp_path / "pics"), "all", cache_dir=blocked)
+
+
+@pytest.mark.skipif(not features.check("webp"), reason="this Pillow cannot read WebP")
+def test_webp_is_read(tmp_path: Path) -> None:
+    arr = np.random.default_rng(5).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    seen = save(tmp_path / "w" / "x.webp", arr, lossless=True)
+    assert np.array_equal(open_source(str(tmp_path / "w"), "all").read(0), seen.transpose(2, 0, 1))
+    assert np.array_equal(seen, arr)

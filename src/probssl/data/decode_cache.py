@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from probssl.data.datasets import DatasetError
 from probssl.io import atomic_write as _atomic_write
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,24 @@ def cache_path(kind: str, key: str, suffix: str, cache_dir: str | os.PathLike[st
     return cache_root(cache_dir) / kind / f"{key}{suffix}"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then fsync and rename over ``path`` (see :func:`probssl.io.atomic_write`)."""
-    _atomic_write(path, write)
+def atomic_write(path: Path, write: Callable[[Path], None], required: bool = True) -> bool:
+    """``write(tmp)`` then fsync and rename over ``path`` (see :func:`probssl.io.atomic_write`).
+
+    A cache that cannot be written (full disk, read-only folder) is a user-fixable problem: a
+    ``required`` entry raises :class:`DatasetError` saying so; an optional one (a memo that only saves
+    time) is skipped with a warning and False is returned.
+    """
+    try:
+        _atomic_write(path, write)
+        return True
+    except OSError as e:
+        if not required:
+            logger.warning("could not write the cache entry %s (%s); continuing without it", path, e)
+            return False
+        raise DatasetError(
+            f"cannot write {path} ({e.strerror or e}); free space there, or point data.cache_dir "
+            f"(or $PROBSSL_CACHE) at a writable folder with room"
+        ) from e
 
 
 def read_json(path: Path) -> Any | None:
@@ -90,7 +106,8 @@ def read_json(path: Path) -> Any | None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)))
+    """A small memo (a checksum, mean/std): best effort, never fatal."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)), required=False)
 
 
 def _slug(text: str) -> str:
