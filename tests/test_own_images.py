@@ -472,3 +472,36 @@ def test_webp_is_read(tmp_path: Path) -> None:
     seen = save(tmp_path / "w" / "x.webp", arr, lossless=True)
     assert np.array_equal(open_source(str(tmp_path / "w"), "all").read(0), seen.transpose(2, 0, 1))
     assert np.array_equal(seen, arr)
+
+
+def test_quick_header_agrees_with_pillow_and_defers_when_unsure(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    rgb = rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (7, 11), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {  # name: (image, save options, must the quick path answer?)
+        "L.png": (Image.fromarray(grey), {}, True),
+        "LA.png": (Image.fromarray(grey).convert("LA"), {}, True),
+        "I16.png": (Image.fromarray(grey.astype(np.uint16) * 200), {}, True),
+        "1.png": (Image.fromarray(grey > 128), {}, True),
+        "RGB.png": (Image.fromarray(rgb), {}, True),
+        "RGBA.png": (Image.fromarray(rgb).convert("RGBA"), {}, True),
+        "P.png": (Image.fromarray(rgb).convert("P"), {}, True),
+        "L.jpg": (Image.fromarray(grey), {}, True),
+        "RGB.jpg": (Image.fromarray(rgb), {"quality": 75}, True),
+        "progressive.jpg": (Image.fromarray(rgb), {"progressive": True}, True),
+        "CMYK.jpg": (Image.fromarray(rgb).convert("CMYK"), {}, False),
+        "exif.jpg": (Image.fromarray(rgb), {"exif": exif}, False),
+        "exif.png": (Image.fromarray(rgb), {"exif": exif}, False),
+    }
+    for name, (im, options, quick_expected) in cases.items():
+        path = tmp_path / name
+        im.save(path, **options)
+        with Image.open(path) as ref:
+            ref_size = ref.size[::-1] if name.startswith("exif") else ref.size  # rotated by its EXIF
+            expected = (*ref_size, ref.mode in _formats._GRAY_MODES)
+        quick = _formats.quick_header(path.read_bytes())
+        assert (quick is not None) == quick_expected, name
+        assert quick is None or quick == expected, name
+        assert _formats.image_header(path) == expected == _formats.image_header(path.read_bytes()), name

@@ -118,16 +118,13 @@ def _is_tar(path: Path) -> bool:
 
 
 def _list_dir(path: Path) -> _Listing:
-    files, dirs = image_folder.walk(path)
-    stats = []
-    for f in files:
-        st = (path / f).stat()
-        stats.append((f, st.st_size, st.st_mtime_ns))
-    n = len(files)
+    files, dirs, stats = image_folder.walk(path)
+    n, root = len(files), os.fspath(path) + os.sep
     items = Items(
-        [str(path / f) for f in files], np.full(n, -1, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64)
+        [root + f for f in files], np.full(n, -1, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64)
     )
-    return _Listing(path.name, files, dirs, items, decode_cache.digest("dir", str(path), stats))
+    identity = decode_cache.digest("dir", str(path), [(f, *stats[f]) for f in files])
+    return _Listing(path.name, files, dirs, items, identity)
 
 
 def _list_tar(path: Path, cache_dir: PathLike | None) -> _Listing:
