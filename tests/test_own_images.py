@@ -505,3 +505,13 @@ def test_quick_header_agrees_with_pillow_and_defers_when_unsure(tmp_path: Path) 
         assert (quick is not None) == quick_expected, name
         assert quick is None or quick == expected, name
         assert _formats.image_header(path) == expected == _formats.image_header(path.read_bytes()), name
+
+
+def test_two_image_sizes_of_one_folder_are_cached_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path
+) -> None:
+    make_labelled(tmp_path / "pics", {"a": 3})
+    calls = count_decodes(monkeypatch)
+    for size in (4, 6, 4, 6):
+        assert load_dataset(str(tmp_path / "pics"), "all", image_size=size).images.shape[-1] == size
+    assert calls[0] == 6 and len(list((cache / "decoded").glob("*.npy"))) == 2

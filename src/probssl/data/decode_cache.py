@@ -128,9 +128,10 @@ def decoded_array(
     memory map: writable for the caller, never written back to the cache.
     """
     folder = cache_root(cache_dir) / "decoded"
-    prefix = f"{_slug(name)}-{location_key}-"
-    path = folder / f"{prefix}{content_key}.npy"
     shape = (len(source), source.channels, source.image_size, source.image_size)
+    # Entries of one place at one size/channel count replace each other; other sizes stay cached.
+    prefix = f"{_slug(name)}-{location_key}-{shape[2]}px{shape[1]}c-"
+    path = folder / f"{prefix}{content_key}.npy"
     if path.is_file():
         try:
             cached = np.load(path, mmap_mode="c", allow_pickle=False)

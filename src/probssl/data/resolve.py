@@ -36,7 +36,7 @@ from probssl.data.datasets import (
     get_dataset_info,
 )
 from probssl.data.file_source import FileSource, Items
-from probssl.data.image_scan import scan_items
+from probssl.data.image_scan import Scan, scan_items
 from probssl.data.sources import ArraySource, ImageSource
 
 __all__ = [
@@ -179,7 +179,8 @@ def _layout(listing: _Listing, where: Path) -> image_folder.Layout:
         raise DatasetError(str(e)) from e
 
 
-def _channels_and_size(listing: _Listing, scan, image_size: int | None, where: Path) -> tuple[int, int]:  # noqa: ANN001
+def _channels_and_size(listing: _Listing, scan: Scan, image_size: int | None, where: Path) -> tuple[int, int]:
+    """Any colour image makes the collection RGB; without ``image_size`` one square size is required."""
     good = np.asarray([i for i in range(len(listing.items.names)) if i not in scan.bad], np.int64)
     if len(good) == 0:
         raise DatasetError(f"no readable image under {where}; every file failed to decode")
