@@ -337,6 +337,9 @@ def test_corrupt_image_is_named_or_skipped_and_listed(tmp_path: Path) -> None:
     assert len(ds) == 9 and ds.labels.tolist() == [0] * 5 + [1] * 4
     src = open_source(str(tmp_path / "pics"), "all", skip_corrupt=True)
     assert skipped_items(src) == [str(bad)] and len(src) == 9
+    with pytest.raises(DatasetError, match=r"img002\.png"):
+        resolve_dataset_info(str(tmp_path / "pics"))
+    assert resolve_dataset_info(str(tmp_path / "pics"), skip_corrupt=True).num_classes == 2
 
 
 def test_truncated_jpeg_fails_when_decoded_and_is_found_by_skip_corrupt(tmp_path: Path) -> None:

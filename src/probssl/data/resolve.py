@@ -380,6 +380,7 @@ def resolve_dataset_info(
     data_dir: PathLike | None = None,
     image_size: int | None = None,
     verify: bool = True,
+    skip_corrupt: bool = False,
     cache_dir: PathLike | None = None,
 ) -> DatasetInfo:
     """Static facts about ``dataset`` as the run will see it.
@@ -403,7 +404,13 @@ def resolve_dataset_info(
     elif "train" not in get_dataset_info(dataset).splits:
         stats_split = "all"
     source = open_source(
-        dataset, stats_split, data_dir=data_dir, image_size=image_size, verify=verify, cache_dir=cache_dir
+        dataset,
+        stats_split,
+        data_dir=data_dir,
+        image_size=image_size,
+        verify=verify,
+        skip_corrupt=skip_corrupt,
+        cache_dir=cache_dir,
     )
     mean, std = channel_stats(source, cache_dir)
     if is_path_dataset(dataset):
