@@ -11,7 +11,7 @@ Members are still policed, because a tar that tries it is not an image collectio
 absolute path, a ``..`` component, a symbolic or hard link, or a device/FIFO/sparse member refuses
 the whole tar with :class:`UnsafeTarError`.
 
-The index of a large tar takes seconds to build (CIFAR-10's 50,000 members: ~2-4 s), so it is
+The index of a large tar takes seconds to build (CIFAR-10's 60,000 members: ~4-6 s), so it is
 cached in the cache directory keyed by the tar's path, size and mtime.
 """
 
