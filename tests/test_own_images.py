@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from probssl.data import (
     DatasetError,
@@ -337,6 +337,9 @@ def test_corrupt_image_is_named_or_skipped_and_listed(tmp_path: Path) -> None:
     assert len(ds) == 9 and ds.labels.tolist() == [0] * 5 + [1] * 4
     src = open_source(str(tmp_path / "pics"), "all", skip_corrupt=True)
     assert skipped_items(src) == [str(bad)] and len(src) == 9
+    with pytest.raises(DatasetError, match=r"img002\.png"):
+        resolve_dataset_info(str(tmp_path / "pics"))
+    assert resolve_dataset_info(str(tmp_path / "pics"), skip_corrupt=True).num_classes == 2
 
 
 def test_truncated_jpeg_fails_when_decoded_and_is_found_by_skip_corrupt(tmp_path: Path) -> None:
@@ -405,3 +408,113 @@ def test_cli_image_size_flag_maps_to_data_image_size() -> None:
     args = build_parser().parse_args(["train", "--dataset", "/some/folder", "--image-size", "48"])
     cfg = config_from_args(args)
     assert cfg.data.image_size == 48 and cfg.data.dataset == "/some/folder"
+
+
+def test_tar_made_with_dot_prefix_and_macos_junk_reads_like_the_folder(tmp_path: Path) -> None:
+    pixels = make_labelled(tmp_path / "pics", {"a": 2, "b": 3})
+    (tmp_path / "pics" / "__MACOSX" / "a").mkdir(parents=True)
+    (tmp_path / "pics" / "__MACOSX" / "a" / "._img000.png").write_bytes(b"resource fork")
+    (tmp_path / "pics" / ".DS_Store").write_bytes(b"junk")
+    tar_path = tmp_path / "dot.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(tmp_path / "pics", arcname=".")  # members ./a/img000.png, ..., and the folder '.'
+    src = open_source(str(tar_path), "all")
+    assert src.classes == ["a", "b"] and len(src) == 5
+    assert np.array_equal(src.read(2), pixels["b/img000.png"].transpose(2, 0, 1))
+    assert open_source(str(tmp_path / "pics"), "all").classes == ["a", "b"]
+
+
+def test_symlink_loop_in_a_folder_is_listed_once(tmp_path: Path) -> None:
+    make_labelled(tmp_path / "pics", {"a": 2, "b": 2})
+    (tmp_path / "pics" / "a" / "loop").symlink_to(tmp_path / "pics" / "a")
+    assert len(open_source(str(tmp_path / "pics"), "all")) == 4
+
+
+def test_exif_rotation_is_applied(tmp_path: Path) -> None:
+    arr = np.arange(6 * 10 * 3, dtype=np.uint8).reshape(6, 10, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    (tmp_path / "r").mkdir()
+    Image.fromarray(arr).save(tmp_path / "r" / "turned.png", exif=exif)
+    upright = np.rot90(arr, k=-1)  # 10 x 6
+    src = open_source(str(tmp_path / "r" / "turned.png"), "all", image_size=6)
+    assert np.array_equal(src.read(0), upright[2:8].transpose(2, 0, 1))  # portrait: centre rows 2..7
+
+
+def test_damaged_tars_and_empty_names_are_clear_errors(tmp_path: Path) -> None:
+    make_labelled(tmp_path / "pics", {"a": 3})
+    gz = make_tar(tmp_path / "pics", tmp_path / "pics.tar.gz", "w:gz")
+    gz.write_bytes(gz.read_bytes()[:-40])  # cut the gzip trailer and some data
+    with pytest.raises(
+        DatasetError, match=r"cannot read .*pics\.tar\.gz as a tar: it is damaged or truncated"
+    ):
+        open_source(str(gz), "all")
+    (tmp_path / "fake.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(DatasetError, match="damaged or truncated"):
+        open_source(str(tmp_path / "fake.tar"), "all")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DatasetError, match="neither a folder, a tar nor an image file"):
+        open_source(str(tmp_path / "notes.txt"), "all")
+    with pytest.raises(DatasetError, match="empty"):
+        open_source("  ", "train")
+
+
+def test_an_unwritable_cache_is_a_clear_error_only_where_the_cache_is_needed(tmp_path: Path) -> None:
+    make_labelled(tmp_path / "pics", {"a": 2})
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    src = open_source(str(tmp_path / "pics"), "all", cache_dir=blocked)  # the scan memo is optional
+    assert len(src) == 2 and src.read(0).shape == (3, 8, 8)
+    with pytest.raises(DatasetError, match=r"cannot write .*a_file.*data\.cache_dir"):
+        load_dataset(str(tmp_path / "pics"), "all", cache_dir=blocked)
+
+
+@pytest.mark.skipif(not features.check("webp"), reason="this Pillow cannot read WebP")
+def test_webp_is_read(tmp_path: Path) -> None:
+    arr = np.random.default_rng(5).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    seen = save(tmp_path / "w" / "x.webp", arr, lossless=True)
+    assert np.array_equal(open_source(str(tmp_path / "w"), "all").read(0), seen.transpose(2, 0, 1))
+    assert np.array_equal(seen, arr)
+
+
+def test_quick_header_agrees_with_pillow_and_defers_when_unsure(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    rgb = rng.integers(0, 256, (7, 11, 3), dtype=np.uint8)
+    grey = rng.integers(0, 256, (7, 11), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    cases = {  # name: (image, save options, must the quick path answer?)
+        "L.png": (Image.fromarray(grey), {}, True),
+        "LA.png": (Image.fromarray(grey).convert("LA"), {}, True),
+        "I16.png": (Image.fromarray(grey.astype(np.uint16) * 200), {}, True),
+        "1.png": (Image.fromarray(grey > 128), {}, True),
+        "RGB.png": (Image.fromarray(rgb), {}, True),
+        "RGBA.png": (Image.fromarray(rgb).convert("RGBA"), {}, True),
+        "P.png": (Image.fromarray(rgb).convert("P"), {}, True),
+        "L.jpg": (Image.fromarray(grey), {}, True),
+        "RGB.jpg": (Image.fromarray(rgb), {"quality": 75}, True),
+        "progressive.jpg": (Image.fromarray(rgb), {"progressive": True}, True),
+        "CMYK.jpg": (Image.fromarray(rgb).convert("CMYK"), {}, False),
+        "exif.jpg": (Image.fromarray(rgb), {"exif": exif}, False),
+        "exif.png": (Image.fromarray(rgb), {"exif": exif}, False),
+    }
+    for name, (im, options, quick_expected) in cases.items():
+        path = tmp_path / name
+        im.save(path, **options)
+        with Image.open(path) as ref:
+            ref_size = ref.size[::-1] if name.startswith("exif") else ref.size  # rotated by its EXIF
+            expected = (*ref_size, ref.mode in _formats._GRAY_MODES)
+        quick = _formats.quick_header(path.read_bytes())
+        assert (quick is not None) == quick_expected, name
+        assert quick is None or quick == expected, name
+        assert _formats.image_header(path) == expected == _formats.image_header(path.read_bytes()), name
+
+
+def test_two_image_sizes_of_one_folder_are_cached_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path
+) -> None:
+    make_labelled(tmp_path / "pics", {"a": 3})
+    calls = count_decodes(monkeypatch)
+    for size in (4, 6, 4, 6):
+        assert load_dataset(str(tmp_path / "pics"), "all", image_size=size).images.shape[-1] == size
+    assert calls[0] == 6 and len(list((cache / "decoded").glob("*.npy"))) == 2

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -29,7 +30,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from probssl.data.datasets import DatasetError
 from probssl.io import atomic_write as _atomic_write
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "cache_path",
@@ -73,9 +77,24 @@ def cache_path(kind: str, key: str, suffix: str, cache_dir: str | os.PathLike[st
     return cache_root(cache_dir) / kind / f"{key}{suffix}"
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` then fsync and rename over ``path`` (see :func:`probssl.io.atomic_write`)."""
-    _atomic_write(path, write)
+def atomic_write(path: Path, write: Callable[[Path], None], required: bool = True) -> bool:
+    """``write(tmp)`` then fsync and rename over ``path`` (see :func:`probssl.io.atomic_write`).
+
+    A cache that cannot be written (full disk, read-only folder) is a user-fixable problem: a
+    ``required`` entry raises :class:`DatasetError` saying so; an optional one (a memo that only saves
+    time) is skipped with a warning and False is returned.
+    """
+    try:
+        _atomic_write(path, write)
+        return True
+    except OSError as e:
+        if not required:
+            logger.warning("could not write the cache entry %s (%s); continuing without it", path, e)
+            return False
+        raise DatasetError(
+            f"cannot write {path} ({e.strerror or e}); free space there, or point data.cache_dir "
+            f"(or $PROBSSL_CACHE) at a writable folder with room"
+        ) from e
 
 
 def read_json(path: Path) -> Any | None:
@@ -87,7 +106,8 @@ def read_json(path: Path) -> Any | None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)))
+    """A small memo (a checksum, mean/std): best effort, never fatal."""
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data)), required=False)
 
 
 def _slug(text: str) -> str:
@@ -108,9 +128,10 @@ def decoded_array(
     memory map: writable for the caller, never written back to the cache.
     """
     folder = cache_root(cache_dir) / "decoded"
-    prefix = f"{_slug(name)}-{location_key}-"
-    path = folder / f"{prefix}{content_key}.npy"
     shape = (len(source), source.channels, source.image_size, source.image_size)
+    # Entries of one place at one size/channel count replace each other; other sizes stay cached.
+    prefix = f"{_slug(name)}-{location_key}-{shape[2]}px{shape[1]}c-"
+    path = folder / f"{prefix}{content_key}.npy"
     if path.is_file():
         try:
             cached = np.load(path, mmap_mode="c", allow_pickle=False)
@@ -126,6 +147,7 @@ def decoded_array(
         out.flush()
         del out
 
+    logger.info("decoding %d images of %s once into %s", shape[0], name, path)
     atomic_write(path, write)
     for stale in folder.glob(f"{prefix}*.npy"):
         if stale != path:

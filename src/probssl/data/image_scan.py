@@ -87,5 +87,5 @@ def scan_items(
                 bad_reason=np.asarray([bad[i] for i in order], dtype=str),
             )
 
-    decode_cache.atomic_write(path, write)  # type: ignore[arg-type]
+    decode_cache.atomic_write(path, write, required=False)  # type: ignore[arg-type]
     return scan

@@ -36,7 +36,7 @@ from probssl.data.datasets import (
     get_dataset_info,
 )
 from probssl.data.file_source import FileSource, Items
-from probssl.data.image_scan import scan_items
+from probssl.data.image_scan import Scan, scan_items
 from probssl.data.sources import ArraySource, ImageSource
 
 __all__ = [
@@ -71,6 +71,8 @@ def _data_root(data_dir: PathLike | None) -> Path:
 
 
 def _existing_path(dataset: str) -> Path:
+    if not str(dataset).strip():
+        raise DatasetError("the dataset name is empty; give a registered name (probssl list) or a path")
     path = Path(dataset).expanduser().absolute()
     if not path.exists():
         raise DatasetError(
@@ -116,16 +118,13 @@ def _is_tar(path: Path) -> bool:
 
 
 def _list_dir(path: Path) -> _Listing:
-    files, dirs = image_folder.walk(path)
-    stats = []
-    for f in files:
-        st = (path / f).stat()
-        stats.append((f, st.st_size, st.st_mtime_ns))
-    n = len(files)
+    files, dirs, stats = image_folder.walk(path)
+    n, root = len(files), os.fspath(path) + os.sep
     items = Items(
-        [str(path / f) for f in files], np.full(n, -1, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64)
+        [root + f for f in files], np.full(n, -1, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64)
     )
-    return _Listing(path.name, files, dirs, items, decode_cache.digest("dir", str(path), stats))
+    identity = decode_cache.digest("dir", str(path), [(f, *stats[f]) for f in files])
+    return _Listing(path.name, files, dirs, items, identity)
 
 
 def _list_tar(path: Path, cache_dir: PathLike | None) -> _Listing:
@@ -180,7 +179,8 @@ def _layout(listing: _Listing, where: Path) -> image_folder.Layout:
         raise DatasetError(str(e)) from e
 
 
-def _channels_and_size(listing: _Listing, scan, image_size: int | None, where: Path) -> tuple[int, int]:  # noqa: ANN001
+def _channels_and_size(listing: _Listing, scan: Scan, image_size: int | None, where: Path) -> tuple[int, int]:
+    """Any colour image makes the collection RGB; without ``image_size`` one square size is required."""
     good = np.asarray([i for i in range(len(listing.items.names)) if i not in scan.bad], np.int64)
     if len(good) == 0:
         raise DatasetError(f"no readable image under {where}; every file failed to decode")
@@ -380,6 +380,7 @@ def resolve_dataset_info(
     data_dir: PathLike | None = None,
     image_size: int | None = None,
     verify: bool = True,
+    skip_corrupt: bool = False,
     cache_dir: PathLike | None = None,
 ) -> DatasetInfo:
     """Static facts about ``dataset`` as the run will see it.
@@ -403,7 +404,13 @@ def resolve_dataset_info(
     elif "train" not in get_dataset_info(dataset).splits:
         stats_split = "all"
     source = open_source(
-        dataset, stats_split, data_dir=data_dir, image_size=image_size, verify=verify, cache_dir=cache_dir
+        dataset,
+        stats_split,
+        data_dir=data_dir,
+        image_size=image_size,
+        verify=verify,
+        skip_corrupt=skip_corrupt,
+        cache_dir=cache_dir,
     )
     mean, std = channel_stats(source, cache_dir)
     if is_path_dataset(dataset):
