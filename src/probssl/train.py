@@ -48,7 +48,6 @@ from probssl.data import (
     skipped_items,
 )
 from probssl.data.pipeline import BatchPlan, SubsetSource, build_pipeline, choose_pipeline
-from probssl.data.resolve import channel_stats, is_path_dataset
 from probssl.data.sources import ImageSource
 from probssl.data.views import PRESETS
 from probssl.distributed import (
@@ -141,20 +140,13 @@ def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingD
     stored = out_dir / DATASET_INFO_FILE
     if resume and stored.is_file():
         info = dataset_info_from_json(stored)
-    elif dc.skip_corrupt and is_path_dataset(dc.dataset):
-        # resolve_dataset_info reads every file strictly (no skip_corrupt): the same facts from the
-        # training source, which holds only the readable images
-        mean, std = channel_stats(source, dc.cache_dir)
-        splits = ("train", "test", "all")
-        info = DatasetInfo(
-            source.name, source.channels, source.image_size, len(source.classes), splits, mean, std
-        )
     else:
         info = resolve_dataset_info(
             dc.dataset,
             data_dir=dc.data_dir,
             image_size=dc.image_size,
             verify=dc.verify,
+            skip_corrupt=dc.skip_corrupt,
             cache_dir=dc.cache_dir,
         )
     skipped = skipped_items(source)
