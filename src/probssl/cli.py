@@ -94,10 +94,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from probssl.tables import DEFAULT_COLUMNS, aggregate_seeds, format_table, read_eval
+    from probssl.tables import (
+        DEFAULT_COLUMNS,
+        aggregate_seeds,
+        check_columns,
+        format_table,
+        read_eval,
+        select_runs,
+    )
 
-    rows = {str(d): read_eval(d) for d in args.run_dirs}
+    run_dirs, notes = select_runs(args.run_dirs)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    rows = {str(d): read_eval(d) for d in run_dirs}
     columns = args.columns.split(",") if args.columns else list(DEFAULT_COLUMNS)
+    if args.columns:
+        check_columns(rows, columns)
     if args.by_seed:
         rows, columns = aggregate_seeds(rows, columns), ["n", *columns]
     table = format_table(rows, columns, markdown=args.markdown or bool(args.update))
@@ -116,8 +128,12 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from probssl.eval.report import build_report
+    from probssl.tables import select_runs
 
-    path = build_report(args.run_dirs, args.out, title=args.title)
+    run_dirs, notes = select_runs(args.run_dirs, need_eval=False)  # report notes a missing eval.json itself
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    path = build_report(run_dirs, args.out, title=args.title)
     print(f"wrote {path}")
     return 0
 
