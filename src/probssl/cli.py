@@ -65,12 +65,35 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import os
+
+    from probssl.checkpoint import final_weights_intact, latest_checkpoint
     from probssl.train import train
 
     cfg = config_from_args(args)
     out = args.out or f"runs/{cfg.data.dataset}/{cfg.method}-s{cfg.train.seed}"
-    train(cfg, out, resume=args.resume)
-    print(f"trained {cfg.method} on {cfg.data.dataset}: {out}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line per run, not per process
+    if args.resume and (Path(out) / "config.yaml").is_file():
+        if final_weights_intact(out):
+            if main_rank:
+                print(f"{out} is already finished; nothing to train (evaluate it: probssl eval {out})")
+            return 0
+        if latest_checkpoint(out) is None and main_rank:
+            print(f"note: {out} has no checkpoint yet; training it from step 0", file=sys.stderr)
+    try:
+        train(cfg, out, resume=args.resume)
+    except KeyboardInterrupt:
+        if main_rank:
+            latest = latest_checkpoint(out)
+            where = f"its last checkpoint is {latest}" if latest else "it has no checkpoint yet"
+            print(
+                f"\ninterrupted: the run is in {out} ({where}); "
+                f"continue it with: probssl train --resume --out {out}",
+                file=sys.stderr,
+            )
+        return 130
+    if main_rank:
+        print(f"trained {cfg.method} on {cfg.data.dataset}: {out}")
     return 0
 
 
@@ -372,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; 130 = 128 + SIGINT, as a shell reports it
+        print(f"\ninterrupted: probssl {args.command} stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

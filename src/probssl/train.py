@@ -82,7 +82,12 @@ def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def training_subset(dataset: ImageDataset, size: int | None, seed: int) -> ImageDataset:
-    if size is None or size >= len(dataset):
+    if size is not None and size > len(dataset):  # silently training on everything would mislabel the run
+        raise ConfigError(
+            f"data.subset={size} is larger than the training set ({len(dataset)} images); "
+            f"use --subset {len(dataset)} or less, or drop it to train on every image"
+        )
+    if size is None or size == len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return dataset.subset(order[:size].sort().values)
