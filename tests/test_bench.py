@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
 def test_suite_budgets_match_the_documented_configs(name):
-    """The YAML in configs/ documents each budget; the harness must train exactly that."""
-    documented = yaml.safe_load((REPO / "configs" / f"{name}.yaml").read_text())
+    """The bundled YAML (src/probssl/configs/) documents each budget; the harness must train exactly that."""
+    documented = yaml.safe_load((REPO / "src" / "probssl" / "configs" / f"{name}.yaml").read_text())
     documented["train"].pop("keep_checkpoints", None)  # where checkpoints go, not what is computed
     assert suites.SUITES[name].budget == documented
 

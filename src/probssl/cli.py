@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from probssl.checkpoint import CheckpointError
-from probssl.config import ConfigError, RunConfig, build_config, config_from_dict, load_yaml
+from probssl.config import ConfigError, RunConfig, build_config, bundled_configs, config_from_dict, load_yaml
 from probssl.data import DatasetError, dataset_names
 from probssl.registry import UnknownNameError
 
@@ -32,7 +32,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", type=int, help="train on a fixed random subset of N training images")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (default runs/<dataset>/<method>-s<seed>)")
-    p.add_argument("--config", help="YAML config file; flags and key=value overrides win over it")
+    p.add_argument(
+        "--config",
+        help="YAML config file, or a bundled config's name (probssl list); flags and key=value overrides win",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -276,6 +279,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("methods:  ", ", ".join(METHODS.names()))
     print("datasets: ", ", ".join(dataset_names()))
     print("backbones:", ", ".join(BACKBONES.names()))
+    print("configs:  ", ", ".join(bundled_configs()), "(--config NAME)")
     return 0
 
 
