@@ -175,3 +175,25 @@ def test_a_subset_larger_than_the_dataset_is_refused(tmp_path, capsys):
     argv[argv.index("--subset") + 1] = "100000"
     assert main(argv) == 2
     assert "data.subset=100000 is larger than the training set" in capsys.readouterr().err
+
+
+def test_warnings_print_as_one_line(monkeypatch):
+    import warnings
+
+    import probssl.cli as cli
+
+    seen = []
+
+    def format_two(args):  # what Python prints for a warning is formatwarning's text
+        seen.append(warnings.formatwarning("skipped ood/mnist (not found)\n  detail", UserWarning, "x.py", 3))
+        seen.append(warnings.formatwarning("old API", DeprecationWarning, "x.py", 3, "source line"))
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "list", format_two)
+    standard = warnings.formatwarning
+    assert main(["list"]) == 0
+    assert seen == [
+        "warning: skipped ood/mnist (not found) detail\n",
+        "warning (DeprecationWarning): old API\n",
+    ]
+    assert warnings.formatwarning is standard  # restored for the library's other users

@@ -112,6 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         step=args.step,
         suite_name=args.suite,
+        download=args.download,
     )
     print(format_table({str(args.run_dir): results}))
     name = "eval.json" if args.step is None else f"eval_step{args.step}.json"
@@ -308,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
         "full: + corruptions, low-shot, transfer, retrieval",
     )
     p.add_argument("--step", type=int, help="evaluate the kept checkpoint at this step (eval_step<N>.json)")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch missing OOD / transfer sets (other datasets) over the network; off: skip them",
+    )
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("table", help="print a table of eval.json results")
     p.add_argument("run_dirs", nargs="+")
@@ -383,7 +389,25 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """A warning as one ``warning: ...`` line: the user needs the message, not our source line."""
+    text = " ".join(str(message).split())
+    label = "warning" if issubclass(category, UserWarning) else f"warning ({category.__name__})"
+    return f"{label}: {text}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    standard = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # the command line only; the library's warnings stay standard
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = standard
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded beside generated tables

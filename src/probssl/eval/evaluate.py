@@ -113,8 +113,14 @@ def evaluate_run(
     progress: bool = True,
     step: int | None = None,
     suite_name: str = "full",
+    download: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint)."""
+    """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint).
+
+    OOD and transfer sets are other datasets than the one trained on: they are read from the data
+    directory, and fetched over the network only with ``download=True`` (a missing one is skipped
+    with one warning line; ``meta/skipped`` in eval.json keeps the full reason).
+    """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite '{suite_name}'; valid suites: {', '.join(SUITES)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -176,7 +182,7 @@ def evaluate_run(
                     name,
                     cfg.data.dataset,
                     ev.data_dir,
-                    cfg.data.download,
+                    download,
                     max_items=test.num_items,
                     seed=cfg.train.seed,
                 )
@@ -209,7 +215,7 @@ def evaluate_run(
                     name,
                     cfg.data.dataset,
                     ev.data_dir,
-                    cfg.data.download,
+                    download,
                     max_items=cfg.eval.transfer_max_items,
                     seed=cfg.train.seed,
                 )
@@ -223,7 +229,9 @@ def evaluate_run(
         ret, details["sparsification"] = suite.retrieval_suite(test, uncertainty)
         results.update(ret)
     for reason in skipped:
-        warnings.warn(f"skipped {reason}", stacklevel=2)
+        what, _ = reason.split(": ", 1)
+        hint = "not found or unreadable" + ("" if download else "; --download (or --data-dir DIR) adds it")
+        warnings.warn(f"skipped {what} ({hint}; the reason is in eval.json's meta/skipped)", stacklevel=2)
 
     results["meta/method"] = cfg.method
     results["meta/dataset"] = cfg.data.dataset
