@@ -197,3 +197,15 @@ def test_warnings_print_as_one_line(monkeypatch):
         "warning (DeprecationWarning): old API\n",
     ]
     assert warnings.formatwarning is standard  # restored for the library's other users
+
+
+def test_only_rank_zero_reports_the_run(tmp_path, capsys, monkeypatch):
+    import probssl.train
+
+    monkeypatch.setattr(probssl.train, "train", lambda cfg, out, resume=False: out)  # what each rank runs
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it for the second process
+    assert main(_tiny_train(tmp_path / "run")) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(_tiny_train(tmp_path / "run")) == 0
+    assert capsys.readouterr().out.startswith("trained simclr on digits")
