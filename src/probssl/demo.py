@@ -9,6 +9,7 @@ says what it is doing, so the minutes of evaluation are not silent.
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 from probssl.checkpoint import final_weights_intact
@@ -40,11 +41,31 @@ def demo_config(method: str, epochs: int | None = None, progress: bool = True) -
     return build_config(DEMO_CONFIG, method=method, train=train_args)
 
 
+def _report_warnings(caught: list[warnings.WarningMessage], said: set[str]) -> None:
+    """The same optional set is missing for every run: say so once, not once per run; pass the rest on."""
+    skipped = sorted(
+        str(w.message).split()[1]
+        for w in caught
+        if str(w.message).startswith("skipped ") and len(str(w.message).split()) > 1
+    )
+    new = [name for name in skipped if name not in said]
+    if new:
+        said.update(new)
+        print(
+            f"  skipped {', '.join(new)}: other datasets, not in the data directory "
+            "(`probssl eval RUN --download` or --data-dir adds them)"
+        )
+    for w in caught:
+        if not str(w.message).startswith("skipped "):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def run_demo(
     out: str | Path = "runs/demo", epochs: int | None = None, progress: bool = True
 ) -> dict[str, dict]:
     out = Path(out)
     results = {}
+    said: set[str] = set()
     for method in DEMO_METHODS:
         run_dir = out / method
         cfg = demo_config(method, epochs, progress)
@@ -63,7 +84,10 @@ def run_demo(
         )
         # Per-batch feature bars would print dozens of lines here (one per corrupted copy): the stage
         # lines above and below say where the demo is instead.
-        results[method] = evaluate_run(run_dir, progress=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            results[method] = evaluate_run(run_dir, progress=False)
+        _report_warnings(caught, said)
         print(f"{method}: done in {time.perf_counter() - started:.0f} s", flush=True)
     report = build_report([out / m for m in DEMO_METHODS], out / "report.html", title="probssl demo: digits")
     print()
