@@ -152,6 +152,9 @@ def test_resume_says_what_it_does(tmp_path, capsys):
     assert main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "already finished" in captured.out and "trained" not in captured.out
+    # ... unless asked to change it: that is refused as for any resumption, not called finished.
+    assert main(["train", "--resume", "--out", str(out), "--no-progress", "--epochs", "5"]) == 2
+    assert "train.epochs: 2 → 5" in capsys.readouterr().err
 
 
 def test_corrupt_final_weights_name_the_fix_that_works(tmp_path, capsys):

@@ -71,12 +71,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from probssl.checkpoint import final_weights_intact, latest_checkpoint
-    from probssl.train import train
+    from probssl.train import check_resumable, train
 
     cfg = config_from_args(args)
     out = args.out or f"runs/{cfg.data.dataset}/{cfg.method}-s{cfg.train.seed}"
     main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line per run, not per process
     if args.resume and (Path(out) / "config.yaml").is_file():
+        check_resumable(
+            config_from_dict(load_yaml(Path(out) / "config.yaml")), cfg
+        )  # a changed config is refused
         if final_weights_intact(out):
             if main_rank:
                 print(f"{out} is already finished; nothing to train (evaluate it: probssl eval {out})")
