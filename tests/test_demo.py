@@ -47,3 +47,19 @@ def test_the_demo_end_to_end_prints_one_line_per_stage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("skipped ood/fashion_mnist") <= 1 and "pixels: nothing to train" in out
     assert (tmp_path / "report.html").is_file()
+
+
+def test_the_demo_runs_single_threaded_and_restores_the_count(monkeypatch):
+    import torch
+
+    import probssl.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "_run_demo", lambda out, epochs, progress: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_demo("unused", epochs=1)
+        assert seen == [demo.DEMO_THREADS] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
