@@ -63,6 +63,7 @@ def test_cli_resume_continues_and_refuses_a_changed_config(tmp_path, capsys):
     ]
     assert main([*base, "train.max_steps=1"]) == 0
     assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert capsys.readouterr().out.startswith("stopped simclr on digits at step 1 of 4 (train.max_steps)")
     assert main(["train", "--resume", "--out", out, "--no-progress", "optim.lr=0.5"]) == 2
     assert "optim.lr" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", out, "--no-progress"]) == 0
@@ -203,9 +204,16 @@ def test_warnings_print_as_one_line(monkeypatch):
 
 
 def test_only_rank_zero_reports_the_run(tmp_path, capsys, monkeypatch):
-    import probssl.train
+    import torch
 
-    monkeypatch.setattr(probssl.train, "train", lambda cfg, out, resume=False: out)  # what each rank runs
+    import probssl.train
+    from probssl.checkpoint import save_model
+
+    def finished_run(cfg, out, resume=False):  # what each rank runs, as far as the CLI can tell
+        save_model(out, {"w": torch.zeros(1)}, {"method": cfg.method})
+        return out
+
+    monkeypatch.setattr(probssl.train, "train", finished_run)
     monkeypatch.setenv("RANK", "1")  # as torchrun sets it for the second process
     assert main(_tiny_train(tmp_path / "run")) == 0
     assert capsys.readouterr().out == ""

@@ -98,7 +98,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 130
-    if main_rank:
+    if main_rank and not final_weights_intact(out):  # train.max_steps stopped it early
+        latest = latest_checkpoint(out)
+        step = json.loads((latest / "meta.json").read_text()) if latest else {}
+        print(
+            f"stopped {cfg.method} on {cfg.data.dataset} at step {step.get('step', 0)} of "
+            f"{step.get('total_steps', '?')} (train.max_steps): {out}; "
+            f"continue with: probssl train --resume --out {out}"
+        )
+    elif main_rank:
         print(f"trained {cfg.method} on {cfg.data.dataset}: {out}")
     return 0
 
