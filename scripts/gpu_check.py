@@ -43,7 +43,7 @@ from probssl.precision import resolve_precision  # noqa: E402
 from probssl.runs import build_model  # noqa: E402
 from probssl.train import autocast_context, epoch_permutation, seed_everything  # noqa: E402
 
-CONFIG = ROOT / "configs" / "cifar10.yaml"
+CONFIG = ROOT / "src" / "probssl" / "configs" / "cifar10.yaml"
 #: Tried in this order; the first with its files under --data-dir is trained on.
 DATASETS = ("cifar10_jpeg", "cifar10")
 #: The dry run: every code path, tiny shapes (ResNet-18 at width 4, batch 32, a handful of steps).
