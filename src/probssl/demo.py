@@ -29,7 +29,8 @@ DEMO_COLUMNS = (
     "linear/top1",
     "cal/ece15",
     "cal/nll",
-    "ood/noise/auroc",
+    "ood/noise/msp/auroc",  # the linear probe's confidence ...
+    "ood/noise/knn1/auroc",  # ... and the pre-declared feature-space detector (kNN distance)
     "sel/err_auroc",
     "ret/recall@1",
     "lowshot/10pct/top1",
