@@ -35,3 +35,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_image_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Decoded-image caches of the test session go to a temp folder, never to ~/.cache/probssl."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PROBSSL_CACHE", str(tmp_path_factory.mktemp("probssl-cache")))
+        yield

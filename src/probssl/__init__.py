@@ -10,6 +10,7 @@ The workflow API::
     run_dir = probssl.fit(cfg, "runs/quick")
     results = probssl.evaluate_run(run_dir)          # also writes runs/quick/eval.json
     method = probssl.load_run(run_dir).method        # an SSLMethod: method.embed(x) -> Embedding
+    found = probssl.embed_images(run_dir, "my_images/")  # embedding, uncertainty, ood_score, path
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _LAZY = {
     "load_run": ("probssl.runs", "load_run"),
     "build_method": ("probssl.methods", "build_method"),
     "load_dataset": ("probssl.data", "load_dataset"),
+    "embed_images": ("probssl.apply_run", "embed_images"),
 }
 
 

@@ -1,4 +1,4 @@
-"""``probssl train | eval | demo | table | report | bench | list`` — the command line over the Python API.
+"""``probssl train | eval | embed | demo | table | report | bench | list`` — the CLI over the Python API.
 
 Every user-facing failure (a wrong config key, an unknown method, a missing or corrupt data file,
 a corrupt checkpoint, a NaN loss) is printed as one ``error:`` line that says what to do, with a
@@ -24,8 +24,11 @@ USER_ERRORS = (ConfigError, UnknownNameError, DatasetError, CheckpointError, Fil
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a method (works under torchrun for DDP)")
     p.add_argument("--method", help="registered method name (probssl list)")
-    p.add_argument("--dataset", help="dataset name (probssl list)")
+    p.add_argument("--dataset", help="dataset name (probssl list), or a folder / .tar of images")
     p.add_argument("--data-dir", help="directory with the official dataset files")
+    p.add_argument(
+        "--image-size", type=int, help="resize images: shorter side to N, centre N x N (data.image_size)"
+    )
     p.add_argument("--backbone", help="backbone name, or 'auto'")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size")
@@ -49,6 +52,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     flags = {"method": args.method, "backbone": args.backbone}
     mapping.update({k: v for k, v in flags.items() if v is not None})
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "subset": args.subset}
+    data["image_size"] = args.image_size
     train = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed}
     if args.no_progress:
         train["progress"] = False
@@ -90,6 +94,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_summary(results))
     name = "eval.json" if args.step is None else f"eval_step{args.step}.json"
     print(f"wrote {Path(args.run_dir) / name}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from probssl.apply_run import embed_images, write_embeddings
+
+    result = embed_images(
+        args.run_dir,
+        args.source,
+        samples=args.samples,
+        k=args.k,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        data_dir=args.data_dir,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    npz, table = write_embeddings(result, args.out)
+    n, d = result["embedding"].shape
+    print(f"embedded {n} images ({d} dimensions): {npz}, ranked by uncertainty in {table}")
     return 0
 
 
@@ -266,6 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--step", type=int, help="evaluate the kept checkpoint at this step (eval_step<N>.json)")
     p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser(
+        "embed", help="embeddings, uncertainties and OOD scores of your images under a trained run"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("source", help="an image folder (flat or with class folders), a .tar of one, or one image")
+    p.add_argument("--out", required=True, help="FILE.npz; FILE.csv beside it ranks images by uncertainty")
+    p.add_argument("--samples", type=int, help="posterior draws per image, stored as `samples` [S, N, D]")
+    p.add_argument(
+        "--k", type=int, default=1, help="OOD score: cosine distance to the k-th nearest training image"
+    )
+    p.add_argument("--batch-size", type=int, help="images per batch (default: the run's eval.batch_size)")
+    p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    p.add_argument("--data-dir", help="where the run's training data lives (for the OOD reference)")
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("table", help="print a table of eval.json results")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--columns", help="comma-separated metric keys")
@@ -332,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
+    "embed": cmd_embed,
     "table": cmd_table,
     "demo": cmd_demo,
     "report": cmd_report,

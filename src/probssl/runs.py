@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,19 @@ from probssl.config import RunConfig, config_from_dict, load_yaml
 from probssl.data import DatasetInfo, get_dataset_info
 from probssl.methods import SSLMethod, build_method
 from probssl.nn import build_backbone
+
+DATASET_INFO_FILE = "dataset_info.json"  # the DatasetInfo a run was trained with (own folders: computed)
+
+
+def dataset_info_from_json(path: str | Path) -> DatasetInfo:
+    raw = json.loads(Path(path).read_text())
+    return DatasetInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def run_dataset_info(run_dir: str | Path, cfg: RunConfig) -> DatasetInfo:
+    """The DatasetInfo stored with the run; runs from before it was stored used a registered dataset."""
+    path = Path(run_dir) / DATASET_INFO_FILE
+    return dataset_info_from_json(path) if path.is_file() else get_dataset_info(cfg.data.dataset)
 
 
 def resolve_backbone(cfg: RunConfig, info: DatasetInfo) -> str:
@@ -37,6 +51,7 @@ class LoadedRun:
     config: RunConfig
     method: SSLMethod
     weights_meta: dict
+    info: DatasetInfo  # channels, size and normalisation the run was trained with
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int | None = None) -> LoadedRun:
@@ -52,9 +67,10 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int 
             "pass the --out directory of a `probssl train` run"
         )
     cfg = config_from_dict(load_yaml(config_path))
-    method = build_model(cfg)
+    info = run_dataset_info(run_dir, cfg)
+    method = build_model(cfg, info)
     state, meta = load_model_state(run_dir, step)
     method.load_state_dict(state)
     method = method.to(device).eval()
     method.attach_run(run_dir, up_to_step=step)
-    return LoadedRun(run_dir=run_dir, config=cfg, method=method, weights_meta=meta)
+    return LoadedRun(run_dir=run_dir, config=cfg, method=method, weights_meta=meta, info=info)

@@ -4,12 +4,15 @@ Read top to bottom: set-up (distributed, seeds, data, model, schedules, resume),
 (batch → batched augmentation on the device → loss → finite guard → update → EMA → log →
 checkpoint), then the method's post-training pass and the final weights. Data order is a pure
 function of (seed, epoch) and every rank's RNG state is in the checkpoint, so ``--resume`` continues
-exactly where an uninterrupted run would be.
+exactly where an uninterrupted run would be. Batches come from :mod:`probssl.data.pipeline`: the
+decoded split in memory, or streamed by DataLoader workers when it is too large; both give the same
+batches, so the choice never changes what is computed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import math
 import random
@@ -33,7 +36,19 @@ from probssl.checkpoint import (
     write_rng,
 )
 from probssl.config import ConfigError, RunConfig, config_from_dict, load_yaml, save_config
-from probssl.data import ImageDataset, MultiViewAugment, get_dataset_info, load_dataset, preset_for_dataset
+from probssl.data import (
+    DatasetInfo,
+    ImageDataset,
+    MultiViewAugment,
+    decoded_nbytes,
+    load_source,
+    open_source,
+    preset_for_dataset,
+    resolve_dataset_info,
+    skipped_items,
+)
+from probssl.data.pipeline import BatchPlan, SubsetSource, build_pipeline, choose_pipeline
+from probssl.data.sources import ImageSource
 from probssl.data.views import PRESETS
 from probssl.distributed import (
     all_reduce_mean,
@@ -42,12 +57,12 @@ from probssl.distributed import (
     init_distributed,
     teardown_distributed,
 )
-from probssl.io import atomic_write_json
+from probssl.io import atomic_write_json, atomic_write_text
 from probssl.methods import TrainContext
 from probssl.optim import build_optimizer, warmup_cosine
 from probssl.precision import resolve_precision
 from probssl.run_log import MetricLogger
-from probssl.runs import build_model
+from probssl.runs import DATASET_INFO_FILE, build_model, dataset_info_from_json
 
 # Keys that may differ between a run and its resumption: they change how a run is watched or where
 # it stops, never what it computes.
@@ -60,6 +75,12 @@ RESUMABLE_KEYS = {
     "train.keep_checkpoints",
     "data.data_dir",
     "data.download",
+    # where and how images are read, never which pixels: the data order and the pixels are the same
+    "data.workers",
+    "data.cache_dir",
+    "data.verify",
+    "data.pipeline",
+    "data.memory_limit_gb",
 }
 
 
@@ -77,16 +98,69 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def epoch_permutation(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch, independent of any global RNG state (exact resume)."""
-    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def training_subset(dataset: ImageDataset, size: int | None, seed: int) -> ImageDataset:
+def training_subset(
+    dataset: ImageDataset | ImageSource, size: int | None, seed: int
+) -> ImageDataset | ImageSource:
+    """A fixed random ``size``-item subset (the same items whichever input path reads them)."""
     if size is None or size >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-    return dataset.subset(order[:size].sort().values)
+    chosen = order[:size].sort().values
+    return dataset.subset(chosen) if isinstance(dataset, ImageDataset) else SubsetSource(dataset, chosen)
+
+
+SKIPPED_FILE = "skipped_images.txt"
+
+
+@dataclasses.dataclass
+class TrainingData:
+    info: DatasetInfo  # what the model and the augmentation are built for (mean/std, size, channels)
+    items: ImageDataset | ImageSource  # the training split (after ``data.subset``)
+    pipeline: str  # memory | stream
+    skipped: list[str]  # unreadable items left out (``data.skip_corrupt``)
+
+
+def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingData:
+    """The run's DatasetInfo, its training split and the input path (``memory`` | ``stream``) to read it by.
+
+    A resumed run reuses the DatasetInfo it stored (mean/std of a folder are computed once, at the
+    start), so the normalisation cannot drift if files change. ``auto`` keeps the split in memory when
+    its decoded uint8 size is below ``data.memory_limit_gb`` and streams it otherwise.
+    """
+    dc = cfg.data
+    source = open_source(
+        dc.dataset,
+        "train",
+        data_dir=dc.data_dir,
+        image_size=dc.image_size,
+        download=dc.download,
+        verify=dc.verify,
+        skip_corrupt=dc.skip_corrupt,
+        cache_dir=dc.cache_dir,
+    )
+    stored = out_dir / DATASET_INFO_FILE
+    if resume and stored.is_file():
+        info = dataset_info_from_json(stored)
+    else:
+        info = resolve_dataset_info(
+            dc.dataset,
+            data_dir=dc.data_dir,
+            image_size=dc.image_size,
+            verify=dc.verify,
+            skip_corrupt=dc.skip_corrupt,
+            cache_dir=dc.cache_dir,
+        )
+    skipped = skipped_items(source)
+    items = training_subset(source, dc.subset, cfg.train.seed)
+    kind = choose_pipeline(dc.pipeline, decoded_nbytes(items), dc.memory_limit_gb)
+    if kind == "stream":
+        return TrainingData(info, items, kind, skipped)
+    if items is source or decoded_nbytes(source) <= dc.memory_limit_gb * 2**30:
+        # decoded once into a memory-mapped cache (reused by the next run), then the same subset of it
+        dataset = training_subset(load_source(source, dc.cache_dir), dc.subset, cfg.train.seed)
+    else:  # a small subset of a large set: decode only its items (not cached)
+        dataset = load_source(items, dc.cache_dir)
+    return TrainingData(info, dataset, kind, skipped)
 
 
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -122,12 +196,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         torch.use_deterministic_algorithms(True)
 
     # ---- data ---------------------------------------------------------------------------------
-    info = get_dataset_info(cfg.data.dataset)
-    dataset = training_subset(
-        load_dataset(cfg.data.dataset, "train", cfg.data.data_dir, cfg.data.download),
-        cfg.data.subset,
-        tc.seed,
-    )
+    data = open_training_data(cfg, out_dir, resume)
+    info, dataset = data.info, data.items
     if len(dataset) == 0:
         raise TrainingError(f"dataset '{cfg.data.dataset}' (train split) is empty")
     if tc.batch_size % world:
@@ -137,8 +207,11 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
             f"train.batch_size={tc.batch_size} is larger than the training set ({len(dataset)} "
             f"images); use --batch-size {len(dataset)} or less"
         )
-    local_batch = tc.batch_size // world
-    steps_per_epoch = len(dataset) // tc.batch_size  # drop the last incomplete batch
+    plan = BatchPlan(len(dataset), tc.batch_size, tc.seed, world_size=world, rank=rank)
+    pipeline = build_pipeline(
+        dataset, plan, data.pipeline, cfg.data.workers, pin_memory=device.type == "cuda"
+    )
+    steps_per_epoch = plan.steps_per_epoch  # the last incomplete batch is dropped
     total_steps = tc.epochs * steps_per_epoch
 
     # ---- model, optimiser, schedules (identical init on every rank) ---------------------------
@@ -164,7 +237,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         optimizer = method.configure_optimizer(context) or build_optimizer(method, cfg.optim, lr)
     # A sampler with a cyclical step size owns its schedule; everything else follows warm-up + cosine.
     owns_schedule = bool(getattr(optimizer, "owns_lr_schedule", False))
-    preset = cfg.data.views or preset_for_dataset(cfg.data.dataset)
+    preset = cfg.data.views or preset_for_dataset(cfg.data.dataset, info.channels, info.image_size)
     augment = MultiViewAugment(
         PRESETS[preset], info.image_size, info.channels, info.mean, info.std, num_global=method.num_views
     ).to(device)
@@ -196,6 +269,9 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
             )
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
+        atomic_write_json(out_dir / DATASET_INFO_FILE, dataclasses.asdict(info))
+        if cfg.data.skip_corrupt:
+            atomic_write_text(out_dir / SKIPPED_FILE, "".join(f"{item}\n" for item in data.skipped))
 
     model = DistributedDataParallel(method) if world > 1 and method.trainable else method
     logger = MetricLogger(out_dir, tensorboard=tc.tensorboard, enabled=is_main)
@@ -224,7 +300,6 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         return path
 
     # ---- the loop -----------------------------------------------------------------------------
-    images = dataset.images
     bar = tqdm(
         total=stop_step,
         initial=start_step,
@@ -233,16 +308,14 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         unit="step",
         dynamic_ncols=True,
     )
-    perm_epoch, perm = -1, None
     window_start, window_steps, train_start = time.perf_counter(), 0, time.perf_counter()
     loss = None
-    for step in range(start_step, stop_step if method.trainable else start_step):
-        epoch, it = divmod(step, steps_per_epoch)
-        if epoch != perm_epoch:
-            perm_epoch, perm = epoch, epoch_permutation(len(dataset), tc.seed, epoch)
-        lo = it * tc.batch_size + rank * local_batch
-        x = images[perm[lo : lo + local_batch]].to(device, non_blocking=True)
-        views = augment(x)
+    last_step = stop_step if method.trainable else start_step
+    for step, batch in zip(
+        range(start_step, last_step), pipeline.batches(start_step, last_step), strict=True
+    ):
+        epoch = step // steps_per_epoch
+        views = augment(batch.to(device, non_blocking=True))
         if tc.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         if not owns_schedule:
@@ -292,11 +365,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
     def training_views() -> Iterator[list[torch.Tensor]]:
         """One more epoch of augmented views in a fixed order, seeded apart from the training stream."""
-        order = epoch_permutation(len(dataset), tc.seed, tc.epochs)
         seed_everything(tc.seed * 7919 + 104_729 + rank)
-        for it in range(steps_per_epoch):
-            lo = it * tc.batch_size + rank * local_batch
-            views = augment(images[order[lo : lo + local_batch]].to(device, non_blocking=True))
+        # the epoch after the last one: same plan, so the order is epoch_permutation(n, seed, epochs)
+        for batch in pipeline.batches(total_steps, total_steps + steps_per_epoch):
+            views = augment(batch.to(device, non_blocking=True))
             if tc.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
             yield views

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from probssl.bench.provenance import provenance
 from probssl.config import RunConfig, build_config
-from probssl.data import MultiViewAugment, get_dataset_info, preset_for_dataset
+from probssl.data import DatasetInfo, MultiViewAugment, preset_for_dataset, resolve_dataset_info
 from probssl.data.views import PRESETS
 from probssl.methods import SSLMethod, TrainContext
 from probssl.optim import build_optimizer
@@ -112,11 +112,19 @@ class _SavedTensorBytes:
         return sum(self.seen.values())
 
 
+def _dataset_info(cfg: RunConfig) -> DatasetInfo:
+    """The run's image shape and statistics: registered sets and own folders (``data.image_size``) alike."""
+    data = cfg.data
+    return resolve_dataset_info(
+        data.dataset, data_dir=data.data_dir, image_size=data.image_size, verify=data.verify
+    )
+
+
 class _Runner:
     """A built method, its optimizer and augmentation, and a closure doing one training step."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, batch: Tensor) -> None:
-        info = get_dataset_info(cfg.data.dataset)
+        info = _dataset_info(cfg)
         torch.manual_seed(cfg.train.seed)
         self.method: SSLMethod = build_model(cfg, info).to(device)
         if cfg.train.channels_last:
@@ -128,7 +136,7 @@ class _Runner:
         self.optimizer = self.method.configure_optimizer(ctx) or build_optimizer(
             self.method, cfg.optim, cfg.optim.lr
         )
-        preset = cfg.data.views or preset_for_dataset(cfg.data.dataset)
+        preset = cfg.data.views or preset_for_dataset(cfg.data.dataset, info.channels, info.image_size)
         self.augment = MultiViewAugment(
             PRESETS[preset], info.image_size, info.channels, info.mean, info.std, self.method.num_views
         ).to(device)
@@ -227,7 +235,7 @@ def run_speed_benchmark(
     """Time every arm interleaved; return a JSON-ready dict (rows, machine, protocol)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base_cfg = build_config(config, list(overrides or []))
-    info = get_dataset_info(base_cfg.data.dataset)
+    info = _dataset_info(base_cfg)
     gen = torch.Generator().manual_seed(0)
     shape = (base_cfg.train.batch_size, info.channels, info.image_size, info.image_size)
     batch = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(dev)

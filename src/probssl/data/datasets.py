@@ -101,6 +101,10 @@ class DatasetInfo:
     std: tuple[float, ...]
 
 
+CIFAR10_JPEG_MEAN, CIFAR10_JPEG_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
+TINY_MEAN, TINY_STD = (0.4824, 0.4495, 0.3981), (0.2765, 0.2691, 0.2825)
+EUROSAT_MEAN, EUROSAT_STD = (0.3449, 0.3805, 0.4074), (0.2040, 0.1356, 0.1134)
+
 # mean/std: digits and Fashion-MNIST computed from the files; the others are the widely published values.
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
@@ -126,6 +130,12 @@ DATASETS: dict[str, DatasetInfo] = {
             (0.4467, 0.4398, 0.4066),
             (0.2603, 0.2566, 0.2713),
         ),
+        # Registered image-folder sets (public re-distributions read from tars: see registered_folders).
+        # mean/std computed from their files with probssl.data.resolve.channel_stats (train split; all
+        # of tiny_imagenet_val), checked by tests/test_own_images.py when the files are present.
+        DatasetInfo("cifar10_jpeg", 3, 32, 10, ("train", "test", "all"), CIFAR10_JPEG_MEAN, CIFAR10_JPEG_STD),
+        DatasetInfo("tiny_imagenet_val", 3, 64, 200, ("test", "all"), TINY_MEAN, TINY_STD),
+        DatasetInfo("eurosat_test", 3, 64, 10, ("train", "test", "all"), EUROSAT_MEAN, EUROSAT_STD),
     )
 }
 
@@ -137,6 +147,9 @@ _DISPLAY = {
     "cifar100": "CIFAR-100",
     "svhn": "SVHN",
     "stl10": "STL-10",
+    "cifar10_jpeg": "CIFAR-10 (JPEG q75 copy)",
+    "tiny_imagenet_val": "Tiny-ImageNet-200 validation",
+    "eurosat_test": "EuroSAT RGB test copy",
 }
 
 _ALIASES = {
@@ -144,6 +157,8 @@ _ALIASES = {
     "cifar_10": "cifar10",
     "cifar_100": "cifar100",
     "stl_10": "stl10",
+    "tiny_imagenet": "tiny_imagenet_val",
+    "eurosat": "eurosat_test",
 }
 
 _DIGIT_CLASSES = [str(d) for d in range(10)]
@@ -247,24 +262,56 @@ def get_dataset_info(name: str) -> DatasetInfo:
     """Info for ``name`` (case and '-'/'_' insensitive); an unknown name lists the valid ones."""
     info = DATASETS.get(_canonical(name))
     if info is None:
-        raise DatasetError(f"unknown dataset '{name}'; valid datasets: {', '.join(dataset_names())}")
+        raise DatasetError(
+            f"unknown dataset '{name}'; valid datasets: {', '.join(dataset_names())} (or a path to a folder "
+            f"of images, a .tar of one, or an image file)"
+        )
     return info
 
 
 def load_dataset(
-    name: str, split: str = "train", data_dir: str | os.PathLike[str] | None = None, download: bool = True
+    name: str,
+    split: str = "train",
+    data_dir: str | os.PathLike[str] | None = None,
+    download: bool = True,
+    *,
+    image_size: int | None = None,
+    verify: bool = True,
+    skip_corrupt: bool = False,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ImageDataset:
-    """Load one split of a benchmark dataset into memory.
+    """Load one split of a dataset into memory: a registered name, or a path to images.
 
     ``data_dir`` defaults to :func:`default_data_dir`; files live in ``data_dir/<name>/``. With
     ``download=False`` the network is never touched and a missing file raises :class:`DatasetError`
     naming the file, where to put it and where to get it.
+
+    A path (folder, tar, image file) or a registered image-folder set is decoded once into a uint8
+    array cached on disk and memory-mapped (see :mod:`probssl.data.resolve`); ``image_size``,
+    ``verify``, ``skip_corrupt`` and ``cache_dir`` apply to those. ``image_size`` also resizes an
+    array set (shorter side + centre crop, like any image).
     """
+    from probssl.data import resolve
+
+    if resolve.is_file_dataset(name):
+        return resolve.load_file_dataset(
+            name,
+            split,
+            data_dir,
+            image_size=image_size,
+            verify=verify,
+            skip_corrupt=skip_corrupt,
+            cache_dir=cache_dir,
+        )
     info = get_dataset_info(name)
     if split not in info.splits:
         raise DatasetError(f"unknown split '{split}' for {info.name}; valid splits: {', '.join(info.splits)}")
     root = Path(data_dir).expanduser().absolute() if data_dir is not None else default_data_dir()
-    return _LOADERS[info.name](info, split, root, download)
+    ds = _LOADERS[info.name](info, split, root, download)
+    if image_size is not None and int(image_size) != info.image_size:
+        images = _formats.resize_images(ds.images.numpy(), int(image_size))
+        ds = ImageDataset(ds.name, ds.split, torch.from_numpy(images), ds.labels, ds.classes)
+    return ds
 
 
 # ------------------------------------------------------------------------------------ shared helpers

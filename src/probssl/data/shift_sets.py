@@ -4,15 +4,26 @@ An OOD or transfer set must enter the encoder exactly as in-distribution images 
 conformed to the in-distribution image shape (channels, side) before use. Pairings follow
 design.md §4: Fashion-MNIST → MNIST, CIFAR-10 → SVHN, and for ``digits`` a far-OOD set built from
 the other grey datasets (8×8 Fashion-MNIST) plus synthetic smooth noise, which needs no files.
+``cifar10_jpeg`` (the public JPEG copy) gets Tiny-ImageNet validation as near OOD, MNIST as far OOD
+and EuroSAT as the transfer target. ``eval.ood_sets`` / ``eval.transfer_sets`` replace the defaults
+with registered names or paths (folders, tars of images, image files).
+
+Image-file sets (registered folder sets and paths) are decoded straight at the run's size (shorter
+side + centre crop) and use every image (split ``all``: the transfer probe halves it itself); the
+array sets use their test split and are resized here.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from probssl.data.datasets import DatasetError, ImageDataset, get_dataset_info, load_dataset
+from probssl.data.datasets import DatasetError, DatasetInfo, ImageDataset, get_dataset_info, load_dataset
 
 OOD_SETS: dict[str, tuple[str, ...]] = {
     "digits": ("fashion_mnist", "noise"),
@@ -22,6 +33,7 @@ OOD_SETS: dict[str, tuple[str, ...]] = {
     "cifar100": ("svhn", "noise"),
     "svhn": ("cifar10", "noise"),
     "stl10": ("svhn", "noise"),
+    "cifar10_jpeg": ("tiny_imagenet_val", "mnist", "noise"),  # near, far (grey -> RGB, 32 px), synthetic
 }
 TRANSFER_SETS: dict[str, tuple[str, ...]] = {
     "digits": ("mnist",),
@@ -31,14 +43,40 @@ TRANSFER_SETS: dict[str, tuple[str, ...]] = {
     "cifar100": ("cifar10",),
     "svhn": ("mnist",),
     "stl10": ("cifar10",),
+    "cifar10_jpeg": ("eurosat_test",),
 }
 
 
+def _names(configured: Sequence[str] | str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if configured is None:
+        return default
+    if isinstance(configured, str):  # "a,b" from a command-line override
+        configured = [c for c in configured.split(",")]
+    return tuple(c.strip() for c in configured if c.strip())
+
+
+def ood_set_names(dataset: str, configured: Sequence[str] | str | None = None) -> tuple[str, ...]:
+    """``eval.ood_sets`` if set, else the dataset's defaults (``noise`` alone for a path or unknown name)."""
+    return _names(configured, OOD_SETS.get(dataset, ("noise",)))
+
+
+def transfer_set_names(dataset: str, configured: Sequence[str] | str | None = None) -> tuple[str, ...]:
+    """``eval.transfer_sets`` if set, else the dataset's defaults (none for a path)."""
+    return _names(configured, TRANSFER_SETS.get(dataset, ()))
+
+
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+
 def conform(images: Tensor, channels: int, size: int) -> Tensor:
-    """uint8 [N, C, H, W] → uint8 [N, channels, size, size] (area resize, grey ↔ RGB)."""
+    """uint8 [N, C, H, W] → uint8 [N, channels, size, size] (area resize; grey → RGB by repeating,
+    RGB → grey by luminance)."""
     x = images.float()
     if x.shape[1] != channels:
-        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+        if channels == 1:  # luminance, ITU-R 601 (Pillow's "L")
+            x = (x * _LUMA.view(1, 3, 1, 1)).sum(1, keepdim=True)
+        else:
+            x = x.expand(-1, channels, -1, -1)
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(
             x,
@@ -58,30 +96,83 @@ def smooth_noise(count: int, channels: int, size: int, seed: int = 0) -> Tensor:
     )
 
 
+def _file_shift_set(
+    name: str,
+    info: DatasetInfo,
+    data_dir: str | None,
+    max_items: int | None,
+    seed: int,
+    verify: bool,
+    cache_dir: str | os.PathLike[str] | None,
+) -> tuple[Tensor, Tensor, list[str]]:
+    """Every image of a file-based set at the run's size (a seeded subset if ``max_items`` is smaller).
+
+    Up to ``max_items`` the whole set is decoded once into the cache; above it only the chosen images
+    are decoded, so a large folder given as an OOD set costs ``max_items`` decodes, not all of them.
+    """
+    from probssl.data.resolve import load_source, open_source
+
+    source = open_source(
+        name, "all", data_dir=data_dir, image_size=info.image_size, verify=verify, cache_dir=cache_dir
+    )
+    if max_items is None or len(source) <= max_items:
+        ds = load_source(source, cache_dir)
+        return ds.images, ds.labels, ds.classes
+    keep = (
+        torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:max_items].sort().values
+    )
+    images = torch.from_numpy(np.stack([source.read(int(i)) for i in keep]))
+    return images, torch.from_numpy(source.labels[keep.numpy()].copy()), list(source.classes)
+
+
 def load_shift_set(
     name: str,
-    like: str,
+    like: str | DatasetInfo,
     data_dir: str | None,
     download: bool = True,
     max_items: int | None = None,
     seed: int = 0,
+    *,
+    need_labels: bool = False,
+    verify: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ImageDataset:
-    """Test split of dataset ``name`` conformed to dataset ``like``; ``noise`` is synthetic."""
-    info = get_dataset_info(like)
+    """Dataset ``name`` (a registered name or a path) conformed to ``like`` (a dataset name or the run's
+    :class:`DatasetInfo`); ``noise`` is synthetic. ``need_labels``: refuse an unlabelled set (transfer)."""
+    info = like if isinstance(like, DatasetInfo) else get_dataset_info(like)
     if name == "noise":
         count = max_items or 2000
         images = smooth_noise(count, info.channels, info.image_size, seed)
         return ImageDataset("noise", "test", images, torch.full((count,), -1, dtype=torch.long), [])
-    source = load_dataset(name, "test", data_dir, download)
-    images, labels = source.images, source.labels
-    if max_items is not None and len(labels) > max_items:
-        keep = (
-            torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_items]
-            .sort()
-            .values
+    from probssl.data.resolve import is_file_dataset
+
+    if is_file_dataset(name):
+        images, labels, classes = _file_shift_set(name, info, data_dir, max_items, seed, verify, cache_dir)
+    else:
+        source = load_dataset(name, "test", data_dir, download)
+        images, labels, classes = source.images, source.labels, source.classes
+        if max_items is not None and len(labels) > max_items:
+            keep = (
+                torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:max_items]
+                .sort()
+                .values
+            )
+            images, labels = images[keep], labels[keep]
+    if need_labels and (len(labels) == 0 or int(labels.min()) < 0):
+        raise DatasetError(
+            f"{name} has no class labels (no class folders), but a transfer set needs them; give a folder "
+            f"laid out as <class>/<image>"
         )
-        images, labels = images[keep], labels[keep]
-    return ImageDataset(name, "test", conform(images, info.channels, info.image_size), labels, source.classes)
+    return ImageDataset(name, "test", conform(images, info.channels, info.image_size), labels, classes)
 
 
-__all__ = ["OOD_SETS", "TRANSFER_SETS", "DatasetError", "conform", "load_shift_set", "smooth_noise"]
+__all__ = [
+    "OOD_SETS",
+    "TRANSFER_SETS",
+    "DatasetError",
+    "conform",
+    "load_shift_set",
+    "ood_set_names",
+    "smooth_noise",
+    "transfer_set_names",
+]

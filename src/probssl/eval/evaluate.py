@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from probssl.data import DatasetError, ImageDataset, get_dataset_info, load_dataset, to_float
+from probssl.data import DatasetError, ImageDataset, load_dataset, to_float
 from probssl.data.corruptions import corrupt, corruption_names
-from probssl.data.shift_sets import OOD_SETS, TRANSFER_SETS, load_shift_set
+from probssl.data.shift_sets import load_shift_set, ood_set_names, transfer_set_names
 from probssl.embedding import Embedding
 from probssl.eval import suite
 from probssl.eval.features import FeatureBank, cached_features, extract_features
@@ -68,11 +68,11 @@ class Evaluator:
         self.run, self.cfg = run, run.config
         self.data_dir = data_dir or self.cfg.data.data_dir
         self.samples, self.device, self.progress, self.tag = samples, device, progress, tag
-        self.info = get_dataset_info(self.cfg.data.dataset)
+        self.info = run.info  # stored with the run: own folders have computed mean/std
         self._datasets: dict[str, ImageDataset] = {}
         self.reuse = reuse
         self._banks: dict[tuple[Callable | None, str], FeatureBank] = {}
-        self._shift_sets: dict[tuple[str, int | None], ImageDataset] = {}
+        self._shift_sets: dict[tuple[str, int | None, bool], ImageDataset] = {}
         self._bar: tqdm | None = None
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
@@ -106,7 +106,16 @@ class Evaluator:
         """One split of the run's own dataset, read (and checksummed) once per evaluation."""
         if split not in self._datasets:
             cfg = self.cfg.data
-            self._datasets[split] = load_dataset(cfg.dataset, split, self.data_dir, cfg.download)
+            self._datasets[split] = load_dataset(
+                cfg.dataset,
+                split,
+                self.data_dir,
+                cfg.download,
+                image_size=cfg.image_size,
+                verify=cfg.verify,
+                skip_corrupt=cfg.skip_corrupt,
+                cache_dir=cfg.cache_dir,
+            )
         return self._datasets[split]
 
     def embed(
@@ -166,19 +175,23 @@ class Evaluator:
             segment=segment,
         )
 
-    def shift_set(self, name: str, max_items: int | None) -> ImageDataset:
-        """An OOD / transfer set conformed to the run's dataset, loaded once per evaluation."""
-        if (name, max_items) not in self._shift_sets or not self.reuse:
+    def shift_set(self, name: str, max_items: int | None, need_labels: bool = False) -> ImageDataset:
+        """An OOD / transfer set conformed to the run's images, loaded once per evaluation."""
+        key = (name, max_items, need_labels)
+        if key not in self._shift_sets or not self.reuse:
             cfg = self.cfg
-            self._shift_sets[name, max_items] = load_shift_set(
+            self._shift_sets[key] = load_shift_set(
                 name,
-                cfg.data.dataset,
+                self.info,
                 self.data_dir,
                 cfg.data.download,
                 max_items=max_items,
                 seed=cfg.train.seed,
+                need_labels=need_labels,
+                verify=cfg.data.verify,
+                cache_dir=cfg.data.cache_dir,
             )
-        return self._shift_sets[name, max_items]
+        return self._shift_sets[key]
 
     def training_batches(self) -> Iterator[torch.Tensor]:
         """Normalised, un-augmented training images in a fixed shuffled order, one batch at a time
@@ -304,7 +317,7 @@ def evaluate_run(
     if suite_name in ("uncertainty", "full"):
         details["ood"] = {}
         with ev.stage("ood"):
-            for name in OOD_SETS.get(cfg.data.dataset, ("noise",)):
+            for name in ood_set_names(cfg.data.dataset, cfg.eval.ood_sets):
                 try:
                     ood_set = ev.shift_set(name, max_items=test.num_items)
                 except DatasetError as err:
@@ -347,9 +360,9 @@ def evaluate_run(
             bar.update()
 
         with ev.stage("transfer"):
-            for name in TRANSFER_SETS.get(cfg.data.dataset, ()):
+            for name in transfer_set_names(cfg.data.dataset, cfg.eval.transfer_sets):
                 try:
-                    target = ev.shift_set(name, max_items=cfg.eval.transfer_max_items)
+                    target = ev.shift_set(name, max_items=cfg.eval.transfer_max_items, need_labels=True)
                 except DatasetError as err:
                     skipped.append(f"transfer/{name}: {err}")
                     continue

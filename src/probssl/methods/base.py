@@ -16,6 +16,7 @@ it is running.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,25 @@ class TrainContext:
     seed: int
 
 
+def _expects_normalised_float(embed: Callable[..., Embedding]) -> Callable[..., Embedding]:
+    """Guard one ``embed``: raw uint8 pixels would be silently mis-scaled (0..255, unnormalised)."""
+
+    @functools.wraps(embed)
+    def checked(self: SSLMethod, x: Tensor, *args: Any, **kwargs: Any) -> Embedding:
+        if not torch.is_tensor(x) or not torch.is_floating_point(x):
+            got = x.dtype if torch.is_tensor(x) else type(x).__name__
+            raise TypeError(
+                f"{type(self).__name__}.embed expects normalised float images [N, C, H, W], got {got}. "
+                "Convert uint8 images with probssl.data.to_float(images, info.mean, info.std) using the "
+                "run's DatasetInfo (probssl.load_run(run_dir).info), or call "
+                "probssl.embed_images(run_dir, images_folder), which does it for you."
+            )
+        return embed(self, x, *args, **kwargs)
+
+    checked.__guarded_input__ = True  # type: ignore[attr-defined]
+    return checked
+
+
 class SSLMethod(nn.Module):
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     #: False for methods with nothing to train (the raw-pixel floor): the loop skips them.
@@ -57,6 +77,13 @@ class SSLMethod(nn.Module):
     draws_fixed_by_model: ClassVar[bool] = False
     #: number of augmented views the loss expects (2 global; multi-crop methods may ask for more).
     num_views: ClassVar[int] = 2
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every method's own ``embed`` gets the same input check, so no method has to repeat it."""
+        super().__init_subclass__(**kwargs)
+        embed = cls.__dict__.get("embed")
+        if embed is not None and not getattr(embed, "__guarded_input__", False):
+            cls.embed = _expects_normalised_float(embed)
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__()
@@ -73,6 +100,7 @@ class SSLMethod(nn.Module):
     def update_targets(self, progress: float) -> None:
         """Called after each optimizer step with progress = step / total_steps (EMA targets etc.)."""
 
+    @_expects_normalised_float
     @torch.no_grad()
     def embed(self, x: Tensor, samples: int | None = None) -> Embedding:
         """Backbone features of un-augmented, normalised images; deterministic by default."""

@@ -1,0 +1,155 @@
+"""``probssl embed`` / ``probssl.embed_images``: a trained run's embeddings, uncertainties and OOD scores.
+
+The images get exactly the run's own preprocessing: resized to the run's image size (shorter side +
+centre crop, by the data layer's reader), converted to its channel count, normalised with the mean/std
+stored with the run (``dataset_info.json``). The source is read in batches through the streaming
+reader, so a folder of any size is embedded with a few batches in memory.
+
+The OOD score of an image is the cosine distance ``1 - cos`` between its (mean) embedding and the k-th
+nearest (k = 1 by default) of the run's training embeddings, both L2-normalised: **higher = more
+out-of-distribution**. The training embeddings are the run's cached feature bank
+(``features/train_S<S>.safetensors``, as ``probssl eval`` writes it) when it exists; otherwise the
+training split is embedded once and cached there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from probssl.data import DatasetError, open_source, to_float
+from probssl.data.pipeline import sequential_batches
+from probssl.data.shift_sets import conform
+from probssl.data.sources import ImageSource
+from probssl.io import atomic_write_text
+from probssl.runs import load_run
+
+__all__ = ["embed_images", "knn_cosine_distance", "open_images", "write_embeddings"]
+
+
+def open_images(source: str | os.PathLike[str] | ImageSource, image_size: int) -> ImageSource:
+    """A folder (flat or with class folders), a tar of one, one image file, or an ImageSource as it is.
+
+    Paths are read at the run's ``image_size`` (shorter side + centre crop); channels are matched per
+    batch (grey <-> RGB) by :func:`embed_images`.
+    """
+    if isinstance(source, ImageSource):
+        return source
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DatasetError(f"{path} does not exist; pass an image folder, a .tar of one, or an image file")
+    return open_source(str(path.absolute()), "all", image_size=image_size, download=False, verify=False)
+
+
+def knn_cosine_distance(
+    queries: torch.Tensor, reference: torch.Tensor, k: int = 1, chunk: int = 1024
+) -> torch.Tensor:
+    """``1 - cos`` to the k-th most similar reference row, for each query row ([Q, D], [R, D] → [Q]).
+
+    Both sides are L2-normalised; the similarity matrix is formed ``chunk`` queries at a time.
+    """
+    if not 1 <= k <= reference.shape[0]:
+        raise ValueError(f"k={k} must be between 1 and the {reference.shape[0]} reference features")
+    ref = F.normalize(reference.float(), dim=1)
+    out = []
+    for start in range(0, queries.shape[0], chunk):
+        q = F.normalize(queries[start : start + chunk].float(), dim=1)
+        out.append(1.0 - (q @ ref.T).topk(k, dim=1).values[:, k - 1])
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def embed_images(
+    run_dir: str | os.PathLike[str],
+    source: str | os.PathLike[str] | ImageSource,
+    samples: int | None = None,
+    *,
+    k: int = 1,
+    batch_size: int | None = None,
+    workers: int = 0,
+    data_dir: str | None = None,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Embed every image of ``source`` with the run in ``run_dir``.
+
+    Returns numpy arrays: ``embedding`` [N, D] (the mean embedding), ``uncertainty`` [N] (the
+    method's own; zeros for deterministic methods), ``ood_score`` [N] (cosine distance to the k-th
+    nearest training embedding; higher = more OOD), ``path`` [N] (file or tar member of each row), and
+    ``samples`` [S, N, D] when ``samples`` is given and the method draws embeddings.
+    """
+    from probssl.eval.evaluate import Evaluator  # heavy; keeps `import probssl.apply_run` light
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = load_run(run_dir, device)
+    cfg, info, method = run.config, run.info, run.method
+    images = open_images(source, info.image_size)
+    if len(images) == 0:
+        raise DatasetError(f"{source} holds no images")
+
+    evaluator = Evaluator(run, data_dir, cfg.eval.samples, device, progress)
+    method.prepare_for_evaluation(evaluator.training_batches)  # e.g. BatchNorm statistics per draw
+    train_bank, _ = evaluator.split("train")
+
+    means, uncertainties, draws = [], [], []
+    warned = False
+    with torch.no_grad():
+        for batch in sequential_batches(images, batch_size or cfg.eval.batch_size, workers):
+            x = conform(batch, info.channels, info.image_size).to(device, non_blocking=True)
+            embedding = method.embed(to_float(x, info.mean, info.std), samples=samples)
+            means.append(embedding.mean.float().cpu())
+            uncertainties.append(embedding.uncertainty.float().cpu())
+            if samples is not None and embedding.samples is not None:
+                draws.append(embedding.samples.float().cpu())
+            elif samples is not None and not warned:
+                warnings.warn(
+                    f"{cfg.method} has no posterior draws (a point embedding); samples={samples} is ignored",
+                    stacklevel=2,
+                )
+                warned = True
+    mean = torch.cat(means)
+    result: dict[str, Any] = {
+        "embedding": mean.numpy(),
+        "uncertainty": torch.cat(uncertainties).numpy(),
+        "ood_score": knn_cosine_distance(mean, train_bank.mean, k=k).numpy(),
+        "path": np.array([images.item_id(i) for i in range(len(images))], dtype=str),
+    }
+    if draws:
+        result["samples"] = torch.cat(draws, dim=1).numpy()
+    return result
+
+
+def write_embeddings(result: dict[str, Any], out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``out`` (.npz with every array) and ``out`` with .csv: one row per image, most uncertain first
+    (then highest OOD score first)."""
+    out = Path(out)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.stem}.partial.npz")  # atomic: a killed write leaves no half file
+    np.savez(partial, **result)
+    os.replace(partial, out)
+    # most uncertain first; ties (all of them for a deterministic method) most out-of-distribution first
+    order = np.lexsort((-result["ood_score"], -result["uncertainty"]))
+    lines = [["rank", "path", "uncertainty", "ood_score"]]
+    for rank, i in enumerate(order, start=1):
+        lines.append(
+            [
+                str(rank),
+                str(result["path"][i]),
+                repr(float(result["uncertainty"][i])),
+                repr(float(result["ood_score"][i])),
+            ]
+        )
+    table = out.with_suffix(".csv")
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(lines)
+    atomic_write_text(table, buffer.getvalue())
+    return out, table
