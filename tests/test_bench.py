@@ -376,3 +376,65 @@ def test_jobs_share_a_suite_between_worker_processes(tmp_path):
         from probssl.bench.parallel import run_parallel_benchmark
 
         run_parallel_benchmark("digits", out, jobs=1)
+
+
+def test_learning_curve_trains_once_and_evaluates_the_kept_checkpoints(tiny_suite, tmp_path, monkeypatch):
+    """`probssl bench SUITE --curve`: one run, checkpoints at the asked epochs evaluated, pixels as floor."""
+    from probssl.bench import curve
+
+    monkeypatch.setitem(tiny_suite.budget, "train", {**tiny_suite.budget["train"], "epochs": 3})
+    out, bench_md = tmp_path / "bench", tmp_path / "B.md"
+    code = main(
+        [
+            "bench", "tiny", "--curve", "3,1", "--out", str(out), "--no-progress", "--update", str(bench_md),
+            "--command-line", "probssl bench tiny --curve 1,3",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    result = json.loads((out / "tiny" / "curve" / "curve.json").read_text())
+    run = out / "tiny" / "curve" / "simclr-s0"
+    summary = json.loads((run / "train_summary.json").read_text())
+    steps_per_epoch = 128 // 32  # subset 128, batch 32, last incomplete batch dropped
+    assert [p["epochs"] for p in result["points"]] == [1, 3]
+    for point in result["points"]:
+        saved = json.loads((run / f"eval_step{point['step']}.json").read_text())
+        assert point["step"] == point["epochs"] * steps_per_epoch and saved["meta/step"] == point["step"]
+        assert point["knn/top1"] == saved["knn/top1"] and point["linear/top1"] == saved["linear/top1"]
+        assert point["train_minutes"] == pytest.approx(summary["seconds_per_epoch"] * point["epochs"] / 60)
+    pixels = json.loads((out / "tiny" / "curve" / "pixels-s0" / "eval.json").read_text())
+    assert result["pixels"]["linear/top1"] == pixels["linear/top1"]
+    section = read_section(bench_md, "curve-tiny")
+    assert "| raw pixels | 0 |" in section and "probssl bench tiny --curve 1,3" in section
+
+    model = run / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    again = curve.learning_curve("tiny", out, [1, 3], progress=False)  # nothing retrained or re-evaluated
+    assert model.stat().st_mtime_ns == stamp and again["points"] == result["points"]
+    for bad in ("0,1", "4", "a,b"):
+        with pytest.raises(ConfigError, match="--curve"):
+            curve.parse_epochs(bad, tiny_suite)
+    with pytest.raises(ConfigError, match="raw pixels"):
+        curve.learning_curve("tiny", out, [1], arm_name="pixels")
+    assert main(["bench", "tiny", "--curve", "1", "--arms", "simclr,byol", "--out", str(out)]) == 2
+
+
+def test_curve_reading_compares_the_last_point_with_the_field_and_pixels():
+    result = {
+        "arm": "simclr",
+        "seed": 0,
+        "points": [
+            {"epochs": 10, "train_minutes": 4.0, "knn/top1": 0.61, "linear/top1": 0.64},
+            {"epochs": 30, "train_minutes": 12.0, "knn/top1": 0.70, "linear/top1": None},
+        ],
+        "pixels": {"knn/top1": 0.35, "linear/top1": 0.40},
+        "field": [{"key": "knn/top1", "what": "SimCLR kNN", "value": 0.85}],
+    }
+    from probssl.bench.curve import curve_markdown
+
+    text = curve_markdown(result, 30)
+    assert "| 10 | 4.0 | 0.6100 | 0.6400 |" in text and "| 30 | 12.0 | 0.7000 | – |" in text
+    assert "| raw pixels | 0 | 0.3500 | 0.4000 |" in text
+    assert (
+        f"{0.70 - 0.85:+.4f} against the field's 0.85" in text and f"{0.70 - 0.35:+.4f} against raw" in text
+    )
+    assert "linear/top1 at" not in text  # no field figure given for it here
