@@ -6,7 +6,10 @@ and the retrieval baselines of LAM). For each arm and seed the harness trains
 ``OUT/SUITE/<arm>-s<seed>`` (resuming an interrupted run, skipping a finished one), evaluates it
 with ``--suite full``, and writes ``OUT/SUITE/results.json`` (per-run metrics, mean ± std per arm,
 the protocol, commit, date and machine), ``results.md`` and ``report.html``. ``--update FILE``
-regenerates the suite's section of ``BENCHMARKS.md`` from those results.
+regenerates the suite's section of ``BENCHMARKS.md`` from those results. The tables are split by
+question (``Suite.tables``: accuracy, uncertainty, OOD detection) so each stays readable; an arm
+may be capped at fewer seeds (``Suite.max_seeds``: the 5-member LAM ensemble on CIFAR-10).
+``probssl bench SUITE --curve`` (:mod:`probssl.bench.curve`) is one arm's learning curve.
 
 The budgets live here, not in the repository's ``configs/``, so an installed package can run them;
 ``tests/test_bench.py`` checks they match the YAML files that document them.
