@@ -36,7 +36,7 @@ test-slow: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
 	$(BIN)/probssl bench digits --out runs/bench --update BENCHMARKS.md --no-progress
-	$(BIN)/probssl bench speed --config configs/fashion_mnist.yaml --out runs/bench --update BENCHMARKS.md --no-progress
+	$(BIN)/probssl bench speed --config fashion_mnist --out runs/bench --update BENCHMARKS.md --no-progress
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests

@@ -21,7 +21,7 @@ for seed in $SEEDS; do
     if [ ! -f "$out/model.safetensors" ]; then
       resume=""; [ -f "$out/config.yaml" ] && resume="--resume"
       # shellcheck disable=SC2086
-      /usr/bin/time -f "$arm-s$seed train wall %e s" $BIN/probssl train --config configs/fashion_mnist.yaml \
+      /usr/bin/time -f "$arm-s$seed train wall %e s" $BIN/probssl train --config fashion_mnist \
         ${ARGS[$arm]} --data-dir "$DATA" --seed "$seed" --out "$out" --no-progress $resume
     fi
     if [ ! -f "$out/eval.json" ]; then

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 from probssl.bench.speed import DEFAULT_ARMS, run_speed_benchmark, speed_markdown  # noqa: E402
 from probssl.config import build_config  # noqa: E402
 from probssl.data import MultiViewAugment, get_dataset_info, load_dataset  # noqa: E402
+from probssl.data.pipeline import epoch_permutation  # noqa: E402
 from probssl.data.views import PRESETS, to_float  # noqa: E402
 from probssl.eval.features import extract_features  # noqa: E402
 from probssl.eval.knn import knn_predict  # noqa: E402
@@ -41,9 +42,9 @@ from probssl.methods import TrainContext  # noqa: E402
 from probssl.optim import build_optimizer, warmup_cosine  # noqa: E402
 from probssl.precision import resolve_precision  # noqa: E402
 from probssl.runs import build_model  # noqa: E402
-from probssl.train import autocast_context, epoch_permutation, seed_everything  # noqa: E402
+from probssl.train import autocast_context, seed_everything  # noqa: E402
 
-CONFIG = ROOT / "configs" / "cifar10.yaml"
+CONFIG = ROOT / "src" / "probssl" / "configs" / "cifar10.yaml"
 #: Tried in this order; the first with its files under --data-dir is trained on.
 DATASETS = ("cifar10_jpeg", "cifar10")
 #: The dry run: every code path, tiny shapes (ResNet-18 at width 4, batch 32, a handful of steps).

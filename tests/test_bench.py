@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from probssl.bench import suites
-from probssl.bench.sections import read_section, replace_section
+from probssl.bench.sections import SectionError, check_markers, read_section, replace_section
 from probssl.bench.speed import Arm, run_speed_benchmark, speed_markdown
 from probssl.cli import main
 from probssl.config import ConfigError, method_config
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
     ],
 )
 def test_suite_budgets_match_the_documented_configs(name, config, changed):
-    """The YAML in configs/ documents each budget; the harness must train exactly that."""
-    documented = yaml.safe_load((REPO / "configs" / f"{config}.yaml").read_text())
+    """The bundled YAML (src/probssl/configs/) documents each budget; the harness must train exactly that."""
+    documented = yaml.safe_load((REPO / "src" / "probssl" / "configs" / f"{config}.yaml").read_text())
     documented["train"].pop("keep_checkpoints", None)  # where checkpoints go, not what is computed
     assert suites.SUITES[name].budget == {**documented, **changed}
 
@@ -115,6 +115,35 @@ def test_a_section_without_its_end_marker_is_refused(tmp_path):
         replace_section(path, "x", "new")
     with pytest.raises(ValueError, match="section name"):
         replace_section(path, "bad name", "body")
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        # the BENCHMARKS.md accident: the end marker of one section swallowed the prose after it
+        (lambda t: t.replace("<!-- bench:a end -->\n\n", "<!-- bench:"), "malformed"),
+        (lambda t: t.replace("<!-- bench:a end -->", ""), "'a' has no end marker before line"),
+        (lambda t: t.replace("<!-- bench:b end -->", ""), "'b' has no end marker"),
+        (lambda t: t.replace("<!-- bench:b start (generated; do not edit) -->", ""), "without its start"),
+    ],
+)
+def test_unbalanced_markers_anywhere_refuse_every_update(tmp_path, damage, message):
+    path = tmp_path / "B.md"
+    replace_section(path, "a", "table a")
+    path.write_text(path.read_text() + "\nReading of a.\n")
+    replace_section(path, "b", "table b")
+    damaged = damage(path.read_text())
+    path.write_text(damaged)
+    for name in ("a", "b", "c"):  # whichever section is updated, the file is left as it was
+        with pytest.raises(SectionError, match=message):
+            replace_section(path, name, "new")
+        assert path.read_text() == damaged
+
+
+def test_the_repository_benchmarks_file_has_balanced_markers():
+    from pathlib import Path
+
+    check_markers((Path(__file__).parents[1] / "BENCHMARKS.md").read_text(), "BENCHMARKS.md")
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def _shapes_of(cfg):
 
 
 def test_gpu_config_is_the_full_width_resnet18_in_auto_precision():
-    cfg = build_config(REPO / "configs" / "cifar10.yaml")
+    cfg = build_config(REPO / "src" / "probssl" / "configs" / "cifar10.yaml")
     assert (cfg.backbone, cfg.train.batch_size, cfg.train.channels_last) == ("resnet18", 512, True)
     assert cfg.train.precision == "auto" and cfg.backbone_args.get("width", 64) == 64
     model = build_model(cfg, get_dataset_info("cifar10"))
@@ -45,7 +45,7 @@ def test_gpu_config_is_the_full_width_resnet18_in_auto_precision():
 
 
 def test_cpu_budget_config_builds_a_32px_rgb_encoder():
-    cfg = build_config(REPO / "configs" / "cifar10_cpu.yaml")
+    cfg = build_config(REPO / "src" / "probssl" / "configs" / "cifar10_cpu.yaml")
     assert cfg.train.precision == "auto" and cfg.train.batch_size == 256
     assert cfg.data.dataset == "cifar10_jpeg"
     info = _shapes_of(cfg)

@@ -73,3 +73,55 @@ def test_yaml_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         build_config(tmp_path / "missing.yaml")
     assert torch.tensor(1)  # keep torch imported for the method builders
+
+
+def test_method_hyper_parameters_in_yaml_both_forms(tmp_path):
+    flat = tmp_path / "flat.yaml"
+    flat.write_text(
+        "method: simclr\nmethod_args: {temperature: 0.3}\nbackbone: convnet\nbackbone_args: {width: 8}\n"
+    )
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("method: {name: simclr, temperature: 0.3}\nbackbone: {name: convnet, width: 8}\n")
+    a, b = build_config(flat), build_config(nested)
+    assert a.to_dict() == b.to_dict()
+    assert (b.method, b.method_args, b.backbone, b.backbone_args) == (
+        "simclr",
+        {"temperature": 0.3},
+        "convnet",
+        {"width": 8},
+    )
+    assert build_config(nested, ["method.temperature=0.5"]).method_args == {
+        "temperature": 0.5
+    }  # overrides win
+    nameless = tmp_path / "nameless.yaml"
+    nameless.write_text("method: {temperature: 0.3}\n")
+    with pytest.raises(ConfigError, match=r"needs its name.*method_args: \{temperature: 0.3\}"):
+        build_config(nameless)
+
+
+@pytest.mark.parametrize("given", ["fashion_mnist", "fashion_mnist.yaml", "configs/fashion_mnist.yaml"])
+def test_bundled_configs_by_name_or_by_the_repository_path(given, tmp_path, monkeypatch):
+    from importlib.resources import files
+
+    import yaml
+
+    monkeypatch.chdir(tmp_path)  # as from an installed copy: no configs/ folder here
+    shipped = yaml.safe_load(files("probssl").joinpath("configs", "fashion_mnist.yaml").read_text())
+    cfg = build_config(given)
+    assert cfg.data.dataset == shipped["data"]["dataset"] == "fashion_mnist"
+    assert cfg.train.epochs == shipped["train"]["epochs"]
+    own = tmp_path / "configs" / "fashion_mnist.yaml"  # a file of one's own at that path wins
+    own.parent.mkdir()
+    own.write_text("data: {dataset: digits}\n")
+    assert build_config("configs/fashion_mnist.yaml").data.dataset == "digits"
+
+
+def test_a_missing_config_lists_the_bundled_ones(tmp_path, monkeypatch):
+    from probssl.config import bundled_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert {"digits", "fashion_mnist", "cifar10"} <= set(bundled_configs())
+    with pytest.raises(ConfigError, match="bundled configs .*digits, fashion_mnist"):
+        build_config("fashion_mnistt")
+    with pytest.raises(ConfigError, match="config file not found: elsewhere/digits.yaml"):
+        build_config("elsewhere/digits.yaml")  # only the bare name or configs/NAME.yaml fall back

@@ -182,3 +182,29 @@ def test_bad_settings_are_refused(tmp_path):
         train(_cfg(method_args={"variant": "nope"}), tmp_path / "b")
     with pytest.raises(ConfigError, match="unknown config key"):
         train(_cfg(method_args={"objective_args": {"nope": 1}}), tmp_path / "c")
+
+
+def _fits(total_steps: int, cycles: int, samples_per_cycle: int) -> bool:
+    per_cycle = total_steps // cycles
+    return per_cycle >= 2 and samples_per_cycle <= per_cycle
+
+
+@pytest.mark.parametrize(
+    "total,steps_per_epoch,cycles,spc",
+    [(8, 8, 20, 2), (8, 8, 4, 3), (12, 4, 4, 5), (3, 3, 2, 2), (1, 1, 4, 3)],
+)
+def test_too_short_message_names_overrides_that_fit(total, steps_per_epoch, cycles, spc):
+    from probssl.methods.csghmc import too_short_message
+
+    assert not _fits(total, cycles, spc)
+    message = too_short_message(total, steps_per_epoch, cycles, spc)
+    suggested = dict(
+        tok.rstrip(",").split("=") for tok in message.split("set one of:")[1].split() if "=" in tok
+    )
+    assert "train.epochs" in suggested
+    assert _fits(int(suggested["train.epochs"]) * steps_per_epoch, cycles, spc)  # each fix alone works
+    if "method.cycles" in suggested:
+        assert _fits(total, int(suggested["method.cycles"]), spc)
+    if "method.samples_per_cycle" in suggested:
+        assert _fits(total, cycles, int(suggested["method.samples_per_cycle"]))
+    assert "method.cycles" in suggested or total < max(2, spc)

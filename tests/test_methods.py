@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -37,7 +38,9 @@ def test_every_trainable_method_trains_and_embeds(name):
         assert emb.samples is None and torch.equal(emb.uncertainty, torch.zeros(8))
     elif METHODS.get(name).probabilistic:
         assert (emb.uncertainty > 0).all()
-        sampled = method.embed(_views()[0], samples=4)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*has no samples to draw")  # tested below
+            sampled = method.embed(_views()[0], samples=4)
         if sampled.samples is not None and not method.draws_fixed_by_model:
             assert sampled.samples.shape == (4, 8, sampled.mean.shape[1])
     else:
@@ -92,3 +95,22 @@ def test_every_method_explains_its_uncertainty_in_one_line(name):
     assert isinstance(doc, str) and doc.strip() and "\n" not in doc and len(doc) < 300
     # A probabilistic method says what its own score is; only deterministic ones keep the default line.
     assert (doc != SSLMethod.uncertainty_doc) == method_cls.probabilistic
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_asking_for_samples_a_method_lacks_warns_once(name, monkeypatch):
+    from probssl.methods import base
+
+    monkeypatch.setattr(base, "_WARNED_NO_SAMPLES", set())
+    torch.manual_seed(0)
+    method = build_method(name, build_backbone("convnet", 1, 8)).eval()
+    x = _views()[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = method.embed(x, samples=4)
+        method.embed(x, samples=4)
+        method.embed(x)  # no samples asked: never a warning
+    notes = [str(w.message) for w in caught if "has no samples to draw" in str(w.message)]
+    assert len(notes) == (1 if first.samples is None else 0), notes
+    if notes:
+        assert notes[0].startswith(f"{type(method).__name__}.embed(x, samples=4)")

@@ -71,3 +71,50 @@ def test_table_cli_writes_a_generated_section(tmp_path):
         and "0.5000" in section
     )
     assert main(["table", str(run), "--update", str(target)]) == 2  # no --section
+
+
+def _run(root, name, result=None):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("method: simclr\n")
+    if result is not None:
+        (run / "eval.json").write_text(json.dumps(result))
+    return run
+
+
+def test_table_over_a_glob_skips_what_is_not_an_evaluated_run(tmp_path, capsys):
+    _run(tmp_path, "simclr", {"linear/top1": 0.9})
+    _run(tmp_path, "byol")  # trained, not evaluated yet
+    (tmp_path / "report.html").write_text("<html>")  # what `make demo` leaves beside the runs
+    (tmp_path / "notes").mkdir()
+    glob = sorted(str(p) for p in tmp_path.iterdir())
+    assert main(["table", *glob, "--markdown"]) == 0
+    captured = capsys.readouterr()
+    assert "simclr" in captured.out and "0.9000" in captured.out
+    assert "byol" not in captured.out and "report.html" not in captured.out
+    assert f"probssl eval {tmp_path / 'byol'}" in captured.err
+    assert f"skipped {tmp_path / 'notes'}: not a run directory" in captured.err
+    assert "report.html" not in captured.err  # a plain file beside the runs is skipped quietly
+
+
+def test_table_and_report_fail_when_no_run_is_given(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    _run(tmp_path, "byol")
+    assert main(["table", str(tmp_path / "empty"), str(tmp_path / "byol")]) == 2
+    assert "is an evaluated run directory" in capsys.readouterr().err
+    out = tmp_path / "r.html"
+    assert main(["report", str(tmp_path / "empty"), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not out.exists()
+    assert main(["table", str(tmp_path / "missing")]) == 2
+
+
+def test_an_unknown_column_lists_the_valid_keys(tmp_path, capsys):
+    _run(tmp_path, "simclr", {"linear/top1": 0.9, "cal/ece15": 0.01, "config/optim.lr": 0.05})
+    assert main(["table", str(tmp_path / "simclr"), "--columns", "ece"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "no run has a metric 'ece'" in err
+        and "cal/ece15" in err
+        and "valid keys: linear/top1, cal/ece15" in err
+    )
+    assert "config/" not in err

@@ -56,7 +56,7 @@ def load_verified(path: str | Path, expected_sha256: str | None) -> dict[str, to
         raise CheckpointError(
             f"{path} is corrupt or was modified (SHA-256 does not match its metadata). "
             "It will not be loaded; delete this checkpoint directory to resume from an older one, "
-            "or start the run again without --resume."
+            "or train again into a new --out directory."
         )
     try:
         return load_file(str(path))
@@ -207,6 +207,17 @@ def save_model(run_dir: str | Path, model_state: dict[str, torch.Tensor], meta: 
     return path
 
 
+def final_weights_intact(run_dir: str | Path) -> bool:
+    """Whether the run finished and its ``model.safetensors`` still matches the SHA-256 in ``model.json``."""
+    run_dir = Path(run_dir)
+    try:
+        meta = json.loads((run_dir / "model.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    path = run_dir / "model.safetensors"
+    return path.is_file() and meta.get("sha256") == sha256_file(path)
+
+
 def load_model_state(
     run_dir: str | Path, step: int | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -224,7 +235,17 @@ def load_model_state(
         return ckpt["model"], {**ckpt["meta"], "partial": True}
     if (run_dir / "model.json").is_file():
         meta = json.loads((run_dir / "model.json").read_text())
-        return load_verified(run_dir / "model.safetensors", meta.get("sha256")), meta
+        try:
+            return load_verified(run_dir / "model.safetensors", meta.get("sha256")), meta
+        except CheckpointError:
+            if latest_checkpoint(run_dir) is None:
+                raise
+            # The final weights are a copy of the last checkpoint's: --resume on a finished run rewrites them.
+            raise CheckpointError(
+                f"{run_dir / 'model.safetensors'} is missing, corrupt or was modified (it does not match "
+                f"model.json); rewrite it from the run's last checkpoint with: "
+                f"probssl train --resume --out {run_dir}"
+            ) from None
     latest = latest_checkpoint(run_dir)
     if latest is None:
         raise CheckpointError(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from probssl.checkpoint import CheckpointError
-from probssl.config import ConfigError, RunConfig, build_config, config_from_dict, load_yaml
+from probssl.config import ConfigError, RunConfig, build_config, bundled_configs, config_from_dict, load_yaml
 from probssl.data import DatasetError, dataset_names
 from probssl.registry import UnknownNameError
 
@@ -35,7 +35,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subset", type=int, help="train on a fixed random subset of N training images")
     p.add_argument("--seed", type=int)
     p.add_argument("--out", help="run directory (default runs/<dataset>/<method>-s<seed>)")
-    p.add_argument("--config", help="YAML config file; flags and key=value overrides win over it")
+    p.add_argument(
+        "--config",
+        help="YAML config file, or a bundled config's name (probssl list); flags and key=value overrides win",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
@@ -69,12 +72,46 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from probssl.train import train
+    import os
+
+    from probssl.checkpoint import final_weights_intact, latest_checkpoint
+    from probssl.train import check_resumable, train
 
     cfg = config_from_args(args)
     out = args.out or f"runs/{cfg.data.dataset}/{cfg.method}-s{cfg.train.seed}"
-    train(cfg, out, resume=args.resume)
-    print(f"trained {cfg.method} on {cfg.data.dataset}: {out}")
+    main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line per run, not per process
+    if args.resume and (Path(out) / "config.yaml").is_file():
+        check_resumable(
+            config_from_dict(load_yaml(Path(out) / "config.yaml")), cfg
+        )  # a changed config is refused
+        if final_weights_intact(out):
+            if main_rank:
+                print(f"{out} is already finished; nothing to train (evaluate it: probssl eval {out})")
+            return 0
+        if latest_checkpoint(out) is None and main_rank:
+            print(f"note: {out} has no checkpoint yet; training it from step 0", file=sys.stderr)
+    try:
+        train(cfg, out, resume=args.resume)
+    except KeyboardInterrupt:
+        if main_rank:
+            latest = latest_checkpoint(out)
+            where = f"its last checkpoint is {latest}" if latest else "it has no checkpoint yet"
+            print(
+                f"\ninterrupted: the run is in {out} ({where}); "
+                f"continue it with: probssl train --resume --out {out}",
+                file=sys.stderr,
+            )
+        return 130
+    if main_rank and not final_weights_intact(out):  # train.max_steps stopped it early
+        latest = latest_checkpoint(out)
+        step = json.loads((latest / "meta.json").read_text()) if latest else {}
+        print(
+            f"stopped {cfg.method} on {cfg.data.dataset} at step {step.get('step', 0)} of "
+            f"{step.get('total_steps', '?')} (train.max_steps): {out}; "
+            f"continue with: probssl train --resume --out {out}"
+        )
+    elif main_rank:
+        print(f"trained {cfg.method} on {cfg.data.dataset}: {out}")
     return 0
 
 
@@ -90,6 +127,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         step=args.step,
         suite_name=args.suite,
+        download=args.download,
     )
     print(format_summary(results))
     name = "eval.json" if args.step is None else f"eval_step{args.step}.json"
@@ -118,10 +156,22 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from probssl.tables import DEFAULT_COLUMNS, aggregate_seeds, format_table, read_eval
+    from probssl.tables import (
+        DEFAULT_COLUMNS,
+        aggregate_seeds,
+        check_columns,
+        format_table,
+        read_eval,
+        select_runs,
+    )
 
-    rows = {str(d): read_eval(d) for d in args.run_dirs}
+    run_dirs, notes = select_runs(args.run_dirs)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    rows = {str(d): read_eval(d) for d in run_dirs}
     columns = args.columns.split(",") if args.columns else list(DEFAULT_COLUMNS)
+    if args.columns:
+        check_columns(rows, columns)
     if args.by_seed:
         rows, columns = aggregate_seeds(rows, columns), ["n", *columns]
     table = format_table(rows, columns, markdown=args.markdown or bool(args.update))
@@ -140,8 +190,12 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from probssl.eval.report import build_report
+    from probssl.tables import select_runs
 
-    path = build_report(args.run_dirs, args.out, title=args.title)
+    run_dirs, notes = select_runs(args.run_dirs, need_eval=False)  # report notes a missing eval.json itself
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    path = build_report(run_dirs, args.out, title=args.title)
     print(f"wrote {path}")
     return 0
 
@@ -279,6 +333,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("methods:  ", ", ".join(METHODS.names()))
     print("datasets: ", ", ".join(dataset_names()))
     print("backbones:", ", ".join(BACKBONES.names()))
+    print("configs:  ", ", ".join(bundled_configs()), "(--config NAME)")
     return 0
 
 
@@ -307,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
         "full: + corruptions, low-shot, transfer, retrieval",
     )
     p.add_argument("--step", type=int, help="evaluate the kept checkpoint at this step (eval_step<N>.json)")
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch missing OOD / transfer sets (other datasets) over the network; off: skip them",
+    )
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser(
         "embed", help="embeddings, uncertainties and OOD scores of your images under a trained run"
@@ -406,7 +466,25 @@ COMMANDS = {
 }
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """A warning as one ``warning: ...`` line: the user needs the message, not our source line."""
+    text = " ".join(str(message).split())
+    label = "warning" if issubclass(category, UserWarning) else f"warning ({category.__name__})"
+    return f"{label}: {text}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    standard = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning  # the command line only; the library's warnings stay standard
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = standard
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded beside generated tables
@@ -422,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     except (*USER_ERRORS, TrainingError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback; 130 = 128 + SIGINT, as a shell reports it
+        print(f"\ninterrupted: probssl {args.command} stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

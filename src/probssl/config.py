@@ -157,8 +157,35 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+def _named_mappings(mapping: dict[str, Any]) -> dict[str, Any]:
+    """``method: {name: simclr, temperature: 0.3}`` → ``method: simclr`` + ``method_args: {temperature:
+    0.3}`` (and the same for ``backbone``): the nested form reads naturally in YAML, so accept it."""
+    mapping = dict(mapping)
+    for key, args_key in _ALIASES.items():
+        value = mapping.get(key)
+        if not isinstance(value, dict):
+            continue
+        args = dict(value)
+        name = args.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(
+                f"'{key}' given as a mapping needs its name: `{key}: {{name: NAME, ...}}`, or write "
+                f"`{key}: NAME` and put the hyper-parameters under `{args_key}:` (e.g. "
+                + (
+                    "`method: simclr` + `method_args: {temperature: 0.3}`)"
+                    if key == "method"
+                    else "`backbone: convnet` + `backbone_args: {width: 64}`)"
+                )
+            )
+        mapping[key] = name
+        mapping[args_key] = {**(mapping.get(args_key) or {}), **args}
+    return mapping
+
+
 def apply_mapping(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
     """Set the fields of dataclass ``obj`` from a nested mapping, validating keys and types."""
+    if isinstance(obj, RunConfig):
+        mapping = _named_mappings(mapping)
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
     for key, value in mapping.items():
@@ -228,6 +255,40 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return content
 
 
+def bundled_configs() -> list[str]:
+    """Names of the configs shipped inside the package (``src/probssl/configs/NAME.yaml``)."""
+    from importlib.resources import files
+
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in files("probssl").joinpath("configs").iterdir()
+        if p.name.endswith(".yaml")
+    )
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file on disk, else a bundled config given by name.
+
+    ``--config fashion_mnist``, ``fashion_mnist.yaml`` and ``configs/fashion_mnist.yaml`` (the form the
+    repository's docs use, which has no ``configs/`` folder in an installed copy) all name the bundled
+    file when no such path exists, so the same command works from a clone and from a wheel.
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    bundled = bundled_configs()
+    name = given.name.removesuffix(".yaml").removesuffix(".yml")
+    if given.parent in (Path("."), Path("configs")) and name in bundled:
+        from importlib.resources import as_file, files
+
+        with as_file(files("probssl").joinpath("configs", f"{name}.yaml")) as found:
+            return Path(found)
+    raise ConfigError(
+        f"config file not found: {path}; bundled configs (pass one by name, e.g. --config {bundled[0]}): "
+        f"{', '.join(bundled)}"
+    )
+
+
 def build_config(
     yaml_path: str | Path | None = None,
     overrides: list[str] | None = None,
@@ -237,7 +298,7 @@ def build_config(
     """``base`` (default: the dataclass defaults) ← YAML file ← keyword mapping ← ``key=value`` overrides."""
     cfg = base if base is not None else RunConfig()
     if yaml_path is not None:
-        apply_mapping(cfg, load_yaml(yaml_path))
+        apply_mapping(cfg, load_yaml(resolve_config_path(yaml_path)))
     apply_mapping(cfg, mapping)
     apply_mapping(cfg, overrides_to_mapping(overrides or []))
     validate(cfg)

@@ -19,6 +19,66 @@ def read_eval(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def select_runs(paths: Sequence[str | Path], need_eval: bool = True) -> tuple[list[Path], list[str]]:
+    """The run directories among ``paths`` (a shell glob like ``runs/demo/*`` also catches
+    ``report.html``), and one note per path left out and why.
+
+    With ``need_eval`` a run without ``eval.json`` is left out too (it is not evaluated yet), so one
+    unfinished run does not stop a table of the others. Nothing left is an error: the message says
+    what was given and what a run directory is.
+    """
+    from probssl.runs import is_run_dir
+
+    kept: list[Path] = []
+    notes: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if not is_run_dir(path):
+            if path.is_dir():  # a plain file beside the runs (report.html, results.md) is skipped quietly
+                notes.append(f"skipped {path}: not a run directory (no config.yaml or eval.json)")
+            continue
+        if need_eval and not (path / "eval.json").is_file():
+            notes.append(f"skipped {path}: not evaluated yet (run `probssl eval {path}`)")
+            continue
+        kept.append(path)
+    if not kept:
+        given = ", ".join(str(p) for p in paths[:4]) + (" ..." if len(paths) > 4 else "")
+        what = "an evaluated run directory" if need_eval else "a run directory"
+        raise FileNotFoundError(
+            f"none of {given} is {what}; pass the --out directories of `probssl train` runs"
+            + (" after `probssl eval RUN`" if need_eval else "")
+        )
+    return kept, notes
+
+
+def known_columns(rows: dict[str, dict[str, Any]]) -> list[str]:
+    """Every metric key present in at least one row, in first-seen order."""
+    seen: dict[str, None] = {}
+    for result in rows.values():
+        seen.update(dict.fromkeys(k for k in result if not k.startswith("config/")))
+    return list(seen)
+
+
+def check_columns(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> None:
+    """Refuse a column no run has (a typo: ``ece`` for ``cal/ece15``), listing the close and valid ones."""
+    import difflib
+
+    from probssl.config import ConfigError
+
+    valid = known_columns(rows)
+    for col in columns:
+        if col == "n" or any(col in r for r in rows.values()):
+            continue
+        close = (
+            difflib.get_close_matches(col, valid, n=5, cutoff=0.3)
+            or [k for k in valid if col.lower() in k.lower()][:5]
+        )
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"no run has a metric '{col}'{hint}; valid keys: {', '.join(valid)}")
+
+
 def format_table(
     rows: dict[str, dict[str, Any]], columns: Sequence[str] = DEFAULT_COLUMNS, markdown: bool = False
 ) -> str:

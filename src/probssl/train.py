@@ -102,7 +102,12 @@ def training_subset(
     dataset: ImageDataset | ImageSource, size: int | None, seed: int
 ) -> ImageDataset | ImageSource:
     """A fixed random ``size``-item subset (the same items whichever input path reads them)."""
-    if size is None or size >= len(dataset):
+    if size is not None and size > len(dataset):  # silently training on everything would mislabel the run
+        raise ConfigError(
+            f"data.subset={size} is larger than the training set ({len(dataset)} images); "
+            f"use --subset {len(dataset)} or less, or drop it to train on every image"
+        )
+    if size is None or size == len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     chosen = order[:size].sort().values
@@ -303,7 +308,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     bar = tqdm(
         total=stop_step,
         initial=start_step,
-        disable=not (is_main and tc.progress),
+        disable=not (is_main and tc.progress and method.trainable),  # nothing to count for raw pixels
         desc=cfg.method,
         unit="step",
         dynamic_ncols=True,

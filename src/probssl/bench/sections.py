@@ -7,7 +7,49 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from probssl.config import ConfigError
 from probssl.io import atomic_write_text
+
+_MARKER = re.compile(r"<!-- bench:(?P<rest>.*?)(?:-->|$)", re.MULTILINE)
+_START = re.compile(r"(?P<name>[A-Za-z0-9_.-]+) start \(generated; do not edit\) ")
+_END = re.compile(r"(?P<name>[A-Za-z0-9_.-]+) end ")
+
+
+class SectionError(ConfigError):
+    """A file whose generated-section markers do not pair up: rewriting it would mangle the prose."""
+
+
+def check_markers(text: str, path: str | Path = "<text>") -> None:
+    """Every ``<!-- bench:`` marker must be a well-formed start or end, and each start must be closed
+    by its own end before the next section opens; otherwise the file is refused, naming the line."""
+    open_name, open_line = None, 0
+    for match in _MARKER.finditer(text):
+        line = text.count("\n", 0, match.start()) + 1
+        rest = match.group("rest")
+        start, end = _START.fullmatch(rest), _END.fullmatch(rest)
+        if start is None and end is None:
+            raise SectionError(
+                f"{path}:{line}: malformed generated-section marker {match.group(0)[:60]!r}; repair it"
+            )
+        if start is not None:
+            if open_name is not None:
+                raise SectionError(
+                    f"{path}:{open_line}: section {open_name!r} has no end marker before line {line}; "
+                    f"add '<!-- bench:{open_name} end -->' after its table"
+                )
+            open_name, open_line = start.group("name"), line
+        else:
+            name = end.group("name")
+            if name != open_name:
+                raise SectionError(
+                    f"{path}:{line}: end marker of {name!r} without its start marker; repair it"
+                )
+            open_name = None
+    if open_name is not None:
+        raise SectionError(
+            f"{path}:{open_line}: section {open_name!r} has no end marker; "
+            f"add '<!-- bench:{open_name} end -->' after its table"
+        )
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -19,16 +61,16 @@ def _markers(name: str) -> tuple[str, str]:
 def replace_section(path: str | Path, name: str, body: str, heading: str | None = None) -> None:
     """Write ``body`` between the markers of section ``name`` in ``path``.
 
-    A section that does not exist yet is appended at the end (under ``heading`` when given). The
+    A section that does not exist yet is appended at the end (under ``heading`` when given). A file
+    whose markers do not pair up is refused (:class:`SectionError`) before anything is written. The
     file is rewritten atomically, so an interrupted update never leaves half a table.
     """
     path = Path(path)
     start, end = _markers(name)
     text = path.read_text() if path.is_file() else ""
+    check_markers(text, path)
     block = f"{start}\n{body.rstrip()}\n{end}"
     if start in text:
-        if end not in text.split(start, 1)[1]:
-            raise ValueError(f"{path}: section {name!r} has a start marker but no end marker; fix the file")
         before, rest = text.split(start, 1)
         after = rest.split(end, 1)[1]
         text = before + block + after

@@ -174,8 +174,8 @@ SUITES: dict[str, Suite] = {
             "optim": {**_SGD, "warmup_epochs": 2},
         },
         ("fashion_mnist", "noise"),
-        "scikit-learn's 8×8 digits (1,257 train / 540 test), the embedded default, at 30 epochs (the demo "
-        "trains 100): a few minutes for every arm on 2 cores",
+        "scikit-learn's 8×8 digits (1,257 train / 540 test), the embedded default, at 30 epochs (the demo, "
+        "configs/digits.yaml, trains 50): a few minutes for every arm on 2 cores",
         transfer=("mnist",),
     ),
     "fashion_mnist": Suite(

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from urllib.request import urlopen  # module attribute on purpose: tests monkeypatch it
 
+from probssl.io import default_file_mode
+
 logger = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_S = 10.0
@@ -74,6 +76,7 @@ def download_file(url: str, dest: Path, md5: str | None, timeout: float = DOWNLO
         actual = h.hexdigest()
         if md5 is not None and actual != md5:
             raise DownloadError(f"the downloaded file has md5 {actual}, expected {md5}; it was deleted")
+        os.chmod(tmp_name, default_file_mode())  # NamedTemporaryFile is 0600; datasets are shared
         os.replace(tmp_name, dest)
         tmp_name = None
         return dest

@@ -64,8 +64,10 @@ class Evaluator:
         progress: bool,
         tag: str = "",
         reuse: bool = True,
+        download: bool = False,
     ) -> None:
         self.run, self.cfg = run, run.config
+        self.download = download  # fetch missing OOD / transfer sets (never by default: see evaluate_run)
         self.data_dir = data_dir or self.cfg.data.data_dir
         self.samples, self.device, self.progress, self.tag = samples, device, progress, tag
         self.info = run.info  # stored with the run: own folders have computed mean/std
@@ -184,7 +186,7 @@ class Evaluator:
                 name,
                 self.info,
                 self.data_dir,
-                cfg.data.download,
+                self.download,
                 max_items=max_items,
                 seed=cfg.train.seed,
                 need_labels=need_labels,
@@ -230,11 +232,16 @@ def evaluate_run(
     step: int | None = None,
     suite_name: str = "full",
     reuse: bool = True,
+    download: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint).
 
     ``reuse=False`` turns off every shortcut that shares work between stages (see
     :class:`Evaluator`; kNN then runs once per k): same numbers, more time.
+
+    OOD and transfer sets are other datasets than the one trained on: they are read from the data
+    directory, and fetched over the network only with ``download=True`` (a missing one is skipped
+    with one warning line; ``meta/skipped`` in eval.json keeps the full reason).
     """
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite '{suite_name}'; valid suites: {', '.join(SUITES)}")
@@ -243,7 +250,8 @@ def evaluate_run(
     cfg = run.config
     samples = samples or cfg.eval.samples
     started = time.perf_counter()
-    ev = Evaluator(run, data_dir, samples, device, progress, "" if step is None else f"_step{step}", reuse)
+    tag = "" if step is None else f"_step{step}"
+    ev = Evaluator(run, data_dir, samples, device, progress, tag, reuse, download)
     with ev.stage("features"):
         run.method.prepare_for_evaluation(ev.training_batches)
         train, _ = ev.split("train")
@@ -375,7 +383,9 @@ def evaluate_run(
             results.update(ret)
             bar.update()
     for reason in skipped:
-        warnings.warn(f"skipped {reason}", stacklevel=2)
+        what, _ = reason.split(": ", 1)
+        hint = "not found or unreadable" + ("" if download else "; --download (or --data-dir DIR) adds it")
+        warnings.warn(f"skipped {what} ({hint}; the reason is in eval.json's meta/skipped)", stacklevel=2)
 
     results["meta/method"] = cfg.method
     results["meta/dataset"] = cfg.data.dataset

@@ -17,6 +17,7 @@ it is running.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,31 @@ import torch
 from torch import Tensor, nn
 
 from probssl.embedding import Embedding
+
+_WARNED_NO_SAMPLES: set[str] = set()
+
+
+def _warn_when_samples_ignored(embed: Callable[..., Embedding]) -> Callable[..., Embedding]:
+    """Wrap a method's ``embed``: asking for samples from a method that has none warns, once per method.
+
+    Silently returning ``samples=None`` for ``embed(x, samples=8)`` looks like a bug to the caller;
+    the point estimate and ``uncertainty`` are what such a method offers.
+    """
+
+    @functools.wraps(embed)
+    def wrapper(self: SSLMethod, x: Tensor, samples: int | None = None) -> Embedding:
+        result = embed(self, x, samples=samples)
+        name = type(self).__name__
+        if samples is not None and samples > 1 and result.samples is None and name not in _WARNED_NO_SAMPLES:
+            _WARNED_NO_SAMPLES.add(name)
+            warnings.warn(
+                f"{name}.embed(x, samples={samples}) has no samples to draw: its embedding is a point "
+                "(Embedding.mean) with its uncertainty in Embedding.uncertainty (see docs/methods.md)",
+                stacklevel=2,
+            )
+        return result
+
+    return wrapper
 
 
 @dataclass
@@ -79,11 +105,12 @@ class SSLMethod(nn.Module):
     num_views: ClassVar[int] = 2
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        """Every method's own ``embed`` gets the same input check, so no method has to repeat it."""
+        """Every method's own ``embed`` gets the same input check and the one-time "no samples"
+        warning, so no method has to repeat them."""
         super().__init_subclass__(**kwargs)
         embed = cls.__dict__.get("embed")
         if embed is not None and not getattr(embed, "__guarded_input__", False):
-            cls.embed = _expects_normalised_float(embed)
+            cls.embed = _warn_when_samples_ignored(_expects_normalised_float(embed))
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
         super().__init__()
@@ -100,10 +127,15 @@ class SSLMethod(nn.Module):
     def update_targets(self, progress: float) -> None:
         """Called after each optimizer step with progress = step / total_steps (EMA targets etc.)."""
 
+    @_warn_when_samples_ignored
     @_expects_normalised_float
     @torch.no_grad()
     def embed(self, x: Tensor, samples: int | None = None) -> Embedding:
-        """Backbone features of un-augmented, normalised images; deterministic by default."""
+        """Backbone features of un-augmented, normalised images; deterministic by default.
+
+        ``samples``: how many draws a probabilistic method should return in ``Embedding.samples``;
+        methods without draws return ``samples=None`` (and warn once when asked for more than one).
+        """
         return Embedding.deterministic(self.backbone(x).float())
 
     def set_input_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:

@@ -61,6 +61,27 @@ from probssl.posteriors.sghmc import VARIANTS, CyclicalSGHMC, sample_positions
 BANK_DIR = "samples"
 
 
+def too_short_message(total_steps: int, steps_per_epoch: int, cycles: int, samples_per_cycle: int) -> str:
+    """Why a run is too short for its cycles, and the overrides that would make it fit.
+
+    A cycle needs at least max(2, samples_per_cycle) steps (one exploration step, then one per
+    sample), so the fixes are fewer cycles, fewer samples per cycle, or more epochs.
+    """
+    need = max(2, samples_per_cycle)
+    fixes = []
+    if total_steps // need >= 1:
+        fixes.append(f"method.cycles={total_steps // need}")
+    if total_steps // cycles >= 2:
+        fixes.append(f"method.samples_per_cycle={total_steps // cycles}")
+    epochs = -(-cycles * need // max(steps_per_epoch, 1))
+    fixes.append(f"train.epochs={epochs}")
+    return (
+        f"{total_steps} training steps cannot hold method.cycles={cycles} cycles of at least "
+        f"max(2, method.samples_per_cycle={samples_per_cycle}) = {need} steps; set one of: "
+        + ", or ".join(fixes)
+    )
+
+
 @dataclass
 class CSGHMCConfig(MethodConfig):
     objective: str = "byol"  # any registered trainable method; its loss is L̂
@@ -124,9 +145,7 @@ class CyclicalSGHMCSSL(SSLMethod):
         steps_per_cycle = ctx.total_steps // c.cycles
         if steps_per_cycle < 2 or c.samples_per_cycle > steps_per_cycle:
             raise ConfigError(
-                f"{ctx.total_steps} training steps cannot hold method.cycles={c.cycles} cycles of at "
-                f"least max(2, samples_per_cycle={c.samples_per_cycle}) steps; "
-                "train longer or use fewer cycles"
+                too_short_message(ctx.total_steps, ctx.steps_per_epoch, c.cycles, c.samples_per_cycle)
             )
         self._steps_per_cycle = steps_per_cycle
         self._positions = set(sample_positions(steps_per_cycle, c.exploration_fraction, c.samples_per_cycle))
