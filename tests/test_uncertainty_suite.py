@@ -140,6 +140,10 @@ def test_ood_groups_and_means() -> None:
     assert ood_group("fashion_mnist", "mnist") == "near"
     assert ood_group("fashion_mnist", "noise") == "far"
     assert ood_group("cifar10", "svhn") == "far" and ood_group("cifar10", "cifar100") == "near"
+    assert (
+        ood_group("cifar10_jpeg", "tiny_imagenet_val") == "near"
+        and ood_group("cifar10_jpeg", "mnist") == "far"
+    )
     assert ood_group("fashion_mnist", "my_photos") is None
     results = {
         "ood/svhn/auroc": 0.6,

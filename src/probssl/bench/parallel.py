@@ -58,6 +58,7 @@ def run_parallel_benchmark(
         suites.run_dir_for(out, suite_name, arm.name, seed)
         for seed in range(first_seed, first_seed + seeds)
         for arm in arms
+        if suites.SUITES[suite_name].runs(arm.name, seed)
     ]
     workers_dir = out / suite_name / ".workers"
     workers_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,10 @@ and the retrieval baselines of LAM). For each arm and seed the harness trains
 ``OUT/SUITE/<arm>-s<seed>`` (resuming an interrupted run, skipping a finished one), evaluates it
 with ``--suite full``, and writes ``OUT/SUITE/results.json`` (per-run metrics, mean ± std per arm,
 the protocol, commit, date and machine), ``results.md`` and ``report.html``. ``--update FILE``
-regenerates the suite's section of ``BENCHMARKS.md`` from those results.
+regenerates the suite's section of ``BENCHMARKS.md`` from those results. The tables are split by
+question (``Suite.tables``: accuracy, uncertainty, OOD detection) so each stays readable; an arm
+may be capped at fewer seeds (``Suite.max_seeds``: the 5-member LAM ensemble on CIFAR-10).
+``probssl bench SUITE --curve`` (:mod:`probssl.bench.curve`) is one arm's learning curve.
 
 The budgets live here, not in the repository's ``configs/``, so an installed package can run them;
 ``tests/test_bench.py`` checks they match the YAML files that document them.
@@ -22,7 +25,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,9 @@ ARMS: tuple[QualityArm, ...] = (
     QualityArm("byol", "byol"),
     QualityArm("simsiam", "simsiam"),
     QualityArm("csghmc", "csghmc"),
+    # cSGHMC's ablation (issue 4, scripts/bench_csghmc.sh): the same cyclical schedule and sample
+    # positions at temperature 0 — a snapshot ensemble, so the table separates noise from cycling.
+    QualityArm("csghmc_snapshot", "csghmc", ("method.temperature=0",)),
     QualityArm("prosmin", "prosmin"),
     QualityArm("vi_simsiam", "vi_simsiam"),
     QualityArm("scl", "scl"),
@@ -93,28 +99,70 @@ _SGD = {"name": "sgd", "lr": 0.05, "weight_decay": 5.0e-4}
 class Suite:
     name: str
     budget: dict[str, Any]  # a RunConfig mapping shared by every arm
-    ood: str  # the OOD set whose AUROC the table shows
+    ood: tuple[str, ...]  # the OOD sets the tables show (the evaluation's defaults for the dataset)
     note: str
+    transfer: tuple[str, ...] = ()  # transfer sets the tables show
+    #: Arms run at fewer seeds than asked (seeds 0 .. N-1 only): e.g. a 5-member ensemble that costs
+    #: five runs. The table's ``seeds`` column shows what was run.
+    max_seeds: dict[str, int] = field(default_factory=dict)
 
-    def columns(self) -> list[str]:
-        return [
+    def runs(self, arm: str, seed: int) -> bool:
+        """Whether seed ``seed`` of ``arm`` belongs to the suite (``max_seeds`` caps some arms)."""
+        return seed < self.max_seeds.get(arm, seed + 1)
+
+    def tables(self) -> list[tuple[str, list[str]]]:
+        """(title, metric keys) of the suite's tables: accuracy, then uncertainty, then OOD.
+
+        Why three: one row of ~35 columns is unreadable; each table answers one question (how good are
+        the features / how good is the uncertainty / does it detect OOD inputs). OOD columns per set:
+        the probe's MSP (defined for every method), the pre-declared feature-space detector
+        (``best_feature`` = kNN distance, issue 19) and the method's own uncertainty (``emb``).
+        """
+        accuracy = [
             "linear/top1",
             "knn/top1@20",
-            "cal/ece15",
-            "cal/nll",
-            "cal/brier",
-            f"ood/{self.ood}/msp/auroc",
-            f"ood/{self.ood}/emb/auroc",
-            "shift/mean/acc",
             "lowshot/1pct/top1",
             "lowshot/10pct/top1",
-            "sel/emb/err_auroc",
+            "shift/mean/acc",
+            *(f"transfer/{name}/top1" for name in self.transfer),
             "ret/recall@1",
             "ret/map@r",
             "code/linear/top1",
             "compress/ratio",
         ]
+        uncertainty = [
+            "cal/ece15",
+            "cal/nll",
+            "cal/brier",
+            "sel/err_auroc",
+            "sel/emb/err_auroc",
+            "ret/r_auroc",
+            "sel/crop_up",
+        ]
+        ood = [f"ood/{name}/{score}/auroc" for name in self.ood for score in OOD_SCORES]
+        ood += [f"ood/{group}/{score}/auroc" for group in self.ood_groups() for score in OOD_SCORES]
+        return [("Accuracy", accuracy), ("Uncertainty", uncertainty), ("OOD detection (AUROC)", ood)]
 
+    def columns(self) -> list[str]:
+        return [col for _, cols in self.tables() for col in cols]
+
+    def ood_groups(self) -> list[str]:
+        """Near / far groups holding two or more of the suite's OOD sets (a one-set mean repeats it)."""
+        from probssl.eval.ood_groups import GROUPS, ood_group
+
+        dataset = self.budget["data"]["dataset"]
+        return [g for g in GROUPS if sum(ood_group(dataset, name) == g for name in self.ood) >= 2]
+
+
+#: Per OOD set: the probe's MSP, the pre-declared feature-space reference detector, the method's own.
+OOD_SCORES = ("msp", "best_feature", "emb")
+
+_JPEG_NOTE = (
+    "CIFAR-10 as the public JPEG copy (quality 75, `cifar10_jpeg`, ~30 dB PSNR against the originals): "
+    "numbers are not comparable digit for digit with published figures on the official CIFAR-10 files. "
+    "OOD: Tiny-ImageNet-200 validation (near), MNIST (far, grey → RGB, 32 px), smooth noise (far); "
+    "transfer: EuroSAT RGB (32 px, stratified halves). The LAM deep ensemble (5 members) runs 1 seed"
+)
 
 SUITES: dict[str, Suite] = {
     "digits": Suite(
@@ -125,9 +173,10 @@ SUITES: dict[str, Suite] = {
             "train": {"epochs": 30, "batch_size": 256, "precision": "fp32"},
             "optim": {**_SGD, "warmup_epochs": 2},
         },
-        "noise",
+        ("fashion_mnist", "noise"),
         "scikit-learn's 8×8 digits (1,257 train / 540 test), the embedded default, at 30 epochs (the demo, "
         "configs/digits.yaml, trains 50): a few minutes for every arm on 2 cores",
+        transfer=("mnist",),
     ),
     "fashion_mnist": Suite(
         "fashion_mnist",
@@ -137,19 +186,38 @@ SUITES: dict[str, Suite] = {
             "train": {"epochs": 15, "batch_size": 256, "channels_last": True, "precision": "fp32"},
             "optim": {**_SGD, "warmup_epochs": 1},
         },
-        "mnist",
+        ("mnist", "noise"),
         "Fashion-MNIST → MNIST (OOD); ≤ 15 min per method and seed on 2 cores",
+        transfer=("mnist",),
     ),
     "cifar10": Suite(
         "cifar10",
-        {
+        {  # configs/cifar10_cpu.yaml: ≤ 20 min of training per run on one core
+            "backbone": "convnet",
+            "backbone_args": {"width": 32},
+            "data": {"dataset": "cifar10_jpeg"},
+            "train": {"epochs": 30, "batch_size": 256, "channels_last": True, "precision": "auto"},
+            "optim": {**_SGD, "warmup_epochs": 1},
+        },
+        ("tiny_imagenet_val", "mnist", "noise"),
+        f"{_JPEG_NOTE}. CPU budget of `configs/cifar10_cpu.yaml` (ConvNet width 32, 30 epochs, ≤ 20 min of "
+        "training per run on one core)",
+        transfer=("eurosat_test",),
+        max_seeds={"lam_ensemble": 1},
+    ),
+    "cifar10_gpu": Suite(
+        "cifar10_gpu",
+        {  # configs/cifar10.yaml on the JPEG copy (the official files are not in the shared data)
             "backbone": "resnet18",
-            "data": {"dataset": "cifar10"},
+            "data": {"dataset": "cifar10_jpeg"},
             "train": {"epochs": 200, "batch_size": 512, "channels_last": True, "precision": "auto"},
             "optim": {**_SGD, "lr": 0.06, "warmup_epochs": 10},
         },
-        "svhn",
-        "CIFAR-10 → SVHN (OOD); for machines with the files and a GPU",
+        ("tiny_imagenet_val", "mnist", "noise"),
+        f"{_JPEG_NOTE}. GPU budget of `configs/cifar10.yaml` (ResNet-18 full width, 200 epochs); "
+        "for a machine with a GPU",
+        transfer=("eurosat_test",),
+        max_seeds={"lam_ensemble": 1},
     ),
 }
 
@@ -281,24 +349,39 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], columns: Sequence[str]
     return table
 
 
+def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
+    if cell is None:
+        return "–"
+    partial = f" (n={cell['n']})" if cell["n"] != seeds else ""
+    spread = f" ± {cell['std']:.4f}" if cell["n"] > 1 else ""  # one seed has no spread, not a spread of 0
+    return f"{cell['mean']:.4f}{spread}{partial}"
+
+
 def results_markdown(results: dict[str, Any]) -> str:
-    columns = results["columns"]
-    head = ["arm", "seeds", *columns]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for arm, cells in results["summary"].items():
-        seeds = len(results["runs"].get(arm, {}))
-        row = [arm, str(seeds)]
-        for col in columns:
-            cell = cells.get(col)
-            if cell is None:
-                row.append("–")
-            else:
-                partial = f" (n={cell['n']})" if cell["n"] != seeds else ""
-                row.append(f"{cell['mean']:.4f} ± {cell['std']:.4f}{partial}")
-        lines.append("| " + " | ".join(row) + " |")
+    """The suite's tables (``results['tables']``: accuracy, uncertainty, OOD) as markdown.
+
+    A column no arm has (e.g. a transfer set whose files are missing) is left out; results saved
+    before the tables were split have one table of ``results['columns']``.
+    """
+    tables = results.get("tables") or [("", results["columns"])]
+    blocks = []
+    for title, columns in tables:
+        present = [c for c in columns if any(c in cells for cells in results["summary"].values())]
+        if not present:
+            continue
+        head = ["arm", "seeds", *present]
+        lines = [f"**{title}**\n"] if title else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm, cells in results["summary"].items():
+            seeds = len(results["runs"].get(arm, {}))
+            lines.append(
+                "| " + " | ".join([arm, str(seeds), *(_cell(cells.get(c), seeds) for c in present)]) + " |"
+            )
+        blocks.append("\n".join(lines))
+    text = "\n\n".join(blocks)
     for arm, message in results.get("failures", {}).items():
-        lines.append(f"\n**{arm} failed**: {message}")
-    return "\n".join(lines)
+        text += f"\n\n**{arm} failed**: {message}"
+    return text
 
 
 def run_quality_benchmark(
@@ -340,6 +423,8 @@ def run_quality_benchmark(
     seed_range = range(first_seed, first_seed + (0 if table_only else seeds))
     for seed in seed_range:
         for arm in arms:
+            if not suite.runs(arm.name, seed):
+                continue
             start = time.perf_counter()
             label = f"{suite.name}/{arm.name}-s{seed}"
             if progress:
@@ -379,6 +464,7 @@ def run_quality_benchmark(
         "seeds_this_invocation": list(seed_range),
         "busy_this_invocation": busy,
         "columns": columns,
+        "tables": suite.tables(),
         "runs": {arm: {str(s): r for s, r in by_seed.items()} for arm, by_seed in runs.items()},
         "summary": summarise(runs, columns),
         "failures": failures,

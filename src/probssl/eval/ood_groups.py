@@ -9,6 +9,7 @@ images at all. The grouping follows OpenOOD (Yang et al. 2022; Zhang et al. 2023
   Fashion-MNIST, and Fashion-MNIST for the 8 × 8 ``digits`` set.
 - CIFAR-10 / CIFAR-100: each other and Tiny ImageNet are near-OOD, SVHN and MNIST far (OpenOOD v1.5).
 - SVHN → CIFAR-10 and STL-10 → SVHN: digits vs natural objects, far.
+- ``cifar10_jpeg`` (the public JPEG copy of CIFAR-10) is grouped as CIFAR-10.
 - ``noise`` (smooth random images) is far for every set.
 
 A pair not listed here belongs to no group, so it is left out of the group means rather than guessed.
@@ -34,8 +35,12 @@ _FAR: dict[str, frozenset[str]] = {
 _FAR_EVERYWHERE = frozenset({"noise"})
 
 
+_SAME_AS = {"cifar10_jpeg": "cifar10"}  # a re-encoded copy has its original's semantics
+
+
 def ood_group(dataset: str, ood_set: str) -> str | None:
     """ "near", "far" or ``None`` (not classified) for OOD set ``ood_set`` against ``dataset``."""
+    dataset, ood_set = _SAME_AS.get(dataset, dataset), _SAME_AS.get(ood_set, ood_set)
     if ood_set in _NEAR.get(dataset, ()):
         return "near"
     if ood_set in _FAR.get(dataset, ()) or ood_set in _FAR_EVERYWHERE:
