@@ -39,6 +39,17 @@ class DataConfig:
     cache_dir: str | None = None  # decoded-image cache; None: $PROBSSL_CACHE, else ~/.cache/probssl
     memory_limit_gb: float = 4.0  # auto: in memory below this decoded size, streaming above
 
+    def reader_options(self) -> dict[str, Any]:
+        """The keywords every reader of the data takes alike (``probssl.data.open_source``,
+        ``load_dataset``, ``resolve_dataset_info``), so the loop, the evaluation and ``embed`` read
+        the same images the same way."""
+        return {
+            "image_size": self.image_size,
+            "verify": self.verify,
+            "skip_corrupt": self.skip_corrupt,
+            "cache_dir": self.cache_dir,
+        }
+
 
 @dataclass
 class OptimConfig:

@@ -133,28 +133,13 @@ def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingD
     its decoded uint8 size is below ``data.memory_limit_gb`` and streams it otherwise.
     """
     dc = cfg.data
-    source = open_source(
-        dc.dataset,
-        "train",
-        data_dir=dc.data_dir,
-        image_size=dc.image_size,
-        download=dc.download,
-        verify=dc.verify,
-        skip_corrupt=dc.skip_corrupt,
-        cache_dir=dc.cache_dir,
-    )
+    options = {"data_dir": dc.data_dir, **dc.reader_options()}
+    source = open_source(dc.dataset, "train", download=dc.download, **options)
     stored = out_dir / DATASET_INFO_FILE
     if resume and stored.is_file():
         info = dataset_info_from_json(stored)
     else:
-        info = resolve_dataset_info(
-            dc.dataset,
-            data_dir=dc.data_dir,
-            image_size=dc.image_size,
-            verify=dc.verify,
-            skip_corrupt=dc.skip_corrupt,
-            cache_dir=dc.cache_dir,
-        )
+        info = resolve_dataset_info(dc.dataset, **options)
     skipped = skipped_items(source)
     items = training_subset(source, dc.subset, cfg.train.seed)
     kind = choose_pipeline(dc.pipeline, decoded_nbytes(items), dc.memory_limit_gb)

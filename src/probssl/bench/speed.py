@@ -116,9 +116,7 @@ class _SavedTensorBytes:
 def _dataset_info(cfg: RunConfig) -> DatasetInfo:
     """The run's image shape and statistics: registered sets and own folders (``data.image_size``) alike."""
     data = cfg.data
-    return resolve_dataset_info(
-        data.dataset, data_dir=data.data_dir, image_size=data.image_size, verify=data.verify
-    )
+    return resolve_dataset_info(data.dataset, data_dir=data.data_dir, **data.reader_options())
 
 
 class _Runner:

@@ -109,14 +109,7 @@ class Evaluator:
         if split not in self._datasets:
             cfg = self.cfg.data
             self._datasets[split] = load_dataset(
-                cfg.dataset,
-                split,
-                self.data_dir,
-                cfg.download,
-                image_size=cfg.image_size,
-                verify=cfg.verify,
-                skip_corrupt=cfg.skip_corrupt,
-                cache_dir=cfg.cache_dir,
+                cfg.dataset, split, self.data_dir, cfg.download, **cfg.reader_options()
             )
         return self._datasets[split]
 
