@@ -120,8 +120,14 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes_to_the_end(tmp_path):
     argv[argv.index("--subset") + 1], argv[argv.index("--epochs") + 1] = "256", "400"
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+    # A shell's background job (CI, `cmd &`) inherits SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: restore the default in the child so it gets Ctrl-C as a terminal user's process does.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "probssl", *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        [sys.executable, "-m", "probssl", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while latest_checkpoint(out) is None and time.monotonic() < deadline and proc.poll() is None:
