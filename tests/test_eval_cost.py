@@ -147,3 +147,40 @@ def test_probssl_eval_ends_with_the_summary(monkeypatch: pytest.MonkeyPatch, cap
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[:4] == ["kNN", "linear", "ECE", "NLL"] and "err-AUROC" in lines[0]
     assert lines[1].split()[:4] == ["0.9000", "0.9100", "0.0200", "n/a"]
+
+
+def test_channels_last_runs_are_embedded_in_their_memory_format(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run trained channels_last is evaluated channels_last (faster convolutions): the encoder's
+    convolutions are channels_last, and its features equal the contiguous ones up to rounding."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import probssl.eval.evaluate as evaluate
+
+    loaded, load_run = [], evaluate.load_run
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loaded.append(load_run(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(evaluate, "load_run", recording)
+
+    def conv_formats() -> set[bool]:
+        weights = [p for p in loaded[-1].method.parameters() if p.dim() == 4 and p.shape[1] > 1]
+        assert weights
+        return {w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in weights}
+
+    run_dir = _tiny_run(tmp_path, "simclr", ["train.channels_last=true", "backbone.width=16"])
+    evaluate.evaluate_run(run_dir, progress=False, suite_name="basic")
+    assert conv_formats() == {True}
+    fast = load_file(run_dir / "features" / "test_S1.safetensors")["mean"]
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("channels_last: true", "channels_last: false"))
+    shutil.rmtree(run_dir / "features")
+    evaluate.evaluate_run(run_dir, progress=False, suite_name="basic")
+    assert conv_formats() == {False}
+    plain = load_file(run_dir / "features" / "test_S1.safetensors")["mean"]
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)

@@ -262,3 +262,22 @@ def test_feature_detectors_average_over_posterior_draws() -> None:
     # `own` from the test bank decides for an OOD bank, even one whose uncertainty is all zeros.
     zero = _bank(qx, torch.full((12,), -1), q_draws)
     assert "emb" in suite.uncertainty_scores(probe.sample_probs(zero.draws), zero, own=True)
+
+
+def test_knn_scores_from_the_classifiers_pass_are_bit_identical() -> None:
+    """The kNN classifier's top similarities, remembered in a NeighbourCache, serve the kNN detector:
+    the same values as a detector pass of its own, no second product, and other features miss."""
+    from probssl.eval.knn import NeighbourCache, knn_predict_many
+
+    train, labels = _blobs(3000, d=16, c=5, seed=1, dtype=torch.float32)
+    query, _ = _blobs(700, d=16, c=5, seed=2, dtype=torch.float32)
+    cache = NeighbourCache(keep=50)
+    knn_predict_many(train, labels, query, 5, ks=(20, 200), chunk_size=64, cache=cache)
+    shared = knn_scores(train, query, ks=(1, 50), chunk_size=64, cache=cache)
+    assert cache.hits == 1
+    alone = knn_scores(train, query, ks=(1, 50), chunk_size=64)
+    for k in (1, 50):
+        assert torch.equal(shared[k], alone[k])
+    knn_scores(train, query + 1.0, ks=(1, 50), chunk_size=64, cache=cache)  # other queries: a miss
+    knn_scores(train, query, ks=(1, 51), chunk_size=64, cache=cache)  # more than remembered: a miss
+    assert cache.hits == 1

@@ -84,9 +84,12 @@ def test_exclude_self_is_leave_one_out() -> None:
         knn_predict(train, labels, train[:5], num_classes=4, exclude_self=True)
 
 
-def test_training_blocks_merge_to_the_same_neighbours() -> None:
-    """chunk_size=1 splits the training side into blocks of 16: top-k lists are merged across them,
-    with and without leave-one-out, and k larger than a block still works."""
+def test_training_blocks_merge_to_the_same_neighbours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 16 similarities per query split the training side: top-k lists are merged across
+    them, with and without leave-one-out, and k larger than a block still works."""
+    import probssl.eval.knn as knn_module
+
+    monkeypatch.setattr(knn_module, "SIMILARITY_BLOCK", 16)
     train, labels, _ = _toy(n=70)
     for k in (5, 20):
         blocked = knn_predict(train, labels, train, num_classes=4, k=k, chunk_size=1, exclude_self=True)

@@ -11,7 +11,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from probssl.eval import linear
-from probssl.eval.linear import LinearProbe, linear_probe_marginal
+from probssl.eval.linear import LinearProbe, linear_probe_marginal, softmax_cross_entropy_with_grad
 from probssl.eval.metrics import brier, nll, top1
 from probssl.eval.splits import class_balanced_subset, stratified_split
 
@@ -194,3 +194,19 @@ def test_metrics_by_hand() -> None:
     assert brier(certain_wrong, torch.tensor([0])) == pytest.approx(2.0)
     with pytest.raises(ValueError):
         top1(probs, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("l2", [0.0, 1e-3, 0.5])
+def test_closed_form_gradient_equals_autograd(l2: float) -> None:
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(300, 9, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (300,), generator=g)
+    weight = torch.randn(5, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = torch.nn.functional.cross_entropy(z @ weight.T + bias, y) + l2 * weight.pow(2).sum()
+    loss.backward()
+    with torch.no_grad():
+        value, grad_weight, grad_bias = softmax_cross_entropy_with_grad(z.T.contiguous(), y, weight, bias, l2)
+    assert value.item() == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(grad_weight, weight.grad, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(grad_bias, bias.grad, rtol=1e-10, atol=1e-13)

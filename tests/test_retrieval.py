@@ -266,3 +266,13 @@ def test_fully_collapsed_embedding_scores_zero(dtype: torch.dtype, chunk_size: i
         assert first_relevant_rank(embeddings, labels, chunk_size).tolist() == [
             1 + int((labels != labels[i]).sum()) for i in range(191)
         ]
+
+
+@pytest.mark.parametrize("classes", [12, 30])
+def test_map_at_r_matches_brute_force_with_few_items_per_label(classes: int) -> None:
+    # R ≪ N: mAP@R reads only each query's R most similar other-label items (a partial sort), so
+    # most rows are cut far before their end; the brute-force loop ranks every item.
+    embeddings, labels = _toy(n=90, d=6, c=classes, seed=5)
+    _, expected_map = _brute_force(embeddings, labels, (1,))
+    for chunk_size in (1, 13, 1024):
+        assert map_at_r(embeddings, labels, chunk_size=chunk_size) == pytest.approx(expected_map, abs=1e-12)

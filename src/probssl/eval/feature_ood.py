@@ -5,8 +5,8 @@ but the geometry of the training features (design.md §4, issue 19). Every score
 more OOD", like :mod:`probssl.eval.ood`, so the same detection metrics apply:
 
 - ``knn_scores``: −cos(x, k-th nearest L2-normalised training feature) (Sun et al. 2022, "Out-of-
-  distribution detection with deep nearest neighbors"). Queries are processed in chunks, so memory is
-  O(chunk · N_train), never O(N_query · N_train).
+  distribution detection with deep nearest neighbors"). Queries are processed in chunks against blocks of the
+  training features, so memory is one block of similarities, never O(N_query · N_train).
 - ``GaussianDetector``: squared Mahalanobis distance to the closest of a set of Gaussians with one
   shared (tied) covariance, min_c (x − μ_c)ᵀ Σ⁻¹ (x − μ_c). Fitted on class labels it is Lee et al.
   (2018); fitted on k-means clusters of normalised features it is SSD (Sehwag et al. 2021).
@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from probssl.eval.knn import NeighbourCache, top_similarities
+
 COVARIANCE_EPS = 1e-6
 """Eigenvalues of the tied covariance are floored at ``COVARIANCE_EPS`` × the largest one before
 inversion: a regularised pseudo-inverse. SSL features are often rank-deficient (dimensional collapse),
@@ -43,14 +45,19 @@ def _check_features(x: Tensor, name: str) -> Tensor:
 
 
 def knn_scores(
-    train: Tensor, query: Tensor, ks: Sequence[int] = (1, 50), chunk_size: int = 256
+    train: Tensor,
+    query: Tensor,
+    ks: Sequence[int] = (1, 50),
+    chunk_size: int = 256,
+    cache: NeighbourCache | None = None,
 ) -> dict[int, Tensor]:
     """{k: [M] −cos(query, its k-th nearest training feature)} for each k, higher = more OOD.
 
     Both sides are L2-normalised (cosine similarity, as Sun et al.); the k-th largest similarity is
-    an order statistic, so ties among training features do not change it. Computed in float32 (the
-    banks' dtype) ``chunk_size`` queries at a time: a chunk holds chunk_size × N_train similarities
-    (256 × 60 000 × 4 B ≈ 61 MB).
+    an order statistic, so ties among training features do not change it. The similarities come
+    from the kNN classifier's routine (:func:`probssl.eval.knn.top_similarities`, ``chunk_size``
+    queries at a time, blocked as the classifier blocks them), so with a ``cache`` the
+    classifier's pass over the same features is reused bit for bit instead of recomputed.
     """
     train = _check_features(train, "train features")
     query = _check_features(query, "query features")
@@ -62,16 +69,12 @@ def knn_scores(
         )
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    dtype = torch.promote_types(train.dtype, torch.float32)
-    bank = F.normalize(train.to(dtype), dim=1)
     k_max = max(ks)
-    out = {k: torch.empty(query.shape[0], dtype=dtype) for k in ks}
-    for start in range(0, query.shape[0], chunk_size):
-        q = F.normalize(query[start : start + chunk_size].to(bank.device, dtype), dim=1)
-        top = (q @ bank.T).topk(k_max, dim=1).values.cpu()  # descending
-        for k in ks:
-            out[k][start : start + q.shape[0]] = -top[:, k - 1]
-    return out
+    if cache is not None:
+        top = cache.top(train, query, k_max, chunk_size)
+    else:
+        top = top_similarities(train, query, k_max, chunk_size)
+    return {k: -top[:, k - 1].cpu() for k in ks}
 
 
 @dataclass

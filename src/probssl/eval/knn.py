@@ -9,11 +9,18 @@ the kNN analogue of Bayesian model averaging.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+SIMILARITY_BLOCK = 1 << 24
+"""Similarities per block (64 MB of float32): a chunk of q queries meets the training features
+SIMILARITY_BLOCK // q rows at a time. At the default 256 queries that is 65,536 rows, so a 60k
+training set is one product and one ``topk`` per chunk; blocks merged by running top-k lists
+(larger training sets) cost ~50% more at 60k, hence the large block."""
 
 
 def _check_features(features: Tensor, labels: Tensor | None, name: str) -> None:
@@ -42,7 +49,7 @@ def knn_predict(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     exclude_self: bool = False,
 ) -> Tensor:
     """Class probabilities [M, C] for each query from its k most cosine-similar training points
@@ -59,21 +66,23 @@ def knn_predict_many(
     num_classes: int,
     ks: Sequence[int] = (20,),
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
     exclude_self: bool = False,
+    cache: NeighbourCache | None = None,
 ) -> dict[int, Tensor]:
     """Class probabilities [M, C] for each query from its k most cosine-similar training points.
 
     Both sides are L2-normalised, so the dot product is the cosine similarity. Queries are processed
-    ``chunk_size`` at a time against the training set in blocks of 16 × ``chunk_size``, merging
-    top-k lists: the similarity matrix of a full test set against a full training set (10k × 50k
+    ``chunk_size`` at a time against the training set in blocks of ``SIMILARITY_BLOCK`` similarities,
+    merging top-k lists: the similarity matrix of a full test set against a full training set (10k × 50k
     floats) is what would otherwise dominate memory. ``k`` larger than the number of
     candidates is clipped. ``exclude_self=True`` is leave-one-out for the case where the queries
     *are* the training set (row i is not allowed to vote for itself), as in retrieval evaluation.
 
     One pass serves every k in ``ks``: the top-max(k) list is sorted by similarity, so its first k
     entries are the top-k list (ties aside), and the similarity matrix — the whole cost — is computed
-    once instead of once per k. Returns {k: probabilities [M, C]}.
+    once instead of once per k. Returns {k: probabilities [M, C]}. With a ``cache``, the pass's top
+    similarities are remembered for the kNN OOD detector (:class:`NeighbourCache`).
     """
     _check_features(train_features, train_labels, "train_features")
     _check_features(query_features, None, "query_features")
@@ -96,20 +105,93 @@ def knn_predict_many(
     clipped = {k: min(k, candidates) for k in ks}
     k_max = max(clipped.values())
 
+    labels = train_labels.to(train_features.device).long()
     dtype = torch.promote_types(train_features.dtype, torch.float32)
-    train = F.normalize(train_features.to(dtype), dim=1)
-    labels = train_labels.to(train.device).long()
-    out = {k: torch.empty(m, num_classes, dtype=dtype, device=train.device) for k in ks}
-    for start in range(0, m, chunk_size):
-        query = F.normalize(query_features[start : start + chunk_size].to(train.device, dtype), dim=1)
-        top_sim, top_idx = _running_topk(
-            query, train, k_max, chunk_size * 16, start if exclude_self else None
-        )
+    out = {k: torch.empty(m, num_classes, dtype=dtype, device=train_features.device) for k in ks}
+    kept = []  # the top ``cache.keep`` similarities of every query, for the cache
+    for start, top_sim, top_idx in _top_chunks(
+        train_features, query_features, k_max, chunk_size, exclude_self
+    ):
         for k, used in clipped.items():
-            out[k][start : start + query.shape[0]] = _votes(
+            out[k][start : start + top_sim.shape[0]] = _votes(
                 top_sim[:, :used], labels[top_idx[:, :used]], num_classes, temperature
             )
+        if cache is not None:
+            kept.append(top_sim[:, : cache.keep])
+    if cache is not None and not exclude_self:
+        cache.remember(train_features, query_features, chunk_size, torch.cat(kept))
     return out
+
+
+def _top_chunks(
+    train_features: Tensor, query_features: Tensor, k: int, chunk_size: int, exclude_self: bool = False
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(start, top-k cosine similarities [m, k] in descending order, their training indices [m, k])
+    for each ``chunk_size`` block of queries against the whole training set.
+
+    The one place similarities between two feature sets are computed: the kNN classifier and the kNN
+    OOD detector (:func:`probssl.eval.feature_ood.knn_scores`) both read them from here, so a shared
+    pass (:class:`NeighbourCache`) gives them bit-identical values to separate passes.
+    """
+    dtype = torch.promote_types(train_features.dtype, torch.float32)
+    train = F.normalize(train_features.to(dtype), dim=1)
+    for start in range(0, query_features.shape[0], chunk_size):
+        query = F.normalize(query_features[start : start + chunk_size].to(train.device, dtype), dim=1)
+        block = max(1, SIMILARITY_BLOCK // chunk_size)
+        top_sim, top_idx = _running_topk(query, train, k, block, start if exclude_self else None)
+        yield start, top_sim, top_idx
+
+
+def top_similarities(train_features: Tensor, query_features: Tensor, k: int, chunk_size: int = 256) -> Tensor:
+    """[M, k] the k largest cosine similarities of each query to the training features, descending.
+
+    Order statistics only (no indices), so ties among training features cannot change them.
+    """
+    _check_features(train_features, None, "train_features")
+    _check_features(query_features, None, "query_features")
+    if not 1 <= k <= train_features.shape[0]:
+        raise ValueError(f"k must lie in [1, {train_features.shape[0]}], got {k}")
+    return torch.cat([sim for _, sim, _ in _top_chunks(train_features, query_features, k, chunk_size)])
+
+
+def _content_key(features: Tensor) -> str:
+    """A digest of a tensor's shape, dtype and bytes: equal keys mean equal features."""
+    digest = hashlib.blake2b(str((tuple(features.shape), features.dtype)).encode(), digest_size=16)
+    digest.update(features.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class NeighbourCache:
+    """The top ``keep`` cosine similarities of query sets against training sets, remembered by content.
+
+    Evaluation asks twice for the neighbours of the same test features among the same training
+    features: the kNN classifier (k up to 200) and the kNN OOD detector (k = 1, 50), once per
+    posterior draw. The classifier's pass stores its first ``keep`` similarities per query (values
+    only, [M, keep] float32: 2 MB per 10k queries), and the detector reads them instead of a second
+    [M, N] product, the cost of both. Keys are content digests, so a hit is the same features (a
+    deterministic method's mean is its only draw) and never a stale tensor at a reused address;
+    ``chunk_size`` is part of the key, since it decides how the similarity products are blocked.
+    """
+
+    def __init__(self, keep: int = 50) -> None:
+        self.keep = keep
+        self._store: dict[tuple[str, str, int], Tensor] = {}
+        self.hits = 0
+
+    def remember(self, train: Tensor, query: Tensor, chunk_size: int, similarities: Tensor) -> None:
+        key = (_content_key(train), _content_key(query), chunk_size)
+        if similarities.shape[1] >= min(self.keep, train.shape[0]):
+            self._store[key] = similarities[:, : self.keep].clone()
+
+    def top(self, train: Tensor, query: Tensor, k: int, chunk_size: int) -> Tensor:
+        """[M, k] as :func:`top_similarities`, from a remembered pass when one holds k values."""
+        hit = self._store.get((_content_key(train), _content_key(query), chunk_size))
+        if hit is not None and hit.shape[1] >= k:
+            self.hits += 1
+            return hit[:, :k]
+        values = top_similarities(train, query, k, chunk_size)
+        self.remember(train, query, chunk_size, values)
+        return values
 
 
 def _running_topk(
@@ -149,7 +231,7 @@ def knn_predict_marginal(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> Tensor:
     """Probabilistic kNN for one k (see :func:`knn_predict_marginal_many`)."""
     return knn_predict_marginal_many(
@@ -164,14 +246,16 @@ def knn_predict_marginal_many(
     num_classes: int,
     ks: Sequence[int] = (20,),
     temperature: float = 0.07,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
+    cache: NeighbourCache | None = None,
 ) -> dict[int, Tensor]:
     """Probabilistic kNN: the vote distribution averaged over embedding samples, [M, C].
 
     ``train_draws`` [S, N, D] and ``query_draws`` [S, M, D] are paired by sample index s (draw s of
     the training set is the feature space in which draw s of the queries is classified). A side
     with a single draw (a deterministic method) is broadcast against the other. Probabilities, not
-    similarities, are averaged, so the result is a mixture of kNN predictors.
+    similarities, are averaged, so the result is a mixture of kNN predictors. ``cache``: see
+    :class:`NeighbourCache`.
     """
     if train_draws.dim() != 3 or query_draws.dim() != 3:
         raise ValueError(
@@ -190,6 +274,7 @@ def knn_predict_marginal_many(
             ks=ks,
             temperature=temperature,
             chunk_size=chunk_size,
+            cache=cache,
         )
         for k, p in probs.items():
             total[k] = p if k not in total else total[k] + p

@@ -74,14 +74,18 @@ def _relevant_positions(sim: Tensor, relevant: Tensor, count: int, tolerance: fl
     The m-th most similar relevant item (similarity s_m) sits at position m + #{other-label items
     with similarity ≥ s_m − tolerance}: every other-label item tied with it ranks first. Positions
     increase strictly with m, so this is a ranking even though "within tolerance" is not transitive.
-    Entries beyond a query's number of relevant items are meaningless (callers mask them).
+    Exact for positions ≤ ``count`` (all mAP@R needs); a position beyond ``count`` is only known to be
+    > ``count``. Entries beyond a query's number of relevant items are meaningless (callers mask them).
     """
     irrelevant = ~relevant & torch.isfinite(sim)  # the query's own column (−inf) is neither
     relevant_sims = sim.masked_fill(~relevant, float("-inf")).topk(count, dim=1).values
-    irrelevant_sorted = sim.masked_fill(~irrelevant, float("-inf")).sort(dim=1).values
-    n = sim.shape[1]
-    # Items ≥ threshold = N − (items < threshold); the −inf fill never reaches a finite threshold.
-    at_least = n - torch.searchsorted(irrelevant_sorted, (relevant_sims - tolerance).contiguous())
+    # Only the ``count`` most similar other-label items can precede a position ≤ count, so a
+    # partial sort of those replaces a sort of the whole row (5–7× faster at N = 10k): positions
+    # ≤ count come out exactly as with the full sort, larger ones are capped at m + count.
+    top_irrelevant = sim.masked_fill(~irrelevant, float("-inf")).topk(min(count, sim.shape[1]), dim=1)
+    ascending = top_irrelevant.values.flip(1).contiguous()
+    # Items ≥ threshold = K − (items < threshold); the −inf fill never reaches a finite threshold.
+    at_least = ascending.shape[1] - torch.searchsorted(ascending, (relevant_sims - tolerance).contiguous())
     order = torch.arange(1, count + 1, device=sim.device)
     return order[None, :] + at_least
 

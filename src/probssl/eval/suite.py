@@ -40,6 +40,7 @@ from probssl.eval.feature_ood import (
     max_logit_score,
 )
 from probssl.eval.features import FeatureBank
+from probssl.eval.knn import NeighbourCache
 from probssl.eval.linear import LinearProbe
 from probssl.eval.metrics import top1
 from probssl.eval.ood import entropy_score, msp_score, mutual_information_score, ood_metrics
@@ -128,6 +129,7 @@ class FeatureDetectors:
     probe: MarginalProbe
     gaussians: list[dict[str, GaussianDetector]]  # [0]: the point estimate; [1 + s]: draw s
     ks: tuple[int, ...]
+    cache: NeighbourCache | None = None  # the kNN classifier's passes, reused by the kNN scores
 
     @classmethod
     def fit(
@@ -137,6 +139,7 @@ class FeatureDetectors:
         num_classes: int,
         seed: int,
         max_draws: int = BMA_MAX_DRAWS,
+        cache: NeighbourCache | None = None,
     ) -> FeatureDetectors:
         ks = tuple(k for k in FEATURE_KS if k <= train.num_items)
         sources = [train.mean]
@@ -152,12 +155,12 @@ class FeatureDetectors:
             }
             for x in sources
         ]
-        return cls(train, probe, gaussians, ks)
+        return cls(train, probe, gaussians, ks, cache)
 
     def _scores(
         self, train: Tensor, query: Tensor, gaussians: dict[str, GaussianDetector], logits: Tensor
     ) -> dict[str, Tensor]:
-        knn = knn_scores(train, query, self.ks)
+        knn = knn_scores(train, query, self.ks, cache=self.cache)
         scores = {f"knn{k}": knn[k].double() for k in self.ks}
         scores.update({name: detector.score(query) for name, detector in gaussians.items()})
         scores["energy"] = energy_score(logits)
