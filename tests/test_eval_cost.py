@@ -32,7 +32,11 @@ def _tiny_run(tmp_path: Path, method: str, overrides: list[str]) -> Path:
 
 
 def _assert_same_numbers(plain: dict[str, Any], shared: dict[str, Any]) -> None:
-    timings = {k for k in (*plain, *shared) if k.startswith(("meta/eval_seconds", "meta/eval_cpu_seconds"))}
+    timings = {
+        k
+        for k in (*plain, *shared)
+        if k.startswith(("meta/eval_seconds", "meta/eval_cpu_seconds", "meta/eval_to_train"))
+    }
     assert set(plain) - timings == set(shared) - timings
     for key in set(plain) - timings:
         a, b = plain[key], shared[key]
@@ -58,6 +62,11 @@ def test_sharing_work_across_stages_changes_no_number(tmp_path: Path) -> None:
     _assert_same_numbers(plain, shared)
     stages = {k.removeprefix("meta/eval_seconds/") for k in shared if k.startswith("meta/eval_seconds/")}
     assert stages == {"features", "probes", "uncertainty", "ood", "shift", "lowshot", "transfer", "retrieval"}
+    # The cost table's columns: training wall (step loop per epoch × epochs) and the ratio.
+    assert shared["meta/train_seconds"] > 0
+    assert shared["meta/eval_to_train"] == pytest.approx(
+        shared["meta/eval_seconds"] / shared["meta/train_seconds"]
+    )
     # A deterministic method: no measured-looking value for what it does not have.
     assert not [k for k in shared if "/emb/" in k or "/mi/" in k or "emb_uncertainty" in k]
 
@@ -184,3 +193,15 @@ def test_channels_last_runs_are_embedded_in_their_memory_format(
     assert conv_formats() == {False}
     plain = load_file(run_dir / "features" / "test_S1.safetensors")["mean"]
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_training_seconds_count_every_epoch_and_the_after_training_step(tmp_path: Path) -> None:
+    import json
+
+    from probssl.eval.evaluate import training_seconds
+
+    assert training_seconds(tmp_path, 5) is None  # no train_summary.json: no cost columns
+    summary = {"seconds": 4.0, "seconds_per_epoch": 2.0, "after_training_seconds": 3.0}
+    (tmp_path / "train_summary.json").write_text(json.dumps(summary))
+    # a resumed run's last invocation ran 2 epochs (4 s), but the run trained 5: 5 × 2 + 3
+    assert training_seconds(tmp_path, 5) == pytest.approx(13.0)

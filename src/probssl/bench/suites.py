@@ -111,11 +111,12 @@ class Suite:
         return seed < self.max_seeds.get(arm, seed + 1)
 
     def tables(self) -> list[tuple[str, list[str]]]:
-        """(title, metric keys) of the suite's tables: accuracy, then uncertainty, then OOD.
+        """(title, metric keys) of the suite's tables: accuracy, uncertainty, OOD, then cost.
 
-        Why three: one row of ~35 columns is unreadable; each table answers one question (how good are
-        the features / how good is the uncertainty / does it detect OOD inputs). OOD columns per set:
-        the probe's MSP (defined for every method), the pre-declared feature-space detector
+        Why several: one row of ~35 columns is unreadable; each table answers one question (how good
+        are the features / how good is the uncertainty / does it detect OOD inputs / what did the
+        run and its evaluation cost — issue 19's goal is evaluation ≤ 10–25% of training). OOD columns
+        per set: the probe's MSP (defined for every method), the pre-declared feature-space detector
         (``best_feature`` = kNN distance, issue 19) and the method's own uncertainty (``emb``).
         """
         accuracy = [
@@ -141,7 +142,13 @@ class Suite:
         ]
         ood = [f"ood/{name}/{score}/auroc" for name in self.ood for score in OOD_SCORES]
         ood += [f"ood/{group}/{score}/auroc" for group in self.ood_groups() for score in OOD_SCORES]
-        return [("Accuracy", accuracy), ("Uncertainty", uncertainty), ("OOD detection (AUROC)", ood)]
+        cost = ["meta/train_seconds", "meta/eval_seconds", "meta/eval_to_train"]
+        return [
+            ("Accuracy", accuracy),
+            ("Uncertainty", uncertainty),
+            ("OOD detection (AUROC)", ood),
+            ("Cost (wall seconds: training, full evaluation, their ratio)", cost),
+        ]
 
     def columns(self) -> list[str]:
         return [col for _, cols in self.tables() for col in cols]
@@ -353,8 +360,9 @@ def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
     if cell is None:
         return "–"
     partial = f" (n={cell['n']})" if cell["n"] != seeds else ""
-    spread = f" ± {cell['std']:.4f}" if cell["n"] > 1 else ""  # one seed has no spread, not a spread of 0
-    return f"{cell['mean']:.4f}{spread}{partial}"
+    digits = 1 if abs(cell["mean"]) >= 10 else 4  # seconds and ratios ≥ 10 need no 4 decimals
+    spread = f" ± {cell['std']:.{digits}f}" if cell["n"] > 1 else ""  # one seed has no spread, not 0
+    return f"{cell['mean']:.{digits}f}{spread}{partial}"
 
 
 def results_markdown(results: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ partial sort. Each stage (``STAGES``) has one progress bar and its wall and CPU 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -210,6 +211,21 @@ class Evaluator:
             path, key, lambda: self.embed(dataset.images, dataset.labels, f"features/{split}")
         )
         return bank, dataset.images
+
+
+def training_seconds(run_dir: Path, epochs: int) -> float | None:
+    """Wall seconds the run's training took: its step loop per epoch × epochs (so a resumed run counts
+    in full, not only its last invocation) plus any after-training step (LAM's post-hoc Laplace fit).
+    None without a ``train_summary.json`` (an imported or partial run)."""
+    path = Path(run_dir) / "train_summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    per_epoch = summary.get("seconds_per_epoch")
+    if not per_epoch:
+        return None
+    return float(per_epoch) * epochs + float(summary.get("after_training_seconds") or 0.0)
 
 
 def _content_key(images: torch.Tensor) -> str:
@@ -401,6 +417,10 @@ def evaluate_run(
     results["meta/partial_training"] = bool(run.weights_meta.get("partial", False))
     results["meta/step"] = step if step is not None else run.weights_meta.get("steps")
     results["meta/eval_seconds"] = time.perf_counter() - started
+    train_seconds = training_seconds(run.run_dir, cfg.train.epochs) if step is None else None
+    if train_seconds:
+        results["meta/train_seconds"] = train_seconds
+        results["meta/eval_to_train"] = results["meta/eval_seconds"] / train_seconds
     results.update({f"meta/eval_seconds/{stage}": seconds for stage, seconds in ev.seconds.items()})
     results.update({f"meta/eval_cpu_seconds/{stage}": seconds for stage, seconds in ev.cpu_seconds.items()})
     results["meta/uncertainty_doc"] = run.method.uncertainty_doc
