@@ -393,3 +393,189 @@ def test_ranked_images_show_label_and_prediction() -> None:
     ]
     assert [(label, prediction) for _, _, label, prediction in rows["least_certain"]] == [(None, None)] * 2
     assert rows["criterion"] == "entropy"
+
+
+# ------------------------------------------------------------- what a reader sees (issue 21's screenshots)
+
+
+def _suite_runs(
+    root: Path, arms: dict[str, str], seeds: int, ood_sets: tuple[str, ...] = ("mnist",)
+) -> list[Path]:
+    """Bench-style run directories ``<arm>-s<seed>`` for ``arms`` ({arm: method}), with plot data."""
+    rng = np.random.default_rng(4)
+    dirs = []
+    for k, (arm, method) in enumerate(arms.items()):
+        for seed in range(seeds):
+            details = _details(rng)
+            entry = details["ood"].pop("mnist")
+            details["ood"] = {name: entry for name in ood_sets}
+            metrics = _metrics(method, seed, 0.9 - 0.01 * k, 0.02 + 0.01 * seed)
+            dirs.append(_write_run(root / f"{arm}-s{seed}", metrics, details))
+    return dirs
+
+
+def _capture_figures(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The matplotlib figures a report draws, laid out (in the order of the page), instead of their PNGs."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import probssl.eval.report.figures as figures
+
+    drawn = []
+
+    def keep(fig: matplotlib.figure.Figure) -> str:
+        FigureCanvasAgg(fig).draw()  # inside the report's rc_context, as savefig would
+        drawn.append(fig)
+        return "data:image/png;base64,"
+
+    monkeypatch.setattr(figures, "_png", keep)
+    return drawn
+
+
+def _overlaps(a: object, b: object, tolerance: float = 1.0) -> bool:
+    return (
+        a.x0 < b.x1 - tolerance
+        and b.x0 < a.x1 - tolerance
+        and a.y0 < b.y1 - tolerance
+        and b.y0 < a.y1 - tolerance
+    )
+
+
+def _collisions(fig: matplotlib.figure.Figure) -> list[str]:
+    """Titles that run into another panel, side-by-side panels whose labels touch, legends over a panel."""
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    tight = {ax: ax.get_tightbbox(renderer) for ax in axes}
+    found = []
+    for a in axes:
+        titles = [t for t in (a.title, a._left_title, a._right_title) if t.get_text()]
+        for b in axes:
+            if b is a:
+                continue
+            found += [
+                f"title {t.get_text()!r} runs into a neighbour"
+                for t in titles
+                if _overlaps(t.get_window_extent(renderer), tight[b])
+            ]
+            pa, pb = a.get_position(), b.get_position()
+            if pa.x1 <= pb.x0 and pa.y0 < pb.y1 and pb.y0 < pa.y1 and tight[a].x1 > tight[b].x0 + 1:
+                found.append(f"panels {a.get_title(loc='left') or a.get_title()!r} and the next one touch")
+    for legend in fig.legends:
+        box = legend.get_window_extent(renderer)
+        found += [f"legend covers {ax.get_title()!r}" for ax in axes if _overlaps(box, tight[ax])]
+    return found
+
+
+def _legend_gap_inches(fig: matplotlib.figure.Figure) -> float:
+    """Blank height between the lowest panel (with its labels) and the figure legend below it."""
+    renderer = fig.canvas.get_renderer()
+    lowest = min(ax.get_tightbbox(renderer).y0 for ax in fig.axes if ax.get_visible())
+    return (lowest - fig.legends[0].get_window_extent(renderer).y1) / fig.dpi
+
+
+def test_figures_keep_long_names_inside_their_panels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long run names and OOD set names (``csghmc_snapshot · seed 0 vs tiny_imagenet_val``) used to run
+    into the next panel, and a tall figure left a blank band above its legend."""
+    arms = {"csghmc_snapshot_long_arm": "csghmc", "lam_deterministic_long": "lam", "lam_online_long": "lam"}
+    dirs = _suite_runs(tmp_path, arms, seeds=3, ood_sets=("tiny_imagenet_val", "mnist", "gaussian_noise"))
+    drawn = _capture_figures(monkeypatch)
+    build_report(dirs, tmp_path / "r.html")
+    reliability, ood, shift = drawn[:3]
+    for fig in (reliability, ood, shift):
+        assert _collisions(fig) == []
+        assert _legend_gap_inches(fig) < 0.25
+
+
+def test_ood_histograms_use_the_width_with_one_ood_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one OOD set, runs sit side by side (it was one panel per row: a 10,000 px column at 42 runs)."""
+    dirs = _suite_runs(tmp_path, {"simclr": "simclr", "byol": "byol", "pixels": "pixels"}, seeds=3)
+    drawn = _capture_figures(monkeypatch)
+    build_report(dirs, tmp_path / "r.html")
+    ood = drawn[1]
+    panels = [ax for ax in ood.axes if ax.get_visible()]
+    assert len(panels) == 9
+    assert len({round(ax.get_position().x0, 3) for ax in panels}) == 4
+    assert _collisions(ood) == []
+
+
+def test_seeds_of_an_arm_share_a_colour_and_arms_of_one_method_keep_their_names(tmp_path: Path) -> None:
+    """Bench arms of one method (lam_online-s0, lam_posthoc-s0: both ``lam``) are named by their arm; the
+    last of a clash used to keep the bare ``lam · seed 0``. Seeds of one arm share colour and legend entry."""
+    from probssl.eval.report.runs import label_runs, load_run
+
+    dirs = _suite_runs(
+        tmp_path / "suite", {"lam_a": "lam", "lam_b": "lam", "lam_c": "lam", "pixels": "pixels"}, 2
+    )
+    dirs += [_write_run(tmp_path / name, _metrics("simclr", 0, 0.8, 0.03)) for name in ("x", "y")]
+    runs = [load_run(d) for d in dirs]
+    label_runs(runs)
+    names = [run.name for run in runs]
+    assert len(set(names)) == len(names)
+    assert names[:3] == ["lam_a · seed 0", "lam_a · seed 1", "lam_b · seed 0"]
+    assert names[6:] == ["pixels · seed 0", "pixels · seed 1", "simclr · seed 0 (x)", "simclr · seed 0 (y)"]
+    assert runs[6].group == runs[7].group == "pixels · 2 seeds" and runs[8].group == "simclr · seed 0 (x)"
+    colours = [run.colour for run in runs]
+    assert colours[0] == colours[1] and colours[6] == colours[7]
+    assert len({colours[0], colours[2], colours[4], colours[6], colours[8], colours[9]}) == 6
+
+
+def test_sparsification_legend_gap_is_the_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The legend's gap to the oracle is ``ret/ausc_oracle − ret/ausc`` from the table (the legend used the
+    un-normalised area: 0.2625 beside a table that reads 0.6478 − 0.3715), and the axis names what is
+    measured: 1-NN retrieval, not the probe's accuracy."""
+    metrics = _metrics("simclr", 0, 0.9, 0.02) | {"ret/ausc": 0.61, "ret/ausc_oracle": 0.82}
+    run = _write_run(tmp_path / "simclr-s0", metrics, _details(np.random.default_rng(5)))
+    drawn = _capture_figures(monkeypatch)
+    build_report([run], tmp_path / "r.html")
+    ax = drawn[3].axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels[0] == "simclr · seed 0  (gap to oracle 0.2100)"
+    assert "retrieval" in ax.get_ylabel()
+
+
+def test_cells_read_as_their_numbers(tmp_path: Path) -> None:
+    """A chosen 1e-5 reads 1.00e-05, not a measured 0.0000; cells that read the same are best together."""
+    values = [(1e-5, 0.99996), (1e-3, 1.0), (1e-6, 0.9)]
+    dirs = [
+        _write_run(tmp_path / f"r{i}", {"linear/l2": l2, "ood/x/knn1/auroc": auroc, "config/method": f"m{i}"})
+        for i, (l2, auroc) in enumerate(values)
+    ]
+    parser = _Cells()
+    parser.feed(build_report(dirs, tmp_path / "r.html").read_text(encoding="utf-8"))
+    cells = {name: {key: (classes, text) for key, classes, text in row} for name, row in parser.rows.items()}
+    assert [cells[f"m{i}"]["linear/l2"][1] for i in range(3)] == ["1.00e-05", "0.0010", "1.00e-06"]
+    auroc = [cells[f"m{i}"]["ood/x/knn1/auroc"] for i in range(3)]
+    assert [text for _, text in auroc] == ["1.0000", "1.0000", "0.9000"]
+    assert ["best" in classes.split() for classes, _ in auroc] == [True, True, False]
+
+
+class _Structure(HTMLParser):
+    """Figcaptions outside a figure, and the CSS class of each runs-table cell."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depth, self.stray_captions, self.cell_classes = 0, 0, set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.depth += tag == "figure"
+        self.stray_captions += tag == "figcaption" and self.depth == 0
+        if tag == "td":
+            self.cell_classes.add(dict(attrs).get("class") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        self.depth -= tag == "figure"
+
+
+def test_runs_table_wraps_its_long_cells_and_captions_sit_in_figures(
+    report: tuple[Path, str, list[Path]],
+) -> None:
+    """The one-line uncertainty explanation was cut off under the plot-data chips (every cell was nowrap),
+    and the ranked-images caption was a figcaption outside any figure."""
+    _, page, _ = report
+    parser = _Structure()
+    parser.feed(page)
+    assert parser.stray_captions == 0 and parser.depth == 0
+    assert {"doc", "chips"} <= parser.cell_classes
+    css = dict(re.findall(r"td\.(doc|chips) \{([^}]*)\}", page))
+    assert "white-space:normal" in css["doc"] and "white-space:normal" in css["chips"]

@@ -3,7 +3,9 @@ corruption, sparsification curves, test images ranked by uncertainty.
 
 Matplotlib without pyplot: figures are built from ``matplotlib.figure.Figure`` (Agg canvas) under an
 ``rc_context``, so building a report never switches the caller's backend or touches global figure state.
-Legends sit outside the axes (below the panels or to their right), so they never cover a title or a bar.
+Legends sit outside the axes (below the panels or to their right), so they never cover a title or a bar;
+panel grids use the constrained layout, which spaces panels by their titles and labels, so a long run
+name cannot run into the next panel, and titles are wrapped to their panel's width.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -64,6 +67,19 @@ def _floats(values: Any) -> np.ndarray:
     return np.array([np.nan if v is None else float(v) for v in values], dtype=float)
 
 
+def _wrapped(*lines: str, width: int) -> str:
+    """Title lines broken at ``width`` characters (a panel is ~30-40 characters of title wide)."""
+    return "\n".join(textwrap.fill(line, width, break_on_hyphens=False) for line in lines)
+
+
+def _panel_figure(width: float, height: float) -> Figure:
+    """A figure for a grid of panels, in inches: constrained layout, with a little more room between rows
+    than its default so a panel's title does not read as a caption of the tick labels above it."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.08)
+    return fig
+
+
 def _grid(count: int, max_cols: int) -> tuple[int, int]:
     cols = max(1, min(count, max_cols))
     return math.ceil(count / cols), cols
@@ -105,12 +121,14 @@ def _reliability_figure(runs: Sequence[Run], data: Mapping[str, dict[str, np.nda
     shown = [run for run in runs if run.name in data]
     rows, cols = _grid(len(shown), 4)
     with _styled():
-        fig = Figure(figsize=(3.0 * cols, 3.35 * rows))
-        outer = fig.add_gridspec(rows, cols, wspace=0.28, hspace=0.45)
+        fig = _panel_figure(3.0 * cols, 3.35 * rows + 0.3)
+        # One flat grid, diagram and count strip in alternate rows: the constrained layout spreads a nested
+        # 2x1 grid over the whole cell, which put the strip far below its diagram.
+        grid = fig.add_gridspec(2 * rows, cols, height_ratios=[3.2, 1] * rows)
         for k, run in enumerate(shown):
             d = data[run.name]
-            inner = outer[k // cols, k % cols].subgridspec(2, 1, height_ratios=[3.2, 1], hspace=0.08)
-            ax, ax_count = fig.add_subplot(inner[0]), fig.add_subplot(inner[1])
+            row, col = 2 * (k // cols), k % cols
+            ax, ax_count = fig.add_subplot(grid[row, col]), fig.add_subplot(grid[row + 1, col])
             width = d["upper"] - d["lower"]
             ok = ~np.isnan(d["acc"])
             ax.plot([0, 1], [0, 1], ls="--", color="#9aa1ad", lw=1, zorder=1)
@@ -168,7 +186,7 @@ def _reliability_title(run: Run, d: Mapping[str, np.ndarray]) -> str:
         total = d["count"].sum()
         ok = ~np.isnan(d["acc"])
         ece = float((d["count"][ok] * np.abs(d["acc"][ok] - d["conf"][ok])).sum() / total) if total else None
-    return f"{run.name}\nECE = {ece:.4f}" if ece is not None else run.name
+    return _wrapped(run.name, *([f"ECE = {ece:.4f}"] if ece is not None else []), width=30)
 
 
 def _auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
@@ -208,27 +226,32 @@ def _ood_data(run: Run) -> dict[str, dict[str, Any]] | None:
 
 
 def _ood_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, Any]]]) -> str:
-    """One row per run, one column per OOD set (same set in the same column, so runs compare vertically)."""
+    """One block of panels per run, one panel per OOD set at the same place in every block, so runs
+    compare at a glance. Blocks fill rows of four panels: one run per row with three or four sets, four
+    runs per row with one set (one run per row and one set made a single column, 10,000 px tall at 42 runs).
+    """
     shown = [run for run in runs if run.name in data]
     sets = list(dict.fromkeys(name for run in shown for name in data[run.name]))
     cols = min(len(sets), 4)
     rows_per_run = math.ceil(len(sets) / cols)
+    runs_per_row = min(max(1, 4 // cols), len(shown))
+    block_rows = math.ceil(len(shown) / runs_per_row)
     with _styled():
-        fig = Figure(figsize=(3.7 * cols + 0.4, 2.55 * rows_per_run * len(shown) + 0.5))
-        axes = fig.subplots(rows_per_run * len(shown), cols, squeeze=False)
+        fig = _panel_figure(3.4 * cols * runs_per_row, 2.8 * rows_per_run * block_rows + 0.3)
+        axes = fig.subplots(rows_per_run * block_rows, cols * runs_per_row, squeeze=False)
         for ax in axes.ravel():
             ax.set_visible(False)
         for r, run in enumerate(shown):
+            block_row, block_col = divmod(r, runs_per_row)
             for k, set_name in enumerate(sets):
                 if set_name in data[run.name]:
-                    ax = axes[r * rows_per_run + k // cols, k % cols]
+                    ax = axes[block_row * rows_per_run + k // cols, block_col * cols + k % cols]
                     ax.set_visible(True)
                     _ood_panel(ax, run, set_name, data[run.name][set_name])
         handles = [
             matplotlib.patches.Patch(facecolor=_IN_COLOUR, alpha=0.5, label="in-distribution test set"),
             matplotlib.patches.Patch(facecolor=_OUT_COLOUR, alpha=0.5, label="OOD set"),
         ]
-        fig.subplots_adjust(hspace=0.85, wspace=0.28)
         _legend_below(fig, handles, [h.get_label() for h in handles], ncol=2)
         return _png(fig)
 
@@ -244,8 +267,9 @@ def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
         ax.hist(clipped, bins=bins, density=True, color=colour, alpha=0.3)
         ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
     score = d["criterion"] or "score"
-    ax.set_title(f"{run.name}\nvs {set_name} · AUROC({score}) = {d['auroc']:.3f}", loc="left")
-    ax.set(xlabel=f"OOD score: {score} (higher = more OOD)", ylabel="density")
+    title = _wrapped(run.name, f"vs {set_name}", f"AUROC({score}) = {d['auroc']:.3f}", width=34)
+    ax.set_title(title, loc="left")
+    ax.set(xlabel=_wrapped(f"OOD score: {score} (higher = more OOD)", width=40), ylabel="density")
     ax.spines["left"].set_color(run.colour)
     ax.spines["left"].set_linewidth(2.5)
 
@@ -293,7 +317,7 @@ def _plot_curve(ax: Any, points: Mapping[int, float], run: Run, **kwargs: Any) -
             markersize=3.5,
             lw=1.7,
             color=run.colour,
-            label=run.name,
+            label=run.group or run.name,
             **kwargs,
         )
 
@@ -311,9 +335,9 @@ def _shift_figure(
     cols = 4
     rows = 1 + math.ceil(len(corruptions) / cols)
     with _styled():
-        fig = Figure(figsize=(3.2 * cols, 2.45 * rows + 0.4))
-        grid = fig.add_gridspec(rows, cols, hspace=0.7, wspace=0.32)
-        top = grid[0, :].subgridspec(1, len(summary), wspace=0.32)
+        fig = _panel_figure(3.2 * cols, 2.45 * rows + 0.4)
+        grid = fig.add_gridspec(rows, cols)
+        top = grid[0, :].subgridspec(1, len(summary))
         for j, metric in enumerate(summary):
             ax = fig.add_subplot(top[0, j])
             for run in shown:
@@ -345,9 +369,10 @@ def _varies(by_corruption: Mapping[str, Mapping[str, Mapping[int, float]]], metr
 
 
 def _legend_below(fig: Figure, handles: Sequence[Any], labels: Sequence[str], ncol: int) -> None:
-    """A figure legend under the panels: outside every axes, so it covers no title, bar or line
-    (``bbox_inches="tight"`` in :func:`_png` grows the image to hold it)."""
-    fig.legend(handles, labels, loc="upper center", ncol=max(1, ncol), bbox_to_anchor=(0.5, 0.0))
+    """A figure legend right under the panels, outside every axes, so it covers no title, bar or line.
+    The constrained layout makes room for it; anchored to the figure's bottom edge instead, it sat below
+    the gridspec's margin, a blank band that grows with the figure (400 px at 42 runs)."""
+    fig.legend(handles, labels, loc="outside lower center", ncol=max(1, ncol))
 
 
 def _unique_legend(fig: Figure) -> tuple[list[Any], list[str]]:
@@ -371,29 +396,62 @@ def _sparsification_data(run: Run) -> dict[str, np.ndarray] | None:
     return {"fractions": fractions, "accuracy": accuracy, "oracle": oracle}
 
 
-def _area(x: np.ndarray, y: np.ndarray) -> float:
+def _mean_height(x: np.ndarray, y: np.ndarray) -> float:
+    """Trapezoidal area under y(x) over the x-range: how ``ret/ausc`` normalises (``eval.retrieval``)."""
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2)) if len(x) > 1 else float("nan")
+    if len(x) < 2 or x[-1] == x[0]:
+        return float(y[0]) if len(y) else float("nan")
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / (x[-1] - x[0]))
+
+
+def _oracle_gap(run: Run, d: Mapping[str, Any]) -> float | None:
+    """``ret/ausc_oracle − ret/ausc``: the table's two numbers when eval.json has them, so the legend
+    and the table cannot disagree; else the same mean height between the curves."""
+    ausc, oracle = run.metrics.get("ret/ausc"), run.metrics.get("ret/ausc_oracle")
+    if _is_number(ausc) and _is_number(oracle):
+        return float(oracle) - float(ausc)
+    if d["oracle"] is None:
+        return None
+    return _mean_height(d["fractions"], d["oracle"]) - _mean_height(d["fractions"], d["accuracy"])
 
 
 def _sparsification_figure(runs: Sequence[Run], data: Mapping[str, Mapping[str, Any]]) -> str:
+    """One solid curve (and its dashed oracle) per run; one legend entry per group with its mean gap."""
+    gaps: dict[str, list[float]] = {}
+    handles: dict[str, Any] = {}
     with _styled():
         fig = Figure(figsize=(9.0, 4.0))
         ax = fig.add_subplot()
         for run in runs:
             if run.name not in data:
                 continue
-            d = data[run.name]
-            label = run.name
+            d, group = data[run.name], run.group or run.name
             if d["oracle"] is not None:
-                ause = _area(d["fractions"], d["oracle"]) - _area(d["fractions"], d["accuracy"])
-                label += f"  (gap to oracle {ause:.4f})"
                 ax.plot(d["fractions"], d["oracle"], ls="--", lw=1.3, color=run.colour, alpha=0.8)
-            ax.plot(d["fractions"], d["accuracy"], lw=2.0, color=run.colour, label=label)
-        ax.plot([], [], ls="--", color="#6b7280", label="oracle (errors removed first)")
-        ax.set(xlabel="fraction of most-uncertain test points removed", ylabel="accuracy of the rest")
-        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5))
+            (line,) = ax.plot(d["fractions"], d["accuracy"], lw=2.0, color=run.colour)
+            handles.setdefault(group, line)
+            gap = _oracle_gap(run, d)
+            if gap is not None and math.isfinite(gap):
+                gaps.setdefault(group, []).append(gap)
+        labels = [
+            f"{g}  ({'mean ' if len(gaps[g]) > 1 else ''}gap to oracle {np.mean(gaps[g]):.4f})"
+            if g in gaps
+            else g
+            for g in handles
+        ]
+        (oracle,) = ax.plot([], [], ls="--", color="#6b7280")
+        ax.set(
+            xlabel="fraction of most-uncertain test points removed",
+            ylabel="1-NN retrieval accuracy of the rest",
+        )
+        ax.legend(
+            [*handles.values(), oracle],
+            [*labels, "oracle (errors removed first)"],
+            loc="center left",
+            bbox_to_anchor=(1.02, 0.5),
+            ncol=math.ceil((len(labels) + 1) / 18),
+        )
         return _png(fig)
 
 

@@ -31,7 +31,7 @@ from probssl.eval.report.figures import (
     _sparsification_data,
     _sparsification_figure,
 )
-from probssl.eval.report.runs import _PALETTE, Run, _display_names, load_run
+from probssl.eval.report.runs import Run, label_runs, load_run
 from probssl.eval.report.tables import (
     _e,
     _metric_table,
@@ -93,7 +93,8 @@ figure { margin:10px 0 0; }
 figure img { max-width:100%; height:auto; display:block; margin:0 auto; }
 figcaption { color:var(--muted); font-size:13.5px; margin:8px auto 0; max-width:100ch; }
 figcaption b { color:var(--fg); font-weight:600; }
-td.doc { max-width:340px; font-size:12.5px; color:var(--muted); }
+td.doc { min-width:260px; max-width:380px; font-size:12.5px; color:var(--muted); white-space:normal; }
+td.chips { min-width:190px; white-space:normal; }
 footer { color:var(--muted); font-size:12px; text-align:center; margin-top:28px; }
 """
 
@@ -140,11 +141,14 @@ _CAPTIONS = {
         "for LAM and ensembles) when a run has one; the small panels show each corruption separately."
     ),
     "sparsification": (
-        "<b>How to read:</b> the most uncertain test points are removed first and accuracy is measured on"
-        " the rest. Solid lines rank by the model's uncertainty; dashed lines (same colour) are the "
-        "oracle that removes errors first. A solid line that climbs close to its dashed line means the "
-        "uncertainty knows where the errors are; a flat line means it is uninformative. The gap to the "
-        "oracle (area between the curves, lower is better) is in the legend."
+        "<b>How to read:</b> each test image queries the rest of the test set (leave-one-out 1-NN "
+        "retrieval: correct when its nearest neighbour has its label, <code>ret/recall@1</code> at 0). The "
+        "most uncertain queries are removed first, by the run's own uncertainty (the probe's predictive "
+        "entropy when the embedding has none), and the accuracy of the rest is measured. Dashed lines "
+        "(same colour) are the oracle that removes errors first. A solid line that climbs close to its "
+        "dashed line means the uncertainty knows where the errors are; a flat line means it is "
+        "uninformative. The legend's gap to the oracle is the table's <code>ret/ausc_oracle − "
+        "ret/ausc</code> (mean height between the curves, lower is better)."
     ),
     "ranked": (
         "<b>How to read:</b> for each run, the test images with the lowest (top row) and highest (bottom "
@@ -162,16 +166,15 @@ def _single_figure(
 
 
 def _ranked_body(runs: Sequence[Run], data: Mapping[str, Any]) -> str:
-    """One two-row image grid per run (runs differ in which images they rank, so they are not overlaid)."""
-    parts = []
-    for run in runs:
-        if run.name in data:
-            uri = _ranked_figure(run, data[run.name])
-            parts.append(
-                f'<h3>{_swatch(run)}{_e(run.name)}</h3><figure><img src="{uri}" alt="ranked images">'
-            )
-            parts.append("</figure>")
-    return "".join(parts) + f"<figcaption>{_CAPTIONS['ranked']}</figcaption>"
+    """One two-row image grid per run (runs differ in which images they rank, so they are not overlaid),
+    all in one figure with one caption."""
+    parts = [
+        f'<h3>{_swatch(run)}{_e(run.name)}</h3><img src="{_ranked_figure(run, data[run.name])}" '
+        f'alt="{_e(run.name)}: test images ranked by uncertainty">'
+        for run in runs
+        if run.name in data
+    ]
+    return f"<figure>{''.join(parts)}<figcaption>{_CAPTIONS['ranked']}</figcaption></figure>"
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,8 @@ def _page(title: str, runs: Sequence[Run]) -> str:
         _section(
             "runs",
             "Runs",
-            "Each run's colour is the same in every table and figure.",
+            "Each run's colour is the same in every table and figure; the seeds of one bench arm share "
+            "it (and one legend entry).",
             _overview_table(runs) + failure_html,
         ),
         _section(
@@ -294,9 +298,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path, title: str = "
     if not run_dirs:
         raise ValueError("build_report needs at least one run directory")
     runs = [load_run(d) for d in run_dirs]
-    for run, name, i in zip(runs, _display_names(runs), range(len(runs)), strict=True):
-        run.name = name
-        run.colour = _PALETTE[i % len(_PALETTE)]
+    label_runs(runs)
     path = Path(out)
     _write_atomic(path, _page(title, runs))
     return path

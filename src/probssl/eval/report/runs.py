@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_PALETTE = ("#3b6fd6", "#e8730c", "#2b9d5a", "#d23c4b", "#8b5cc7", "#8c5a3c", "#d45fb0", "#6b7280", "#b5a11b")
+# 17 colours that stay apart on white: a bench suite has up to 16 arms (the seeds of one arm share one).
+_PALETTE = (
+    "#3b6fd6", "#e8730c", "#2b9d5a", "#d23c4b", "#8b5cc7", "#8c5a3c", "#d45fb0", "#6b7280", "#b5a11b",
+    "#17a2b8", "#1e3a8a", "#84cc16", "#9f1239", "#0f766e", "#f59e0b", "#c084fc", "#111827",
+)  # fmt: skip
 
 
 @dataclass
@@ -25,6 +29,7 @@ class Run:
     metrics: dict[str, Any]
     details: dict[str, Any]
     colour: str = _PALETTE[0]
+    group: str = ""  # legend label shared by the runs of one bench arm (see label_runs)
     notes: list[str] = field(default_factory=list)
 
 
@@ -58,23 +63,54 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(name=path.name, path=path, metrics=metrics, details=details, notes=notes)
 
 
-def _display_names(runs: Sequence[Run]) -> list[str]:
-    """``method · seed N`` when the run says so, else the directory name; disambiguated by directory."""
-    names = []
-    for run in runs:
-        method = run.metrics.get("config/method", run.metrics.get("meta/method"))
-        seed = run.metrics.get("seed", run.metrics.get("config/seed"))
-        if isinstance(method, str) and method:
-            names.append(f"{method} · seed {seed}" if seed is not None else method)
-        else:
-            names.append(run.path.name or str(run.path))
-    for i, name in enumerate(names):
-        if names.count(name) > 1:
-            names[i] = f"{name} ({runs[i].path.name})"
-    for i, name in enumerate(names):  # same directory name in different parents
-        if names.count(name) > 1:
-            names[i] = f"{name} #{i + 1}"
-    return names
+def _seed_and_method(run: Run) -> tuple[Any, str | None]:
+    method = run.metrics.get("config/method", run.metrics.get("meta/method"))
+    seed = run.metrics.get("seed", run.metrics.get("config/seed"))
+    return seed, method if isinstance(method, str) and method else None
 
 
-# --------------------------------------------------------------------------------------------- metrics
+def _arm(run: Run, seed: Any) -> str | None:
+    """The bench arm of a run directory named ``<arm>-s<seed>`` (``lam_online-s0``), else None."""
+    suffix = f"-s{seed}"
+    name = run.path.name
+    if seed is None or not name.endswith(suffix) or name == suffix:
+        return None
+    return name.removesuffix(suffix)
+
+
+def _disambiguate(names: list[str], extra: Sequence[str | None]) -> list[str]:
+    """``names`` with every name that occurs more than once replaced by ``extra`` where given. Counted
+    before any is replaced: replacing one at a time leaves the last of a clash with the clashing name."""
+    counts = {name: names.count(name) for name in names}
+    return [alt if counts[name] > 1 and alt else name for name, alt in zip(names, extra, strict=True)]
+
+
+def label_runs(runs: Sequence[Run]) -> None:
+    """Name, group and colour the runs for display, in place.
+
+    Name: ``method · seed N`` when eval.json says so, else the directory name. Runs of one method from
+    different bench arms (``lam_online-s0``, ``lam_posthoc-s0``: both method ``lam``) are named by their
+    arm; whatever is still ambiguous gets its directory, then its position.
+
+    Group: the runs of one bench arm differ only in seed, so they share a colour and one entry in a
+    figure legend (``arm · 3 seeds``); any other run is a group of its own. With one colour per run a
+    42-run suite cycles the palette four times and the overlaid curves cannot be told apart.
+    """
+    seeds, methods = zip(*(_seed_and_method(run) for run in runs), strict=True)
+    arms = [_arm(run, seed) for run, seed in zip(runs, seeds, strict=True)]
+    names = [
+        (f"{m} · seed {s}" if s is not None else m) if m else (run.path.name or str(run.path))
+        for run, s, m in zip(runs, seeds, methods, strict=True)
+    ]
+    names = _disambiguate(names, [f"{a} · seed {s}" if a else None for a, s in zip(arms, seeds, strict=True)])
+    names = _disambiguate(names, [f"{n} ({run.path.name})" for n, run in zip(names, runs, strict=True)])
+    names = _disambiguate(names, [f"{n} #{i + 1}" for i, n in enumerate(names)])
+    keys = [
+        (str(run.path.parent), a) if a else (str(run.path), "") for run, a in zip(runs, arms, strict=True)
+    ]
+    order = list(dict.fromkeys(keys))
+    for run, name, key, seed in zip(runs, names, keys, seeds, strict=True):
+        size = keys.count(key)
+        run.name = name
+        run.group = f"{name.removesuffix(f' · seed {seed}')} · {size} seeds" if size > 1 else name
+        run.colour = _PALETTE[order.index(key) % len(_PALETTE)]

@@ -19,7 +19,6 @@ from probssl.eval.report.runs import Run
 from probssl.eval.summary import NOT_AVAILABLE, best_feature_detector, ood_sets
 
 # Metric groups in display order: (key prefix, heading).
-# Metric groups in display order: (key prefix, heading).
 GROUPS: tuple[tuple[str, str], ...] = (
     ("knn", "kNN"),
     ("linear", "Linear probe"),
@@ -159,8 +158,9 @@ def _natural_key(key: str) -> list[Any]:
 
 
 def _best_rows(values: Sequence[float | None], direction: str | None) -> set[int]:
-    """Indices of the best finite value(s); none when there is no direction or fewer than two values."""
-    finite = [(i, v) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
+    """Indices of the best finite value(s) as shown (two cells that both read 1.0000 are both best or
+    neither); none when there is no direction or fewer than two values."""
+    finite = [(i, _shown(v)) for i, v in enumerate(values) if v is not None and math.isfinite(v)]
     if direction is None or len(finite) < 2:
         return set()
     pick = max if direction == "higher" else min
@@ -168,6 +168,24 @@ def _best_rows(values: Sequence[float | None], direction: str | None) -> set[int
     if all(math.isclose(v, best, rel_tol=1e-12, abs_tol=1e-15) for _, v in finite):
         return set()  # a tie across every run highlights nothing
     return {i for i, v in finite if math.isclose(v, best, rel_tol=1e-12, abs_tol=1e-15)}
+
+
+def _format(value: float) -> str:
+    """A finite number as a cell shows it: 4 decimals, fewer for large values, and 3 significant digits
+    below 1e-4, where 4 decimals would print a chosen 1e-5 (``linear/l2``) as a measured 0.0000."""
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:,.1f}"
+    if magnitude >= 10:
+        return f"{value:.3f}"
+    if 0 < magnitude < 1e-4:
+        return f"{value:.2e}"
+    return f"{value:.4f}"
+
+
+def _shown(value: float) -> float:
+    """``value`` rounded as its cell shows it."""
+    return float(_format(value).replace(",", ""))
 
 
 def _format_number(value: Any) -> str:
@@ -181,12 +199,7 @@ def _format_number(value: Any) -> str:
         return "nan"
     if math.isinf(value):
         return "∞" if value > 0 else "−∞"
-    magnitude = abs(value)
-    if magnitude >= 1000:
-        return f"{value:,.1f}"
-    if magnitude >= 10:
-        return f"{value:.3f}"
-    return f"{value:.4f}"
+    return _format(value)
 
 
 # ------------------------------------------------------------------------------------------------ html
@@ -339,7 +352,7 @@ def _overview_table(runs: Sequence[Run]) -> str:
             f"<td>{_e(m.get('seed', m.get('config/seed', '–')))}</td>",
             f"<td>{_e(m.get('meta/samples', '–'))}</td>",
             f'<td class="doc">{_e(uncertainty_doc(m))}</td>',
-            f"<td>{chips}{warnings}</td>",
+            f'<td class="chips">{chips}{warnings}</td>',
         ]
         body.append(f"<tr>{''.join(cells)}</tr>")
     return (
