@@ -64,9 +64,6 @@ def test_sharing_work_across_stages_changes_no_number(tmp_path: Path) -> None:
     assert stages == {"features", "probes", "uncertainty", "ood", "shift", "lowshot", "transfer", "retrieval"}
     # The cost table's columns: training wall (step loop per epoch × epochs) and the ratio.
     assert shared["meta/train_seconds"] > 0
-    assert shared["meta/eval_to_train"] == pytest.approx(
-        shared["meta/eval_seconds"] / shared["meta/train_seconds"]
-    )
     # A deterministic method: no measured-looking value for what it does not have.
     assert not [k for k in shared if "/emb/" in k or "/mi/" in k or "emb_uncertainty" in k]
 
@@ -205,3 +202,19 @@ def test_training_seconds_count_every_epoch_and_the_after_training_step(tmp_path
     (tmp_path / "train_summary.json").write_text(json.dumps(summary))
     # a resumed run's last invocation ran 2 epochs (4 s), but the run trained 5: 5 × 2 + 3
     assert training_seconds(tmp_path, 5) == pytest.approx(13.0)
+
+
+def test_the_cost_ratio_needs_a_run_that_trained(tmp_path: Path) -> None:
+    import json
+
+    from probssl.eval.evaluate import evaluate_run
+
+    run_dir = _tiny_run(tmp_path, "pixels", [])
+    results = evaluate_run(run_dir, progress=False, suite_name="basic")
+    assert results["meta/train_seconds"] < 1.0 and "meta/eval_to_train" not in results  # trains nothing
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    summary.update(seconds_per_epoch=5.0, after_training_seconds=0.0)  # as if one epoch took 5 s
+    (run_dir / "train_summary.json").write_text(json.dumps(summary))
+    results = evaluate_run(run_dir, progress=False, suite_name="basic")
+    assert results["meta/train_seconds"] == 5.0
+    assert results["meta/eval_to_train"] == pytest.approx(results["meta/eval_seconds"] / 5.0)

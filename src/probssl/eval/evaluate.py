@@ -418,9 +418,10 @@ def evaluate_run(
     results["meta/step"] = step if step is not None else run.weights_meta.get("steps")
     results["meta/eval_seconds"] = time.perf_counter() - started
     train_seconds = training_seconds(run.run_dir, cfg.train.epochs) if step is None else None
-    if train_seconds:
+    if train_seconds is not None:
         results["meta/train_seconds"] = train_seconds
-        results["meta/eval_to_train"] = results["meta/eval_seconds"] / train_seconds
+        if train_seconds >= 1.0:  # raw pixels train nothing: a ratio to ~0 s would be noise, not cost
+            results["meta/eval_to_train"] = results["meta/eval_seconds"] / train_seconds
     results.update({f"meta/eval_seconds/{stage}": seconds for stage, seconds in ev.seconds.items()})
     results.update({f"meta/eval_cpu_seconds/{stage}": seconds for stage, seconds in ev.cpu_seconds.items()})
     results["meta/uncertainty_doc"] = run.method.uncertainty_doc
