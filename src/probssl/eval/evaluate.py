@@ -21,7 +21,6 @@ partial sort. Each stage (``STAGES``) has one progress bar and its wall and CPU 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -38,7 +37,7 @@ from probssl.data.corruptions import corrupt, corruption_names
 from probssl.data.shift_sets import load_shift_set, ood_set_names, transfer_set_names
 from probssl.embedding import Embedding
 from probssl.eval import suite
-from probssl.eval.features import FeatureBank, cached_features, extract_features
+from probssl.eval.features import FeatureBank, cached_features, content_key, extract_features
 from probssl.eval.knn import NeighbourCache, knn_predict_marginal_many
 from probssl.eval.metrics import nll, top1
 from probssl.io import atomic_write_json
@@ -132,7 +131,7 @@ class Evaluator:
         labels = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
         if not self.reuse:
             return self._extract(images, labels, represent)
-        key = (represent, _content_key(images))
+        key = (represent, content_key(images))
         if key not in self._banks:
             self._banks[key] = self._extract(images, labels, represent)
         bank = self._banks[key]
@@ -226,13 +225,6 @@ def training_seconds(run_dir: Path, epochs: int) -> float | None:
     if not per_epoch:
         return None
     return float(per_epoch) * epochs + float(summary.get("after_training_seconds") or 0.0)
-
-
-def _content_key(images: torch.Tensor) -> str:
-    """A digest of an image tensor's shape, dtype and bytes: equal keys mean equal images."""
-    digest = hashlib.blake2b(str((tuple(images.shape), images.dtype)).encode(), digest_size=16)
-    digest.update(images.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def evaluate_run(

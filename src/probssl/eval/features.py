@@ -8,6 +8,7 @@ safetensors with string metadata; the metadata carries a cache key (e.g. checkpo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 import warnings
@@ -89,6 +90,15 @@ class FeatureBank:
             metadata = dict(f.metadata() or {})
             tensors = {name: f.get_tensor(name) for name in _TENSORS}
         return cls(**tensors), metadata
+
+
+def content_key(tensor: Tensor) -> str:
+    """A digest of a tensor's shape, dtype and bytes: equal keys mean equal contents. What evaluation
+    remembers work by (image sets embedded once, neighbour lists shared), so a hit can never be a
+    different tensor that happens to reuse an address."""
+    digest = hashlib.blake2b(str((tuple(tensor.shape), tensor.dtype)).encode(), digest_size=16)
+    digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def extract_features(

@@ -9,12 +9,13 @@ the kNN analogue of Bayesian model averaging.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from probssl.eval.features import content_key
 
 SIMILARITY_BLOCK = 1 << 24
 """Similarities per block (64 MB of float32): a chunk of q queries meets the training features
@@ -154,13 +155,6 @@ def top_similarities(train_features: Tensor, query_features: Tensor, k: int, chu
     return torch.cat([sim for _, sim, _ in _top_chunks(train_features, query_features, k, chunk_size)])
 
 
-def _content_key(features: Tensor) -> str:
-    """A digest of a tensor's shape, dtype and bytes: equal keys mean equal features."""
-    digest = hashlib.blake2b(str((tuple(features.shape), features.dtype)).encode(), digest_size=16)
-    digest.update(features.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 class NeighbourCache:
     """The top ``keep`` cosine similarities of query sets against training sets, remembered by content.
 
@@ -179,13 +173,13 @@ class NeighbourCache:
         self.hits = 0
 
     def remember(self, train: Tensor, query: Tensor, chunk_size: int, similarities: Tensor) -> None:
-        key = (_content_key(train), _content_key(query), chunk_size)
+        key = (content_key(train), content_key(query), chunk_size)
         if similarities.shape[1] >= min(self.keep, train.shape[0]):
             self._store[key] = similarities[:, : self.keep].clone()
 
     def top(self, train: Tensor, query: Tensor, k: int, chunk_size: int) -> Tensor:
         """[M, k] as :func:`top_similarities`, from a remembered pass when one holds k values."""
-        hit = self._store.get((_content_key(train), _content_key(query), chunk_size))
+        hit = self._store.get((content_key(train), content_key(query), chunk_size))
         if hit is not None and hit.shape[1] >= k:
             self.hits += 1
             return hit[:, :k]
