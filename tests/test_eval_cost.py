@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from probssl.embedding import Embedding
+from probssl.eval.evaluate import TIMING_KEYS
 from probssl.eval.features import FeatureBank, extract_features
 from probssl.eval.suite import uncertainty_scores
 from probssl.eval.summary import best_feature_detector, format_summary, summary_columns
@@ -32,11 +33,7 @@ def _tiny_run(tmp_path: Path, method: str, overrides: list[str]) -> Path:
 
 
 def _assert_same_numbers(plain: dict[str, Any], shared: dict[str, Any]) -> None:
-    timings = {
-        k
-        for k in (*plain, *shared)
-        if k.startswith(("meta/eval_seconds", "meta/eval_cpu_seconds", "meta/eval_to_train"))
-    }
+    timings = {k for k in (*plain, *shared) if k.startswith(TIMING_KEYS)}
     assert set(plain) - timings == set(shared) - timings
     for key in set(plain) - timings:
         a, b = plain[key], shared[key]

@@ -21,6 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from probssl.eval.evaluate import TIMING_KEYS
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
@@ -84,7 +86,7 @@ def _check(cmd: list[str]) -> None:
 def _eval(run: Path) -> dict:
     _check([sys.executable, "-m", "probssl.cli", "eval", str(run), "--suite", "basic", "--no-progress"])
     results = json.loads((run / "eval.json").read_text())
-    drop = ("meta/eval_seconds", "meta/eval_cpu_seconds", "config/data.data_dir")  # timings, paths
+    drop = (*TIMING_KEYS, "config/data.data_dir")  # timings, paths
     return {k: v for k, v in results.items() if not k.startswith(drop)}
 
 

@@ -44,6 +44,8 @@ from probssl.io import atomic_write_json
 from probssl.runs import LoadedRun, load_run
 
 SUITES = ("basic", "uncertainty", "full")
+#: eval.json keys that measure time, not the run: two evaluations of the same run differ only here.
+TIMING_KEYS = ("meta/eval_seconds", "meta/eval_cpu_seconds", "meta/train_seconds", "meta/eval_to_train")
 # Stages, each with one progress bar and its own ``meta/eval_seconds/<stage>`` in eval.json.
 STAGES = ("features", "probes", "uncertainty", "ood", "shift", "lowshot", "transfer", "retrieval")
 
