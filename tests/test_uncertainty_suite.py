@@ -178,6 +178,16 @@ def test_selective_suite_without_own_uncertainty_has_no_emb_keys() -> None:
     assert out["sel/emb/err_auroc"] == out["sel/knn1/err_auroc"]
 
 
+@pytest.mark.parametrize("all_right", [True, False])
+def test_selective_suite_leaves_out_error_rankings_when_there_is_nothing_to_rank(all_right: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    correct = torch.full((30,), all_right)
+    scores = {s: torch.rand(30, generator=g) for s in ("entropy", "emb", "knn1")}
+    out = suite.selective_suite(scores, correct)
+    assert not [k for k in out if k.endswith(("err_auroc", "spearman"))]  # not a measured-looking 0.5 / 0.0
+    assert out["sel/aurc"] == (0.0 if all_right else 1.0) and "sel/knn1/aurc" in out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["simclr", "vi_simsiam", "ensemble"])
 def test_uncertainty_suite_end_to_end_writes_only_defined_metrics(method: str, tmp_path) -> None:

@@ -223,15 +223,23 @@ def calibration_suite(probs: Tensor, labels: Tensor) -> tuple[Metrics, dict]:
 
 def selective_suite(scores: dict[str, Tensor], correct: Tensor) -> Metrics:
     """``sel/`` (predictive entropy) and ``sel/emb/`` (the embedding's own) in full; for every other
-    criterion (MSP, MI, the feature-space detectors) ``sel/<criterion>/err_auroc`` and ``aurc``."""
+    criterion (MSP, MI, the feature-space detectors) ``sel/<criterion>/err_auroc`` and ``aurc``.
+
+    When every prediction is right (or every one wrong) there are no errors to rank: ``err_auroc`` and
+    ``spearman`` do not exist then and are left out, never written as a measured-looking 0.5 / 0.0.
+    """
+    ranked = bool(correct.any()) and not bool(correct.all())
+    undefined = () if ranked else ("err_auroc", "spearman")
     out: Metrics = {}
     for prefix, criterion in (("sel/", "entropy"), ("sel/emb/", "emb")):
         if criterion in scores:
             for key, value in selective_metrics(scores[criterion], correct).items():
-                out[f"{prefix}{key}"] = value
+                if key not in undefined:
+                    out[f"{prefix}{key}"] = value
     for criterion, score in scores.items():
         if criterion not in ("entropy", "emb"):
-            out[f"sel/{criterion}/err_auroc"] = error_auroc(score, correct)
+            if ranked:
+                out[f"sel/{criterion}/err_auroc"] = error_auroc(score, correct)
             out[f"sel/{criterion}/aurc"] = aurc(score, correct)
     return out
 
