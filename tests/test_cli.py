@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from probssl.cli import main
@@ -170,6 +172,7 @@ def test_corrupt_final_weights_name_the_fix_that_works(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(_tiny_train(out)) == 0
     good = (out / "model.safetensors").read_bytes()
+    timing = json.loads((out / "train_summary.json").read_text())
     (out / "model.safetensors").write_bytes(good[:-8] + b"\0" * 8)
     assert main(["eval", str(out), "--suite", "basic", "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -178,6 +181,11 @@ def test_corrupt_final_weights_name_the_fix_that_works(tmp_path, capsys):
     assert main(fix.split()[1:] + ["--no-progress"]) == 0  # the advice works as printed
     assert (out / "model.safetensors").read_bytes() == good
     load_run(out)
+    # The repair trained no step: the summary keeps the run's own timing (evaluation's cost columns use it).
+    repaired = json.loads((out / "train_summary.json").read_text())
+    assert (
+        repaired["seconds_per_epoch"] == timing["seconds_per_epoch"] and repaired["steps"] == timing["steps"]
+    )
 
 
 def test_a_subset_larger_than_the_dataset_is_refused(tmp_path, capsys):

@@ -14,11 +14,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import math
 import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -371,22 +373,32 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     after_training_seconds = time.perf_counter() - after_training_start
     if is_main and finished:
         save_model(out_dir, method.state_dict(), {"method": cfg.method, "steps": total_steps})
-        atomic_write_json(
-            out_dir / "train_summary.json",
-            {
-                "steps": steps_run,
-                "total_steps": total_steps,
-                "world_size": world,
-                "seconds": loop_seconds,  # the step loop of this invocation
-                "img_per_s": steps_run * tc.batch_size / max(loop_seconds, 1e-9),
-                "seconds_per_epoch": loop_seconds * steps_per_epoch / steps_run if steps_run else None,
-                "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
-                "device": str(device),
-                "precision": resolve_precision(tc.precision, device),  # what `auto` became here
-            },
-        )
+        summary = {
+            "steps": steps_run,
+            "total_steps": total_steps,
+            "world_size": world,
+            "seconds": loop_seconds,  # the step loop of this invocation
+            "img_per_s": steps_run * tc.batch_size / max(loop_seconds, 1e-9),
+            "seconds_per_epoch": loop_seconds * steps_per_epoch / steps_run if steps_run else None,
+            "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
+            "device": str(device),
+            "precision": resolve_precision(tc.precision, device),  # what `auto` became here
+        }
+        if not steps_run:  # nothing trained now (--resume rewriting a corrupt model.safetensors): keep
+            summary.update(_previous_timing(out_dir / "train_summary.json"))  # the timing of the real run
+        atomic_write_json(out_dir / "train_summary.json", summary)
     # Drop every reference before the process group goes (gloo may SIGABRT at exit otherwise).
     model = optimizer = loss = method = None
     gc.collect()
     teardown_distributed()
     return out_dir
+
+
+def _previous_timing(path: Path) -> dict[str, Any]:
+    """The step-loop timing of an earlier train_summary.json, {} when there is none (or it is unreadable)."""
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    keys = ("steps", "seconds", "img_per_s", "seconds_per_epoch")
+    return {k: previous[k] for k in keys if isinstance(previous, dict) and previous.get(k) is not None}
