@@ -160,3 +160,28 @@ def test_cli_embed_of_a_missing_source_is_one_clear_error(simclr_run, tmp_path, 
     assert main(["embed", str(simclr_run), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.npz")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+
+
+def test_cli_embed_of_a_folder_with_a_corrupt_image(simclr_run, tmp_path, monkeypatch, capsys):
+    """Without --skip-corrupt: one error naming the file and the flag; with it: the readable images,
+    and the unreadable one named in the .npz."""
+    from PIL import Image
+
+    monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(folder / f"p{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    out = tmp_path / "found.npz"
+    argv = ["embed", str(simclr_run), str(folder), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "broken.png" in err and "--skip-corrupt" in err and "data.skip_corrupt" not in err
+    assert not out.exists()
+    assert main([*argv, "--skip-corrupt"]) == 0
+    assert "skipped 1 unreadable image" in capsys.readouterr().out
+    with np.load(out) as found:
+        assert sorted(Path(p).name for p in found["path"]) == ["p0.png", "p1.png", "p2.png"]
+        assert [Path(p).name for p in found["skipped"]] == ["broken.png"]

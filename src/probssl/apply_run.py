@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from probssl.data import DatasetError, open_source, to_float
+from probssl.data import DatasetError, open_source, skipped_items, to_float
 from probssl.data.pipeline import sequential_batches
 from probssl.data.shift_sets import conform
 from probssl.data.sources import ImageSource
@@ -35,18 +35,28 @@ from probssl.runs import load_run
 __all__ = ["embed_images", "knn_cosine_distance", "open_images", "write_embeddings"]
 
 
-def open_images(source: str | os.PathLike[str] | ImageSource, image_size: int) -> ImageSource:
+def open_images(
+    source: str | os.PathLike[str] | ImageSource, image_size: int, skip_corrupt: bool = False
+) -> ImageSource:
     """A folder (flat or with class folders), a tar of one, one image file, or an ImageSource as it is.
 
     Paths are read at the run's ``image_size`` (shorter side + centre crop); channels are matched per
-    batch (grey <-> RGB) by :func:`embed_images`.
+    batch (grey <-> RGB) by :func:`embed_images`. ``skip_corrupt`` decodes every image once up front
+    and leaves the unreadable ones out (``skipped_items`` names them) instead of stopping at the first.
     """
     if isinstance(source, ImageSource):
         return source
     path = Path(source).expanduser()
     if not path.exists():
         raise DatasetError(f"{path} does not exist; pass an image folder, a .tar of one, or an image file")
-    return open_source(str(path.absolute()), "all", image_size=image_size, download=False, verify=False)
+    return open_source(
+        str(path.absolute()),
+        "all",
+        image_size=image_size,
+        download=False,
+        verify=False,
+        skip_corrupt=skip_corrupt,
+    )
 
 
 def knn_cosine_distance(
@@ -77,20 +87,22 @@ def embed_images(
     data_dir: str | None = None,
     device: str | torch.device | None = None,
     progress: bool = False,
+    skip_corrupt: bool = False,
 ) -> dict[str, Any]:
     """Embed every image of ``source`` with the run in ``run_dir``.
 
     Returns numpy arrays: ``embedding`` [N, D] (the mean embedding), ``uncertainty`` [N] (the
     method's own; zeros for deterministic methods), ``ood_score`` [N] (cosine distance to the k-th
     nearest training embedding; higher = more OOD), ``path`` [N] (file or tar member of each row), and
-    ``samples`` [S, N, D] when ``samples`` is given and the method draws embeddings.
+    ``samples`` [S, N, D] when ``samples`` is given and the method draws embeddings. With
+    ``skip_corrupt``, unreadable images are left out and named in ``skipped`` (one path each).
     """
     from probssl.eval.evaluate import Evaluator  # heavy; keeps `import probssl.apply_run` light
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run = load_run(run_dir, device)
     cfg, info, method = run.config, run.info, run.method
-    images = open_images(source, info.image_size)
+    images = open_images(source, info.image_size, skip_corrupt)
     if len(images) == 0:
         raise DatasetError(f"{source} holds no images")
 
@@ -123,6 +135,8 @@ def embed_images(
     }
     if draws:
         result["samples"] = torch.cat(draws, dim=1).numpy()
+    if skip_corrupt:
+        result["skipped"] = np.array(skipped_items(images), dtype=str)
     return result
 
 

@@ -137,21 +137,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     from probssl.apply_run import embed_images, write_embeddings
+    from probssl.data.file_source import SKIP_HINT, CorruptImageError
 
-    result = embed_images(
-        args.run_dir,
-        args.source,
-        samples=args.samples,
-        k=args.k,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        data_dir=args.data_dir,
-        device=args.device,
-        progress=not args.no_progress,
-    )
+    try:
+        result = embed_images(
+            args.run_dir,
+            args.source,
+            samples=args.samples,
+            k=args.k,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            data_dir=args.data_dir,
+            device=args.device,
+            progress=not args.no_progress,
+            skip_corrupt=args.skip_corrupt,
+        )
+    except CorruptImageError as error:  # the training hint names a config key; here it is a flag
+        hint = "fix or remove this file, or pass --skip-corrupt to embed the readable images"
+        raise DatasetError(str(error).replace(SKIP_HINT, hint)) from error
     npz, table = write_embeddings(result, args.out)
     n, d = result["embedding"].shape
     print(f"embedded {n} images ({d} dimensions): {npz}, ranked by uncertainty in {table}")
+    if len(result.get("skipped", ())):
+        print(f"skipped {len(result['skipped'])} unreadable image(s), named in {npz} under 'skipped'")
     return 0
 
 
@@ -380,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's eval.batch_size)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave unreadable images out (named in the .npz) instead of stopping",
+    )
     p.add_argument("--data-dir", help="where the run's training data lives (for the OOD reference)")
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
