@@ -518,3 +518,42 @@ def test_two_image_sizes_of_one_folder_are_cached_side_by_side(
     for size in (4, 6, 4, 6):
         assert load_dataset(str(tmp_path / "pics"), "all", image_size=size).images.shape[-1] == size
     assert calls[0] == 6 and len(list((cache / "decoded").glob("*.npy"))) == 2
+
+
+def test_two_processes_meeting_a_new_source_decode_it_once(tmp_path: Path) -> None:
+    """DDP ranks open a new folder at the same moment: one decodes while the other waits for the
+    lock, then reads the finished entry (flock conflicts between separate opens, so threads show it)."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from probssl.data import decode_cache
+
+    class SlowSource:
+        channels, image_size = 1, 4
+
+        def __init__(self) -> None:
+            self.reads = 0
+
+        def __len__(self) -> int:
+            return 6
+
+        def read(self, index: int) -> np.ndarray:
+            self.reads += 1
+            time.sleep(0.02)
+            return np.full((1, 4, 4), index, dtype=np.uint8)
+
+    source = SlowSource()
+    results = []
+
+    def open_it() -> None:
+        results.append(decode_cache.decoded_array(source, "slow", "place", "content", tmp_path))
+
+    workers = [threading.Thread(target=open_it) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert source.reads == 6  # once, not once per process
+    assert len(results) == 2 and all(np.array_equal(r[:, 0, 0, 0], np.arange(6)) for r in results)

@@ -11,7 +11,8 @@ the image size and the channel count. Changing, adding or removing a file change
 stale entry is never read again (and is deleted when its replacement is written).
 
 Writes are atomic (a temp file in the same folder, fsync, rename), so a decode killed half-way leaves
-at worst a temp file, never a cache entry that looks complete.
+at worst a temp file, never a cache entry that looks complete. A decode holds a lock file beside its
+entry, so processes that need the same new entry at once (DDP ranks) decode it once.
 
 Location: ``data.cache_dir``, else ``$PROBSSL_CACHE``, else ``~/.cache/probssl``.
 """
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -132,13 +133,9 @@ def decoded_array(
     # Entries of one place at one size/channel count replace each other; other sizes stay cached.
     prefix = f"{_slug(name)}-{location_key}-{shape[2]}px{shape[1]}c-"
     path = folder / f"{prefix}{content_key}.npy"
-    if path.is_file():
-        try:
-            cached = np.load(path, mmap_mode="c", allow_pickle=False)
-            if cached.shape == shape and cached.dtype == np.uint8:
-                return cached
-        except (OSError, ValueError):
-            pass  # unreadable: decode again below
+    cached = _load_decoded(path, shape)
+    if cached is not None:
+        return cached
 
     def write(tmp: Path) -> None:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
@@ -147,10 +144,50 @@ def decoded_array(
         out.flush()
         del out
 
-    logger.info("decoding %d images of %s once into %s", shape[0], name, path)
-    atomic_write(path, write)
-    for stale in folder.glob(f"{prefix}*.npy"):
-        if stale != path:
-            with contextlib.suppress(OSError):
-                stale.unlink()
+    # DDP ranks (or two runs) meeting a new folder at once: one decodes, the others wait for it and
+    # then read its entry, instead of each decoding the whole set.
+    with _exclusive(folder / f"{prefix}{content_key}.lock"):
+        cached = _load_decoded(path, shape)
+        if cached is not None:
+            return cached
+        logger.info("decoding %d images of %s once into %s", shape[0], name, path)
+        atomic_write(path, write)
+        for stale in folder.glob(f"{prefix}*.npy"):
+            if stale != path:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
     return np.load(path, mmap_mode="c", allow_pickle=False)
+
+
+def _load_decoded(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The cached decode at ``path`` (copy-on-write memory map); None if missing, unreadable or reshaped."""
+    if not path.is_file():
+        return None
+    try:
+        cached = np.load(path, mmap_mode="c", allow_pickle=False)
+    except (OSError, ValueError):
+        return None  # unreadable: decode again
+    return cached if cached.shape == shape and cached.dtype == np.uint8 else None
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock`` (created if needed); a no-op where there is no fcntl
+    (Windows) or the folder cannot hold the lock file — then concurrent decodes only cost time."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")  # noqa: SIM115 - held for the duration of the block
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
