@@ -21,7 +21,7 @@ SIMILARITY_BLOCK = 1 << 24
 """Similarities per block (64 MB of float32): a chunk of q queries meets the training features
 SIMILARITY_BLOCK // q rows at a time. At the default 256 queries that is 65,536 rows, so a 60k
 training set is one product and one ``topk`` per chunk; blocks merged by running top-k lists
-(larger training sets) cost ~50% more at 60k, hence the large block."""
+(larger training sets) cost ~40% more at 60k, hence the large block."""
 
 
 def _check_features(features: Tensor, labels: Tensor | None, name: str) -> None:

@@ -74,7 +74,10 @@ def _fit_weights(z: Tensor, y: Tensor, num_classes: int, l2: float, max_iter: in
 
     torch's L-BFGS (strong-Wolfe line search) with the closed-form gradient of
     :func:`softmax_cross_entropy_with_grad` written into ``.grad``: the same optimiser and
-    objective as autograd would give it, without building a graph per evaluation.
+    objective as autograd would give it, without building a graph per evaluation. A fit that stops
+    on ``max_iter`` rather than at the optimum depends on rounding, so this (like another thread
+    count) moves its numbers by ~5e-4 (BENCHMARKS.md, "Evaluation cost"). Holds a transposed copy of
+    the features ([D, N]) for the fit's duration.
     """
     weight = torch.zeros(num_classes, z.shape[1], dtype=z.dtype, device=z.device, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=z.dtype, device=z.device, requires_grad=True)
