@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
+"""Atomic file writes: a crash leaves either the old file or the new one, never half of one; and the
+tolerant JSON read that goes with them."""
 
 from __future__ import annotations
 
@@ -55,6 +56,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def read_json(path: str | Path) -> Any | None:
+    """The JSON at ``path``, or None if it is missing or unreadable: for memos and summaries whose
+    absence means "not known", never an error."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _json_default(obj: Any) -> Any:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
-import json
 import math
 import random
 import time
@@ -59,7 +58,7 @@ from probssl.distributed import (
     init_distributed,
     teardown_distributed,
 )
-from probssl.io import atomic_write_json, atomic_write_text
+from probssl.io import atomic_write_json, atomic_write_text, read_json
 from probssl.methods import TrainContext
 from probssl.optim import build_optimizer, warmup_cosine
 from probssl.precision import resolve_precision
@@ -396,9 +395,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
 def _previous_timing(path: Path) -> dict[str, Any]:
     """The step-loop timing of an earlier train_summary.json, {} when there is none (or it is unreadable)."""
-    try:
-        previous = json.loads(path.read_text())
-    except (OSError, ValueError):
+    previous = read_json(path)
+    if not isinstance(previous, dict):
         return {}
     keys = ("steps", "seconds", "img_per_s", "seconds_per_epoch")
-    return {k: previous[k] for k in keys if isinstance(previous, dict) and previous.get(k) is not None}
+    return {k: previous[k] for k in keys if previous.get(k) is not None}

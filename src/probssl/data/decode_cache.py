@@ -33,6 +33,7 @@ import numpy as np
 
 from probssl.data.datasets import DatasetError
 from probssl.io import atomic_write as _atomic_write
+from probssl.io import read_json  # a cache miss (None), never an error
 
 logger = logging.getLogger(__name__)
 
@@ -96,14 +97,6 @@ def atomic_write(path: Path, write: Callable[[Path], None], required: bool = Tru
             f"cannot write {path} ({e.strerror or e}); free space there, or point data.cache_dir "
             f"(or $PROBSSL_CACHE) at a writable folder with room"
         ) from e
-
-
-def read_json(path: Path) -> Any | None:
-    """The JSON at ``path``, or None if it is missing or unreadable (a cache miss, never an error)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def write_json(path: Path, data: Any) -> None:

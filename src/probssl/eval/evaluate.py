@@ -21,7 +21,6 @@ partial sort. Each stage (``STAGES``) has one progress bar and its wall and CPU 
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -40,7 +39,7 @@ from probssl.eval import suite
 from probssl.eval.features import FeatureBank, cached_features, content_key, extract_features
 from probssl.eval.knn import NeighbourCache, knn_predict_marginal_many
 from probssl.eval.metrics import nll, top1
-from probssl.io import atomic_write_json
+from probssl.io import atomic_write_json, read_json
 from probssl.runs import LoadedRun, load_run
 
 SUITES = ("basic", "uncertainty", "full")
@@ -218,12 +217,8 @@ def training_seconds(run_dir: Path, epochs: int) -> float | None:
     """Wall seconds the run's training took: its step loop per epoch × epochs (so a resumed run counts
     in full, not only its last invocation) plus any after-training step (LAM's post-hoc Laplace fit).
     None without a ``train_summary.json`` (an imported or partial run)."""
-    path = Path(run_dir) / "train_summary.json"
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    per_epoch = summary.get("seconds_per_epoch")
+    summary = read_json(Path(run_dir) / "train_summary.json")
+    per_epoch = summary.get("seconds_per_epoch") if isinstance(summary, dict) else None
     if not per_epoch:
         return None
     return float(per_epoch) * epochs + float(summary.get("after_training_seconds") or 0.0)
