@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from probssl.data import DatasetError, open_source, skipped_items, to_float
 from probssl.data.pipeline import sequential_batches
@@ -64,16 +63,15 @@ def knn_cosine_distance(
 ) -> torch.Tensor:
     """``1 - cos`` to the k-th most similar reference row, for each query row ([Q, D], [R, D] → [Q]).
 
-    Both sides are L2-normalised; the similarity matrix is formed ``chunk`` queries at a time.
+    Both sides are L2-normalised; the similarities are the evaluation's own
+    (:func:`probssl.eval.knn.top_similarities`, ``chunk`` queries at a time), so this score is the
+    ``knn<k>`` OOD detector of ``eval.json`` shifted by one.
     """
+    from probssl.eval.knn import top_similarities
+
     if not 1 <= k <= reference.shape[0]:
         raise ValueError(f"k={k} must be between 1 and the {reference.shape[0]} reference features")
-    ref = F.normalize(reference.float(), dim=1)
-    out = []
-    for start in range(0, queries.shape[0], chunk):
-        q = F.normalize(queries[start : start + chunk].float(), dim=1)
-        out.append(1.0 - (q @ ref.T).topk(k, dim=1).values[:, k - 1])
-    return torch.cat(out) if out else torch.empty(0)
+    return 1.0 - top_similarities(reference.float(), queries.float(), k, chunk)[:, k - 1]
 
 
 def embed_images(

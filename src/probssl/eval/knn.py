@@ -152,7 +152,11 @@ def top_similarities(train_features: Tensor, query_features: Tensor, k: int, chu
     _check_features(query_features, None, "query_features")
     if not 1 <= k <= train_features.shape[0]:
         raise ValueError(f"k must lie in [1, {train_features.shape[0]}], got {k}")
-    return torch.cat([sim for _, sim, _ in _top_chunks(train_features, query_features, k, chunk_size)])
+    chunks = [sim for _, sim, _ in _top_chunks(train_features, query_features, k, chunk_size)]
+    if not chunks:  # no queries
+        dtype = torch.promote_types(train_features.dtype, torch.float32)
+        return torch.empty(0, k, dtype=dtype, device=train_features.device)
+    return torch.cat(chunks)
 
 
 class NeighbourCache:
