@@ -579,3 +579,40 @@ def test_runs_table_wraps_its_long_cells_and_captions_sit_in_figures(
     assert {"doc", "chips"} <= parser.cell_classes
     css = dict(re.findall(r"td\.(doc|chips) \{([^}]*)\}", page))
     assert "white-space:normal" in css["doc"] and "white-space:normal" in css["chips"]
+
+
+def test_arms_with_several_seeds_read_as_mean_and_std(tmp_path: Path) -> None:
+    """A suite's table has one row per arm (mean ± sample std over its seeds, n= when a seed lacks the
+    metric) and the per-run rows folded below: 42 per-run rows were 38.6k px tall (digits suite)."""
+    import statistics
+
+    dirs = _suite_runs(tmp_path / "suite", {"simclr": "simclr", "byol": "byol"}, 3)
+    lacking = json.loads((dirs[2] / "eval.json").read_text())
+    del lacking["sel/err_auroc"]
+    (dirs[2] / "eval.json").write_text(json.dumps(lacking))
+    page = build_report(dirs, tmp_path / "r.html").read_text(encoding="utf-8")
+    parser = _Cells()
+    parser.feed(page)
+    cells = {name: {key: (classes, text) for key, classes, text in row} for name, row in parser.rows.items()}
+    assert set(cells) == {"simclr · 3 seeds", "byol · 3 seeds"} | {
+        f"{arm} · seed {s}" for arm in ("simclr", "byol") for s in range(3)
+    }
+    runs = [json.loads((d / "eval.json").read_text()) for d in dirs]
+    ece = [run["cal/ece15"] for run in runs[:3]]
+    assert cells["simclr · 3 seeds"]["cal/ece15"][1] == (
+        f"{statistics.mean(ece):.4f} ± {statistics.stdev(ece):.4f}"
+    )
+    err = [run["sel/err_auroc"] for run in runs[:2]]
+    assert cells["simclr · 3 seeds"]["sel/err_auroc"][1] == (
+        f"{statistics.mean(err):.4f} ± {statistics.stdev(err):.4f} (n=2)"
+    )
+    assert cells["simclr · seed 0"]["cal/ece15"][1] == f"{ece[0]:.4f}"  # the folded per-run rows
+    top1 = {arm: cells[f"{arm} · 3 seeds"]["linear/top1"][0].split() for arm in ("simclr", "byol")}
+    assert "best" in top1["simclr"] and "best" not in top1["byol"]  # best by mean (0.90 > 0.89)
+    assert cells["simclr · 3 seeds"]["linear/top1"][1] == "0.9000 ± 0"  # equal seeds: no ± 1.1e-16
+    assert page.count('<details class="per-run">') == 2  # metrics and corruption tables
+    assert (
+        page.index("simclr · 3 seeds")
+        < page.index('<details class="per-run">')
+        < page.index("simclr · seed 0</td>")
+    )

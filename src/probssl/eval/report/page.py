@@ -34,11 +34,12 @@ from probssl.eval.report.figures import (
 from probssl.eval.report.runs import Run, label_runs, load_run
 from probssl.eval.report.tables import (
     _e,
-    _metric_table,
     _overview_table,
     _shift_table,
     _swatch,
     _table_metrics,
+    grouped_metric_table,
+    seed_groups,
 )
 
 _CSS = """
@@ -74,6 +75,9 @@ thead th.run { background:var(--soft); }
 td.num { text-align:right; font-variant-numeric:tabular-nums; font-size:12.5px;
          font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace; }
 td.missing { color:#b0b6c0; }
+td.num .sd { color:var(--muted); font-weight:400; font-size:11.5px; }
+details.per-run { margin:4px 0 12px; }
+details.per-run summary { cursor:pointer; color:var(--accent); font-size:13px; margin-bottom:8px; }
 td.best { background:var(--best); color:var(--best-fg); font-weight:700; }
 .g0 { border-left:2px solid #d5dae1; }
 tbody tr:hover td { background:#f8fafc; }
@@ -233,7 +237,8 @@ def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str
 def _page(title: str, runs: Sequence[Run]) -> str:
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
     failures: list[str] = []
-    table = _metric_table(runs, [_table_metrics(run.metrics) for run in runs])
+    table = grouped_metric_table(runs, lambda run: _table_metrics(run.metrics))
+    by_arm = any(len(group) > 1 for group in seed_groups(runs))
     legend = (
         '<p class="legend"><span class="best-demo">bold green</span> = best in its column among the runs '
         "(↑ higher is better, ↓ lower is better; columns without an arrow are descriptive and never "
@@ -261,7 +266,13 @@ def _page(title: str, runs: Sequence[Run]) -> str:
         _section(
             "metrics",
             "Metrics",
-            "One row per run, one column per metric in <code>eval.json</code>, grouped by protocol.",
+            (
+                "One row per bench arm: the mean ± sample std over its seeds (<i>n=</i> when fewer seeds "
+                "have the metric); one row per run in the fold below. "
+                if by_arm
+                else "One row per run. "
+            )
+            + "One column per metric in <code>eval.json</code>, grouped by protocol.",
             table + legend + _shift_table(runs),
         ),
         *(html_ for _, _, html_ in figures),

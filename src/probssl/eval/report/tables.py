@@ -11,6 +11,7 @@ import html
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -253,20 +254,83 @@ def _bands(groups: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str
     return [band for band in bands if band]
 
 
+@dataclass(frozen=True)
+class Spread:
+    """How one arm's seeds spread around the mean a cell shows: sample std (None with one value), how
+    many seeds have the metric (``n``) and how many the arm has (``of``)."""
+
+    std: float | None
+    n: int
+    of: int
+
+
+def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
+    """The runs by ``Run.group`` (the seeds of one bench arm, see ``label_runs``), in first-seen order."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group or run.name, []).append(run)
+    return list(groups.values())
+
+
+def arm_rows(
+    groups: Sequence[Sequence[Run]], rows_of: Callable[[Run], Mapping[str, float]]
+) -> tuple[list[Run], list[dict[str, float]], list[dict[str, Spread]]]:
+    """One row per group: the mean over its runs of every metric, with its :class:`Spread`.
+
+    A metric enters the mean of the runs that have it as a finite number (``n`` says how many), the way
+    the bench tables in BENCHMARKS.md average seeds; the row is named by the group (``simclr · 3 seeds``)
+    and keeps the group's colour.
+    """
+    heads: list[Run] = []
+    means: list[dict[str, float]] = []
+    spreads: list[dict[str, Spread]] = []
+    for group in groups:
+        per_run = [rows_of(run) for run in group]
+        values: dict[str, list[float]] = {}
+        for row in per_run:
+            for key, value in row.items():
+                if math.isfinite(value):
+                    values.setdefault(key, []).append(value)
+        heads.append(replace(group[0], name=group[0].group or group[0].name))
+        means.append({key: float(np.mean(v)) for key, v in values.items()})
+        spreads.append(
+            {
+                key: Spread(float(np.std(v, ddof=1)) if len(v) > 1 else None, len(v), len(group))
+                for key, v in values.items()
+            }
+        )
+    return heads, means, spreads
+
+
 def _metric_table(
     runs: Sequence[Run],
     rows: Sequence[Mapping[str, float]],
     direction: Callable[[str], str | None] = metric_direction,
+    spreads: Sequence[Mapping[str, Spread]] | None = None,
 ) -> str:
     """Rows = runs, columns = metrics grouped by prefix (two header rows), best per column highlighted;
-    wide tables are stacked in bands rather than scrolled."""
+    wide tables are stacked in bands rather than scrolled. With ``spreads`` the rows are seed means and
+    each cell adds ``± std`` (and ``n=`` when some seeds lack the metric); the best is the best mean."""
     groups = table_columns(rows)
     if not groups:
         return '<p class="note">No numeric metrics in any run.</p>'
     best = {
         key: _best_rows([row.get(key) for row in rows], direction(key)) for _, cols in groups for key in cols
     }
-    return "".join(_table_band(runs, rows, band, best, direction) for band in _bands(groups))
+    return "".join(_table_band(runs, rows, band, best, direction, spreads) for band in _bands(groups))
+
+
+def _cell_text(value: float | None, spread: Spread | None) -> str:
+    text = _format_number(value)
+    if spread is None or value is None:
+        return text
+    if spread.std is not None:
+        # Seeds that agree up to float rounding (an AUROC of 1.0 three times) read ± 0, not ± 1.30e-16.
+        exact = spread.std <= 1e-9 * abs(value)
+        text += f' <span class="sd">± {"0" if exact else _format_number(spread.std)}</span>'
+    if spread.n != spread.of:
+        text += f' <span class="sd">(n={spread.n})</span>'
+    return text
 
 
 def _table_band(
@@ -275,6 +339,7 @@ def _table_band(
     band: list[tuple[str, list[str], bool]],
     best: Mapping[str, set[int]],
     direction: Callable[[str], str | None],
+    spreads: Sequence[Mapping[str, Spread]] | None = None,
 ) -> str:
     headings = dict((*GROUPS, _OTHER_GROUP))
     top = ['<th class="run" rowspan="2">run</th>']
@@ -296,12 +361,37 @@ def _table_band(
                 classes.append("missing")
             elif i in best[key]:
                 classes.append("best")
-            cells.append(f'<td class="{" ".join(classes)}">{_format_number(row.get(key))}</td>')
+            spread = spreads[i].get(key) if spreads is not None else None
+            cells.append(f'<td class="{" ".join(classes)}">{_cell_text(row.get(key), spread)}</td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
     return (
         '<div class="table-wrap"><table class="metrics"><thead>'
         f'<tr class="groups">{"".join(top)}</tr><tr class="keys">{"".join(keys)}</tr>'
         f"</thead><tbody>{''.join(body)}</tbody></table></div>"
+    )
+
+
+def grouped_metric_table(
+    runs: Sequence[Run],
+    rows_of: Callable[[Run], Mapping[str, float]],
+    direction: Callable[[str], str | None] = metric_direction,
+) -> str:
+    """The metric table a reader can take in: one row per bench arm (mean ± std over its seeds) when
+    some arm has several seeds, the per-run rows folded below it; otherwise one row per run.
+
+    A 14-arm, 3-seed suite as 42 per-run rows was 38.6k px tall in Chromium (digits suite, issue 21);
+    as arm rows it is a third of that and reads like the BENCHMARKS.md table of the same suite.
+    """
+    rows = [rows_of(run) for run in runs]
+    groups = seed_groups(runs)
+    if all(len(group) == 1 for group in groups):
+        return _metric_table(runs, rows, direction)
+    heads, means, spreads = arm_rows(groups, rows_of)
+    return (
+        _metric_table(heads, means, direction, spreads)
+        + f'<details class="per-run"><summary>One row per run ({len(runs)} runs)</summary>'
+        + _metric_table(runs, rows, direction)
+        + "</details>"
     )
 
 
@@ -361,18 +451,18 @@ def _overview_table(runs: Sequence[Run]) -> str:
     )
 
 
+def _shift_row(run: Run) -> dict[str, float]:
+    summary = shift_summary(run.metrics)
+    return {k.removesuffix("/acc").replace("_", " "): v for k, v in summary.items() if k.endswith("/acc")}
+
+
 def _shift_table(runs: Sequence[Run]) -> str:
-    """Mean accuracy over severities per corruption (columns) and run (rows), when any run has shift keys."""
-    rows = []
-    for run in runs:
-        summary = shift_summary(run.metrics)
-        rows.append(
-            {k.removesuffix("/acc").replace("_", " "): v for k, v in summary.items() if k.endswith("/acc")}
-        )
-    if not any(rows):
+    """Mean accuracy over severities per corruption (columns) and run or arm (rows), when any run has
+    shift keys."""
+    if not any(_shift_row(run) for run in runs):
         return ""
     return (
         "<h3>Accuracy under corruption, mean over severities</h3>"
-        + _metric_table(runs, rows, direction=lambda key: "higher")
+        + grouped_metric_table(runs, _shift_row, direction=lambda key: "higher")
         + '<p class="legend">Column <i>mean</i> averages every corruption and severity.</p>'
     )
