@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -99,7 +100,10 @@ def test_all_correct_or_all_wrong(all_correct: bool) -> None:
     u = torch.arange(6.0)
     c = torch.full((6,), all_correct)
     metrics = selective_metrics(u, c, num_quantiles=3)
-    assert metrics["err_auroc"] == 0.5 and metrics["spearman"] == 0.0
+    # nothing to rank: undefined (NaN), never a measured-looking 0.5 / 0.0; scikit-learn agrees
+    assert math.isnan(metrics["err_auroc"]) and math.isnan(metrics["spearman"])
+    with pytest.warns(UserWarning, match="Only one class"):
+        assert math.isnan(roc_auc_score((~c).numpy(), u.numpy()))
     assert metrics["aurc"] == (0.0 if all_correct else 1.0)
     assert metrics["acc_by_quantile"] == [1.0 if all_correct else 0.0] * 3
 

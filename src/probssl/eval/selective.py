@@ -14,6 +14,8 @@ rate, flat accuracy over quantiles) rather than whatever order the samples happe
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from torch import Tensor
 
@@ -77,12 +79,14 @@ def aurc(uncertainty: Tensor, correct: Tensor) -> float:
 def error_auroc(uncertainty: Tensor, correct: Tensor) -> float:
     """AUROC of the uncertainty as a detector of errors (errors are the positive class).
 
-    Defined as 0.5 (no information) when every prediction is correct or every one is wrong, since no
-    ranking can then separate errors from correct predictions. Ties count ½ (average ranks).
+    NaN when every prediction is correct or every one is wrong: with one class there is nothing to
+    rank, and a 0.5 would read as a measured "no information" (scikit-learn's ``roc_auc_score``
+    refuses the case). A constant uncertainty with both classes present *is* measured: 0.5, ties
+    count ½ (average ranks).
     """
     u, c = _check_inputs(uncertainty, correct)
     if c.all() or not c.any():
-        return 0.5
+        return math.nan
     return binary_auroc(u, ~c)
 
 
@@ -90,9 +94,12 @@ def spearman(uncertainty: Tensor, correct: Tensor) -> float:
     """Spearman rank correlation between uncertainty and the error indicator (1 = wrong).
 
     Pearson correlation of average ranks (scipy's ``spearmanr``); positive means more uncertain
-    samples are more often wrong. 0.0 when either side is constant (the correlation is undefined).
+    samples are more often wrong. NaN when every prediction is right (or every one wrong), as for
+    :func:`error_auroc`; 0.0 for a constant uncertainty with both outcomes present (no association).
     """
     u, c = _check_inputs(uncertainty, correct)
+    if c.all() or not c.any():
+        return math.nan
     ranks_u = average_ranks(u)
     ranks_e = average_ranks((~c).astype(np.float64))
     ranks_u -= ranks_u.mean()
