@@ -616,3 +616,49 @@ def test_arms_with_several_seeds_read_as_mean_and_std(tmp_path: Path) -> None:
         < page.index('<details class="per-run">')
         < page.index("simclr · seed 0</td>")
     )
+
+
+def test_ranked_images_name_their_classes_without_overlap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With class names on record (eval_details ``ranked_images/classes``) the captions read
+    ``y T-shirt/top / ŷ Shirt``, not class numbers; long names are cut, and captions stay apart."""
+    from probssl.eval.report.figures import _class_name
+
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "An unusually long class name"]  # fmt: skip
+    rng = np.random.default_rng(6)
+    details = _details(rng)
+    images = rng.integers(0, 256, size=(8, 64)).tolist()
+    details["ranked_images"] = {
+        "shape": [1, 8, 8],
+        "most_certain": images,
+        "least_certain": images,
+        "uncertainty_most": [0.01] * 8,
+        "uncertainty_least": [0.9] * 8,
+        "label_most": list(range(8)),
+        "prediction_most": [6, 1, 2, 3, 4, 5, 0, 7],
+        "label_least": [9, 8, 9, 8, 9, 8, 9, 8],
+        "prediction_least": [9] * 8,
+        "criterion": "entropy",
+        "classes": names,
+    }
+    run = _write_run(tmp_path / "simclr-s0", _metrics("simclr", 0, 0.9, 0.02), details)
+    drawn = _capture_figures(monkeypatch)
+    build_report([run], tmp_path / "r.html")
+    (fig,) = [f for f in drawn if len(f.axes) == 16]
+    captions = [ax.get_xlabel() for ax in fig.axes]
+    assert captions[0].splitlines()[:2] == ["y T-shirt/top", "ŷ Shirt"]
+    assert captions[8].splitlines()[:2] == ["y An unusual…", "ŷ An unusual…"]
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.xaxis.label.get_window_extent(renderer) for ax in fig.axes]
+    frames = [ax.get_window_extent(renderer) for ax in fig.axes]
+    for i, box in enumerate(boxes):
+        assert not any(_overlaps(box, other) for j, other in enumerate(boxes) if j != i), captions[i]
+        assert not any(_overlaps(box, frame) for frame in frames), captions[i]
+    assert (_class_name(None, names), _class_name(3, names), _class_name(12, names), _class_name(2, [])) == (
+        "?",
+        "Dress",
+        "12",
+        "2",
+    )

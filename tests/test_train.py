@@ -157,4 +157,5 @@ def test_full_suite_fills_every_prefix(tmp_path, shared_data):
     assert results["meta/skipped"] == ""
     details = json.loads((run / "eval_details.json").read_text())
     assert {"reliability", "ood", "shift", "sparsification", "ranked_images"} <= set(details)
+    assert details["ranked_images"]["classes"] == [str(digit) for digit in range(10)]  # the report names them
     assert len((run / "splits" / "lowshot_1pct_seed0.txt").read_text().split()) >= 10

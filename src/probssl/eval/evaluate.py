@@ -332,6 +332,7 @@ def evaluate_run(
                 test_images, scores["entropy"], labels=test.labels, predictions=probs.argmax(1)
             )
             details["ranked_images"]["criterion"] = "predictive entropy of the linear probe"
+            details["ranked_images"]["classes"] = list(ev.dataset("test").classes)
 
     if suite_name in ("uncertainty", "full"):
         details["ood"] = {}

@@ -483,7 +483,19 @@ def _ranked_data(run: Run) -> dict[str, Any] | None:
     if not any(rows.values()):
         return None
     rows["criterion"] = str(section.get("criterion", ""))
+    rows["classes"] = [str(name) for name in section.get("classes") or []]
     return rows
+
+
+def _class_name(index: int | None, classes: Sequence[str], width: int = 11) -> str:
+    """A label as the reader knows it: the class name (cut to ``width``) when the run recorded names,
+    else the class number; ``?`` when unknown."""
+    if index is None:
+        return "?"
+    if 0 <= index < len(classes):
+        name = classes[index]
+        return name if len(name) <= width else name[: width - 1] + "…"
+    return str(index)
 
 
 def _to_hwc(image: Any, shape: tuple[int, int, int]) -> np.ndarray:
@@ -498,7 +510,7 @@ def _ranked_figure(run: Run, rows: Mapping[str, Any]) -> str:
     the uncertainty the rows are ranked by."""
     n = max(len(rows.get(key, [])) for key in ("most_certain", "least_certain"))
     with _styled():
-        fig = Figure(figsize=(0.95 * n + 1.3, 3.3))
+        fig = Figure(figsize=(0.95 * n + 1.3, 3.6 if rows.get("classes") else 3.3))
         axes = fig.subplots(2, n, squeeze=False)
         for r, (key, label) in enumerate(
             (("most_certain", "most certain"), ("least_certain", "least certain"))
@@ -524,16 +536,15 @@ def _ranked_figure(run: Run, rows: Mapping[str, Any]) -> str:
                 text = "n/a" if value is None else f"{value:.3g}"
                 wrong = label_ is not None and prediction is not None and label_ != prediction
                 if label_ is not None or prediction is not None:
-                    y = "?" if label_ is None else label_
-                    y_hat = "?" if prediction is None else prediction
-                    text = f"y={y} ŷ={y_hat}\n{text}"
+                    y, y_hat = (_class_name(i, rows.get("classes") or []) for i in (label_, prediction))
+                    text = f"y {y}\nŷ {y_hat}\n{text}" if rows.get("classes") else f"y={y} ŷ={y_hat}\n{text}"
                 ax.set_xlabel(text, fontsize=7.5, labelpad=2, color="#d23c4b" if wrong else "#1d2330")
             axes[r, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center", labelpad=8)
         if rows.get("criterion"):
             fig.suptitle(
                 f"ranked by {rows['criterion']} · y = label, ŷ = prediction (red: wrong)", fontsize=8.5
             )
-        fig.subplots_adjust(wspace=0.12, hspace=0.75)
+        fig.subplots_adjust(wspace=0.12, hspace=0.85 if rows.get("classes") else 0.75)
         return _png(fig)
 
 
