@@ -197,6 +197,19 @@ def test_quality_benchmark_runs_arms_over_seeds_and_summarises(tiny_suite, tmp_p
     rebuilt = suites.run_quality_benchmark("tiny", out, table_only=True, progress=False)
     assert rebuilt["summary"] == results["summary"] and not rebuilt["wall_seconds_this_invocation"]
 
+    # Where the runs trained is under the tables; a run from another machine / precision is named.
+    from probssl.machine import cpu_name
+
+    assert f"Trained: all 4 runs at fp32 on {cpu_name()}." in section
+    summary_path = out / "tiny" / "simclr-s1" / "train_summary.json"
+    moved = json.loads(summary_path.read_text()) | {"precision": "bf16", "processor": "Other CPU"}
+    summary_path.write_text(json.dumps(moved))
+    mixed = suites.results_markdown(
+        suites.run_quality_benchmark("tiny", out, table_only=True, progress=False)
+    )
+    assert "**Trained on mixed machines or precisions**" in mixed
+    assert f"3 runs at fp32 on {cpu_name()}; 1 at bf16 on Other CPU (simclr-s1)." in mixed
+
 
 def test_a_failing_arm_is_recorded_and_the_others_still_run(tiny_suite, tmp_path, monkeypatch):
     real = suites.train_and_evaluate

@@ -173,6 +173,9 @@ def test_corrupt_final_weights_name_the_fix_that_works(tmp_path, capsys):
     assert main(_tiny_train(out)) == 0
     good = (out / "model.safetensors").read_bytes()
     timing = json.loads((out / "train_summary.json").read_text())
+    assert timing["processor"] and timing["precision"] == "fp32"
+    timing["processor"] = "the machine that trained it"  # the repair runs elsewhere: it must not claim it
+    (out / "train_summary.json").write_text(json.dumps(timing))
     (out / "model.safetensors").write_bytes(good[:-8] + b"\0" * 8)
     assert main(["eval", str(out), "--suite", "basic", "--no-progress"]) == 2
     err = capsys.readouterr().err
@@ -186,6 +189,7 @@ def test_corrupt_final_weights_name_the_fix_that_works(tmp_path, capsys):
     assert (
         repaired["seconds_per_epoch"] == timing["seconds_per_epoch"] and repaired["steps"] == timing["steps"]
     )
+    assert repaired["processor"] == "the machine that trained it"
 
 
 def test_a_subset_larger_than_the_dataset_is_refused(tmp_path, capsys):

@@ -59,6 +59,7 @@ from probssl.distributed import (
     teardown_distributed,
 )
 from probssl.io import atomic_write_json, atomic_write_text, read_json
+from probssl.machine import processor_name
 from probssl.methods import TrainContext
 from probssl.optim import build_optimizer, warmup_cosine
 from probssl.precision import resolve_precision
@@ -382,6 +383,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
             "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
             "device": str(device),
             "precision": resolve_precision(tc.precision, device),  # what `auto` became here
+            "processor": processor_name(device),  # suites span sessions on changing machines
         }
         if not steps_run:  # nothing trained now (--resume rewriting a corrupt model.safetensors): keep
             summary.update(_previous_timing(out_dir / "train_summary.json"))  # the timing of the real run
@@ -394,9 +396,10 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
 
 def _previous_timing(path: Path) -> dict[str, Any]:
-    """The step-loop timing of an earlier train_summary.json, {} when there is none (or it is unreadable)."""
+    """The step-loop timing of an earlier train_summary.json, and the precision and processor it ran
+    at, {} when there is none (or it is unreadable)."""
     previous = read_json(path)
     if not isinstance(previous, dict):
         return {}
-    keys = ("steps", "seconds", "img_per_s", "seconds_per_epoch")
+    keys = ("steps", "seconds", "img_per_s", "seconds_per_epoch", "precision", "processor")
     return {k: previous[k] for k in keys if previous.get(k) is not None}

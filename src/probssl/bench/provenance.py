@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from probssl.machine import cpu_name
+
 
 def git_commit(cwd: str | Path = ".") -> str:
     """``HEAD``'s short hash, ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
@@ -27,18 +29,8 @@ def provenance() -> dict[str, str | int]:
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "commit": git_commit(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpus": os.cpu_count() or 0,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

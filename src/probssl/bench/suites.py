@@ -24,6 +24,7 @@ import os
 import statistics
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ except ImportError:  # Windows: run_lock falls back to an exclusive-create lock 
 from probssl.bench.provenance import provenance
 from probssl.bench.sections import replace_section
 from probssl.config import ConfigError, build_config
-from probssl.io import atomic_write_json, atomic_write_text
+from probssl.io import atomic_write_json, atomic_write_text, read_json
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,51 @@ def _arm_config(suite: Suite, arm: QualityArm, seed: int, data_dir: str | None):
     return build_config(None, list(arm.overrides), **budget)
 
 
+#: train_summary.json keys a suite's rows carry (as ``meta/train_<key>``): where each run trained.
+TRAINING_KEYS = ("precision", "processor")
+
+
+def load_run_results(run_dir: Path) -> dict[str, Any]:
+    """A finished run's eval.json plus where it trained, ``meta/train_precision`` and
+    ``meta/train_processor`` from its train_summary.json (absent in runs trained before they were
+    recorded). A suite is finished over several sessions, and the processor — hence what
+    ``precision: auto`` resolves to, and every time — changes between them."""
+    results = json.loads((run_dir / "eval.json").read_text())
+    summary = read_json(run_dir / "train_summary.json")
+    if isinstance(summary, dict):
+        results.update({f"meta/train_{k}": summary[k] for k in TRAINING_KEYS if summary.get(k) is not None})
+    return results
+
+
+def training_note(runs: dict[str, dict[Any, dict[str, Any]]]) -> str:
+    """One line under a suite's tables: the precision and processor its runs trained at, and — when
+    they differ — which runs are the exceptions, so no one compares a bf16 row with an fp32 one (or
+    seconds across machines) unawares."""
+    where = {
+        f"{arm}-s{seed}": (
+            str(run.get("meta/train_precision", "precision not recorded")),
+            str(run.get("meta/train_processor", "processor not recorded")),
+        )
+        for arm, by_seed in runs.items()
+        for seed, run in by_seed.items()
+    }
+    if not where:
+        return ""
+    groups = Counter(where.values()).most_common()
+    if len(groups) == 1:
+        (precision, processor), count = groups[0]
+        return f"Trained: all {count} runs at {precision} on {processor}."
+    (precision, processor), count = groups[0]
+    parts = [f"{count} runs at {precision} on {processor}"]
+    for (precision, processor), count in groups[1:]:
+        names = ", ".join(name for name, group in where.items() if group == (precision, processor))
+        parts.append(f"{count} at {precision} on {processor} ({names})")
+    return (
+        "**Trained on mixed machines or precisions** (compare accuracy across them with care, seconds "
+        "not at all): " + "; ".join(parts) + "."
+    )
+
+
 def train_and_evaluate(
     suite: Suite, arm: QualityArm, seed: int, out: Path, data_dir: str | None, progress: bool
 ) -> dict[str, Any]:
@@ -325,7 +371,7 @@ def train_and_evaluate(
     run_dir = run_dir_for(out, suite.name, arm.name, seed)
     eval_path = run_dir / "eval.json"
     if eval_path.is_file():
-        return json.loads(eval_path.read_text())
+        return load_run_results(run_dir)
     cfg = _arm_config(suite, arm, seed, data_dir)
     cfg.train.progress = progress
     with run_lock(run_dir):
@@ -336,7 +382,7 @@ def train_and_evaluate(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # skipped optional sets are recorded in meta/skipped
                 evaluate_run(run_dir, data_dir=data_dir, progress=progress, suite_name="full")
-    return json.loads(eval_path.read_text())
+    return load_run_results(run_dir)
 
 
 def summarise(runs: dict[str, dict[int, dict[str, Any]]], columns: Sequence[str]) -> dict[str, Any]:
@@ -387,6 +433,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             )
         blocks.append("\n".join(lines))
     text = "\n\n".join(blocks)
+    note = training_note(results.get("runs", {}))
+    if note:
+        text += f"\n\n{note}"
     for arm, message in results.get("failures", {}).items():
         text += f"\n\n**{arm} failed**: {message}"
     return text
@@ -459,7 +508,7 @@ def run_quality_benchmark(
         for eval_path in sorted((out / suite.name).glob(f"{arm.name}-s*/eval.json")):
             seed_text = eval_path.parent.name.rsplit("-s", 1)[1]
             if seed_text.isdigit() and int(seed_text) not in runs.get(arm.name, {}):
-                runs.setdefault(arm.name, {})[int(seed_text)] = json.loads(eval_path.read_text())
+                runs.setdefault(arm.name, {})[int(seed_text)] = load_run_results(eval_path.parent)
     runs = {a.name: dict(sorted(runs[a.name].items())) for a in ALL_ARMS if a.name in runs}
     columns = suite.columns()
     results = {
@@ -493,7 +542,7 @@ def run_quality_benchmark(
     print(table)
     if update:
         header = (
-            f"Command: `{command}` ({results['date']}, commit {results['commit']}, "
+            f"Command: `{command}` ({results['date']}, commit {results['commit']}, this invocation on "
             f"{results['processor']}, {results['cpus']} CPUs, torch {results['torch']}). {suite.note}. "
             "Mean ± sample std over seeds; every arm trained at the same budget: "
             f"`{json.dumps(suite.budget)}`."
