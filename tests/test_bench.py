@@ -40,7 +40,8 @@ def test_cifar10_suite_tables_carry_the_issue19_columns_and_the_jpeg_note():
     suite = suites.SUITES["cifar10"]
     titles = [title for title, _ in suite.tables()]
     assert titles[:3] == ["Accuracy", "Uncertainty", "OOD detection (AUROC)"]
-    assert titles[3].startswith("Cost")
+    assert titles[3].startswith("Own uncertainty against the deterministic references")
+    assert titles[4].startswith("Cost")
     columns = suite.columns()
     assert len(columns) == len(set(columns))
     for name in ("tiny_imagenet_val", "mnist", "noise"):
@@ -54,6 +55,9 @@ def test_cifar10_suite_tables_carry_the_issue19_columns_and_the_jpeg_note():
         "ret/r_auroc",
         "sel/crop_up",
         "transfer/eurosat_test/top1",
+        "vs/ood/tiny_imagenet_val/own-knn1",
+        "vs/ood/mnist/bma-knn1",
+        "vs/sel/own-knn1",
     ):
         assert key in columns
     assert "JPEG" in suite.note and "not comparable digit for digit" in suite.note
@@ -491,3 +495,55 @@ def test_curve_reading_compares_the_last_point_with_the_field_and_pixels():
         f"{0.70 - 0.85:+.4f} against the field's 0.85" in text and f"{0.70 - 0.35:+.4f} against raw" in text
     )
     assert "linear/top1 at" not in text  # no field figure given for it here
+
+
+def test_own_uncertainty_is_compared_with_the_references_paired_within_each_run():
+    """``vs/...`` keys are differences inside one run (own − kNN distance, BMA − point estimate, own −
+    probe entropy); seeds average the differences, so their ± std is the paired one; arms without an
+    own uncertainty have no row in that table; a difference needs both of its scores."""
+    import statistics
+
+    runs = [
+        {
+            "ood/mnist/emb/auroc": own,
+            "ood/mnist/knn1/auroc": knn,
+            "ood/mnist/knn1_bma/auroc": knn + 0.01,
+            "ood/noise/emb/auroc": 0.7,  # no knn1 score for noise: no difference
+            "sel/emb/err_auroc": 0.70,
+            "sel/knn1/err_auroc": 0.65,
+            "sel/err_auroc": 0.80,
+        }
+        for own, knn in ((0.60, 0.90), (0.75, 0.95), (0.62, 0.80))
+    ]
+    differences = [suites.paired_comparisons(run) for run in runs]
+    assert set(differences[0]) == {
+        "vs/ood/mnist/own-knn1",
+        "vs/ood/mnist/bma-knn1",
+        "vs/sel/own-knn1",
+        "vs/sel/own-entropy",
+    }
+    assert differences[0]["vs/ood/mnist/own-knn1"] == pytest.approx(-0.30)
+    assert differences[0]["vs/ood/mnist/bma-knn1"] == pytest.approx(0.01)
+    assert differences[0]["vs/sel/own-knn1"] == pytest.approx(0.05)
+    assert differences[0]["vs/sel/own-entropy"] == pytest.approx(-0.10)
+
+    suite = suites.SUITES["fashion_mnist"]
+    by_arm = {
+        "csghmc": {s: run | d for s, (run, d) in enumerate(zip(runs, differences, strict=True))},
+        "simclr": {0: {}},
+    }
+    summary = suites.summarise(by_arm, suite.columns())
+    paired = [own - knn for own, knn in ((0.60, 0.90), (0.75, 0.95), (0.62, 0.80))]
+    cell = summary["csghmc"]["vs/ood/mnist/own-knn1"]
+    assert cell["mean"] == pytest.approx(statistics.fmean(paired))
+    assert cell["std"] == pytest.approx(statistics.stdev(paired))
+    text = suites.results_markdown(
+        {
+            "tables": suite.tables(),
+            "summary": summary,
+            "runs": {"csghmc": by_arm["csghmc"], "simclr": {0: {}}},
+        }
+    )
+    versus = text.split("**Own uncertainty")[1].split("\n\n**")[0]
+    row = f"| csghmc | 3 | {statistics.fmean(paired):.4f} ± {statistics.stdev(paired):.4f} |"
+    assert row in versus and "| simclr |" not in versus

@@ -144,10 +144,19 @@ class Suite:
         ood = [f"ood/{name}/{score}/auroc" for name in self.ood for score in OOD_SCORES]
         ood += [f"ood/{group}/{score}/auroc" for group in self.ood_groups() for score in OOD_SCORES]
         cost = ["meta/train_seconds", "meta/eval_seconds", "meta/eval_to_train"]
+        from probssl.eval.suite import REFERENCE_DETECTOR as ref
+
+        versus = [f"vs/ood/{name}/{pair}-{ref}" for name in self.ood for pair in ("own", "bma")]
+        versus += [f"vs/sel/own-{ref}", "vs/sel/own-entropy"]
         return [
             ("Accuracy", accuracy),
             ("Uncertainty", uncertainty),
             ("OOD detection (AUROC)", ood),
+            (
+                "Own uncertainty against the deterministic references (AUROC differences paired within "
+                "each run; > 0: the first score is better)",
+                versus,
+            ),
             ("Cost (wall seconds: training, full evaluation, their ratio)", cost),
         ]
 
@@ -320,12 +329,44 @@ def _arm_config(suite: Suite, arm: QualityArm, seed: int, data_dir: str | None):
 TRAINING_KEYS = ("precision", "processor")
 
 
+def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
+    """The differences the readings are about, paired within one run (same features, same test set):
+
+    - ``vs/ood/<set>/own-knn1``: AUROC of the method's own uncertainty minus that of the pre-declared
+      deterministic feature-space detector (``REFERENCE_DETECTOR``, kNN distance) — does the
+      probabilistic embedding beat a strong deterministic detector on the same features?
+    - ``vs/ood/<set>/bma-knn1``: the same detector averaged over posterior draws minus it on the point
+      estimate — does the posterior help a strong detector?
+    - ``vs/sel/own-knn1`` and ``vs/sel/own-entropy``: error-ranking AUROC of the own uncertainty minus
+      the kNN distance's and minus the probe's predictive entropy's.
+
+    Averaging paired differences over seeds (rather than subtracting two seed means) keeps the seed-
+    to-seed spread that both scores share out of the comparison's ± std. A difference exists only when
+    both of its scores do.
+    """
+    from probssl.eval.suite import REFERENCE_DETECTOR as ref
+
+    pairs = {
+        f"vs/sel/own-{ref}": ("sel/emb/err_auroc", f"sel/{ref}/err_auroc"),
+        "vs/sel/own-entropy": ("sel/emb/err_auroc", "sel/err_auroc"),
+    }
+    for key in run:
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "ood" and parts[2:] == ["emb", "auroc"]:
+            name = parts[1]
+            pairs[f"vs/ood/{name}/own-{ref}"] = (key, f"ood/{name}/{ref}/auroc")
+            pairs[f"vs/ood/{name}/bma-{ref}"] = (f"ood/{name}/{ref}_bma/auroc", f"ood/{name}/{ref}/auroc")
+    numbers = {k: v for k, v in run.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {key: numbers[a] - numbers[b] for key, (a, b) in pairs.items() if a in numbers and b in numbers}
+
+
 def load_run_results(run_dir: Path) -> dict[str, Any]:
     """A finished run's eval.json plus where it trained, ``meta/train_precision`` and
     ``meta/train_processor`` from its train_summary.json (absent in runs trained before they were
     recorded). A suite is finished over several sessions, and the processor — hence what
     ``precision: auto`` resolves to, and every time — changes between them."""
     results = json.loads((run_dir / "eval.json").read_text())
+    results.update(paired_comparisons(results))
     summary = read_json(run_dir / "train_summary.json")
     if isinstance(summary, dict):
         results.update({f"meta/train_{k}": summary[k] for k in TRAINING_KEYS if summary.get(k) is not None})
@@ -427,6 +468,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines = [f"**{title}**\n"] if title else []
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for arm, cells in results["summary"].items():
+            if not any(c in cells for c in present):
+                continue  # a deterministic arm in the own-uncertainty table: dashes say nothing
             seeds = len(results["runs"].get(arm, {}))
             lines.append(
                 "| " + " | ".join([arm, str(seeds), *(_cell(cells.get(c), seeds) for c in present)]) + " |"
