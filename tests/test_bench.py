@@ -547,3 +547,24 @@ def test_own_uncertainty_is_compared_with_the_references_paired_within_each_run(
     versus = text.split("**Own uncertainty")[1].split("\n\n**")[0]
     row = f"| csghmc | 3 | {statistics.fmean(paired):.4f} ± {statistics.stdev(paired):.4f} |"
     assert row in versus and "| simclr |" not in versus
+
+
+def test_each_probabilistic_arm_is_set_against_its_deterministic_base():
+    """arm − base per column: the difference of seed means and Welch's standard error
+    √(s²ₐ/nₐ + s²_b/n_b), None with one seed on either side; a base itself has no row."""
+    import statistics
+
+    seeds = {"byol": [0.80, 0.82, 0.81], "csghmc": [0.83, 0.86, 0.84], "prosmin": [0.79]}
+    runs = {arm: {s: {"linear/top1": v} for s, v in enumerate(values)} for arm, values in seeds.items()}
+    runs["simclr"] = {0: {"linear/top1": 0.9}, 1: {"linear/top1": 0.91}}
+    columns = ("linear/top1", "cal/ece15")
+    table = suites.against_base(suites.summarise(runs, columns), suites.ALL_ARMS, columns)
+    assert set(table) == {"csghmc", "prosmin"}  # scl's base (simclr) is here, scl is not; bases have no row
+    a, b = seeds["csghmc"], seeds["byol"]
+    cell = table["csghmc"]["linear/top1"]
+    assert cell["diff"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
+    assert cell["se"] == pytest.approx((statistics.variance(a) / 3 + statistics.variance(b) / 3) ** 0.5)
+    assert table["prosmin"]["linear/top1"]["se"] is None and "cal/ece15" not in table["csghmc"]
+    text = suites.against_base_markdown(table, {"csghmc": "byol", "prosmin": "byol"})
+    assert f"| csghmc | byol | {cell['diff']:+.4f} ± {cell['se']:.4f} |" in text
+    assert f"| prosmin | byol | {0.79 - statistics.fmean(b):+.4f} |" in text

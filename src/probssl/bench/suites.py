@@ -46,6 +46,9 @@ class QualityArm:
     name: str
     method: str
     overrides: tuple[str, ...] = ()
+    #: The deterministic arm its paper's claims are measured against (same objective, no posterior),
+    #: as in ``probssl bench speed``; None for the bases themselves.
+    base: str | None = None
 
 
 ARMS: tuple[QualityArm, ...] = (
@@ -53,18 +56,18 @@ ARMS: tuple[QualityArm, ...] = (
     QualityArm("simclr", "simclr"),
     QualityArm("byol", "byol"),
     QualityArm("simsiam", "simsiam"),
-    QualityArm("csghmc", "csghmc"),
+    QualityArm("csghmc", "csghmc", base="byol"),  # BYOL's loss, sampled with cyclical SGHMC
     # cSGHMC's ablation (issue 4, scripts/bench_csghmc.sh): the same cyclical schedule and sample
     # positions at temperature 0 — a snapshot ensemble, so the table separates noise from cycling.
-    QualityArm("csghmc_snapshot", "csghmc", ("method.temperature=0",)),
-    QualityArm("prosmin", "prosmin"),
-    QualityArm("vi_simsiam", "vi_simsiam"),
-    QualityArm("scl", "scl"),
+    QualityArm("csghmc_snapshot", "csghmc", ("method.temperature=0",), base="byol"),
+    QualityArm("prosmin", "prosmin", base="byol"),  # an EMA target network, as BYOL
+    QualityArm("vi_simsiam", "vi_simsiam", base="simsiam"),
+    QualityArm("scl", "scl", base="simclr"),
     QualityArm("lam_deterministic", "lam", ("method.posterior=none",)),
-    QualityArm("lam_mc_dropout", "lam", ("method.posterior=mc_dropout",)),
-    QualityArm("lam_ensemble", "ensemble", ("method.member=lam", "method.size=5")),
-    QualityArm("lam_posthoc", "lam", ("method.posterior=posthoc",)),
-    QualityArm("lam_online", "lam", ("method.posterior=online",)),
+    QualityArm("lam_mc_dropout", "lam", ("method.posterior=mc_dropout",), base="lam_deterministic"),
+    QualityArm("lam_ensemble", "ensemble", ("method.member=lam", "method.size=5"), base="lam_deterministic"),
+    QualityArm("lam_posthoc", "lam", ("method.posterior=posthoc",), base="lam_deterministic"),
+    QualityArm("lam_online", "lam", ("method.posterior=online",), base="lam_deterministic"),
 )
 
 #: Ablation arms, run only when named with ``--arms`` (the issues' sweeps): SCL's KL weight β and
@@ -443,6 +446,67 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], columns: Sequence[str]
     return table
 
 
+#: What each paper claims its posterior improves, measured against the arm's deterministic base:
+#: accuracy (probe, kNN, corruptions), calibration of the probe, and OOD detection by the probe's
+#: predictive confidence (MSP: defined for a base too; the own-uncertainty comparison is the paired
+#: ``vs/`` table).
+AGAINST_BASE = ("linear/top1", "knn/top1@20", "shift/mean/acc", "cal/ece15", "cal/nll")
+
+
+def against_base(
+    summary: dict[str, dict[str, dict[str, float]]], arms: Sequence[QualityArm], columns: Sequence[str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per arm with a base: (arm's seed mean − base's seed mean) and its standard error
+    √(s²_arm/n_arm + s²_base/n_base) for each of ``columns`` both have (Welch's; the two arms are
+    different runs, so unlike the ``vs/`` table nothing pairs them). A column measured on one seed
+    of either side has no standard error (``se`` None): one seed has no spread to estimate.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for arm in arms:
+        if arm.base is None or arm.name not in summary or arm.base not in summary:
+            continue
+        cells = {}
+        for col in columns:
+            a, b = summary[arm.name].get(col), summary[arm.base].get(col)
+            if a is None or b is None:
+                continue
+            se = None
+            if a["n"] > 1 and b["n"] > 1:
+                se = (a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) ** 0.5
+            cells[col] = {"diff": a["mean"] - b["mean"], "se": se}
+        out[arm.name] = cells
+    return out
+
+
+def _base_ood_columns(suite: Suite) -> tuple[str, ...]:
+    return tuple(f"ood/{name}/msp/auroc" for name in suite.ood)
+
+
+def against_base_markdown(table: dict[str, dict[str, dict[str, float]]], bases: dict[str, str]) -> str:
+    """The against-base table: ``+0.0123 ± 0.0040`` = difference of seed means ± its standard error."""
+    present = [c for c in dict.fromkeys(k for cells in table.values() for k in cells)]
+    if not present:
+        return ""
+    lines = [
+        "**Against its deterministic base (arm − base: difference of seed means ± its standard error; "
+        "ECE and NLL: < 0 is better)**\n",
+        "| arm | base | " + " | ".join(present) + " |",
+        "|" + "---|" * (len(present) + 2),
+    ]
+    for arm, cells in table.items():
+        row = []
+        for col in present:
+            cell = cells.get(col)
+            if cell is None:
+                row.append("–")
+                continue
+            digits = 1 if abs(cell["diff"]) >= 10 else 4
+            spread = f" ± {cell['se']:.{digits}f}" if cell["se"] is not None else ""
+            row.append(f"{cell['diff']:+.{digits}f}{spread}")
+        lines.append(f"| {arm} | {bases[arm]} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
     if cell is None:
         return "–"
@@ -475,6 +539,10 @@ def results_markdown(results: dict[str, Any]) -> str:
                 "| " + " | ".join([arm, str(seeds), *(_cell(cells.get(c), seeds) for c in present)]) + " |"
             )
         blocks.append("\n".join(lines))
+    versus_base = against_base_markdown(results.get("against_base", {}), results.get("bases", {}))
+    if versus_base:  # before the cost table, which closes the list
+        cost = [i for i, block in enumerate(blocks) if block.startswith("**Cost")]
+        blocks.insert(cost[0] if cost else len(blocks), versus_base)
     text = "\n\n".join(blocks)
     note = training_note(results.get("runs", {}))
     if note:
@@ -554,6 +622,7 @@ def run_quality_benchmark(
                 runs.setdefault(arm.name, {})[int(seed_text)] = load_run_results(eval_path.parent)
     runs = {a.name: dict(sorted(runs[a.name].items())) for a in ALL_ARMS if a.name in runs}
     columns = suite.columns()
+    base_columns = AGAINST_BASE + _base_ood_columns(suite)
     results = {
         "suite": suite.name,
         "note": suite.note,
@@ -567,6 +636,8 @@ def run_quality_benchmark(
         "tables": suite.tables(),
         "runs": {arm: {str(s): r for s, r in by_seed.items()} for arm, by_seed in runs.items()},
         "summary": summarise(runs, columns),
+        "against_base": against_base(summarise(runs, base_columns), ALL_ARMS, base_columns),
+        "bases": {a.name: a.base for a in ALL_ARMS if a.base is not None},
         "failures": failures,
         "wall_seconds_this_invocation": seconds,
         "command": command,
