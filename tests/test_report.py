@@ -662,3 +662,15 @@ def test_ranked_images_name_their_classes_without_overlap(
         "12",
         "2",
     )
+
+
+def test_seed_mean_cells_widen_their_columns_into_more_bands() -> None:
+    """A seed-mean cell is three times as wide as a number: bands are cut by the widest cell too (the
+    arm table of the Fashion-MNIST suite overflowed the page sideways in Chromium when only headers
+    counted)."""
+    from probssl.eval.report.tables import _bands, _column_px
+
+    assert _column_px("top1", len("0.8459 ± 0.0012 (n=2)")) > 2 * _column_px("top1")
+    groups = [("linear", [f"linear/m{i}" for i in range(8)])]
+    assert len(_bands(groups)) == 1
+    assert len(_bands(groups, {f"linear/m{i}": len("0.8459 ± 0.0012 (n=2)") for i in range(8)})) == 2

@@ -227,20 +227,27 @@ def _column_label(key: str, group: str) -> str:
     return key.split("/", 1)[1] if group != _OTHER_GROUP[0] and "/" in key else key
 
 
-def _column_px(label: str) -> int:
-    """Rough rendered width of a column: its header label (which may wrap at spaces) or a 6-digit number,
-    plus padding."""
-    return 7 * max(max(len(word) for word in label.split()) + 2, 8) + 22
+def _column_px(label: str, cell_chars: int = 0) -> int:
+    """Rough rendered width of a column: its header label (which may wrap at spaces), its widest cell
+    (``cell_chars``: "0.8459 ± 0.0012 (n=2)" in a seed-mean table) or a 6-digit number, plus padding."""
+    return 7 * max(max(len(word) for word in label.split()) + 2, cell_chars, 8) + 22
 
 
-def _bands(groups: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str], bool]]]:
+def _bands(
+    groups: list[tuple[str, list[str]]], cell_chars: Mapping[str, int] | None = None
+) -> list[list[tuple[str, list[str], bool]]]:
     """Split the columns into stacked tables that each fit the page width, never splitting a group that fits
     in one band; a group wider than a band is cut into evenly sized parts. A table that needs sideways
     scrolling hides half its numbers in a screenshot or a printout."""
+    chars = cell_chars or {}
+
+    def px(key: str, group: str) -> int:
+        return _column_px(_column_label(key, group), chars.get(key, 0))
+
     bands: list[list[tuple[str, list[str], bool]]] = [[]]
     used = 0
     for group, columns in groups:
-        width = sum(_column_px(_column_label(key, group)) for key in columns)
+        width = sum(px(key, group) for key in columns)
         if used + width <= _TABLE_BUDGET_PX:
             bands[-1].append((group, columns, False))
             used += width
@@ -250,7 +257,7 @@ def _bands(groups: list[tuple[str, list[str]]]) -> list[list[tuple[str, list[str
         for i in range(0, len(columns), size):
             chunk = columns[i : i + size]
             bands.append([(group, chunk, i > 0)])
-            used = sum(_column_px(_column_label(key, group)) for key in chunk)
+            used = sum(px(key, group) for key in chunk)
     return [band for band in bands if band]
 
 
@@ -317,20 +324,36 @@ def _metric_table(
     best = {
         key: _best_rows([row.get(key) for row in rows], direction(key)) for _, cols in groups for key in cols
     }
-    return "".join(_table_band(runs, rows, band, best, direction, spreads) for band in _bands(groups))
+    cell_chars = {
+        key: max(
+            len(" ".join(_cell_parts(row.get(key), spreads[i].get(key) if spreads else None)))
+            for i, row in enumerate(rows)
+        )
+        for _, cols in groups
+        for key in cols
+    }
+    return "".join(
+        _table_band(runs, rows, band, best, direction, spreads) for band in _bands(groups, cell_chars)
+    )
 
 
-def _cell_text(value: float | None, spread: Spread | None) -> str:
-    text = _format_number(value)
+def _cell_parts(value: float | None, spread: Spread | None) -> list[str]:
+    """A cell's words: the number, then ``± std`` and ``(n=…)`` for a seed mean."""
+    parts = [_format_number(value)]
     if spread is None or value is None:
-        return text
+        return parts
     if spread.std is not None:
         # Seeds that agree up to float rounding (an AUROC of 1.0 three times) read ± 0, not ± 1.30e-16.
         exact = spread.std <= 1e-9 * abs(value)
-        text += f' <span class="sd">± {"0" if exact else _format_number(spread.std)}</span>'
+        parts.append(f"± {'0' if exact else _format_number(spread.std)}")
     if spread.n != spread.of:
-        text += f' <span class="sd">(n={spread.n})</span>'
-    return text
+        parts.append(f"(n={spread.n})")
+    return parts
+
+
+def _cell_text(value: float | None, spread: Spread | None) -> str:
+    number, *extra = _cell_parts(value, spread)
+    return number + "".join(f' <span class="sd">{_e(part)}</span>' for part in extra)
 
 
 def _table_band(
