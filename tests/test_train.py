@@ -48,6 +48,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, method):
     assert rows[0].startswith("step,epoch,loss") and len(rows) > 2
 
 
+def test_a_resumed_run_continues_at_the_precision_it_started_at(tmp_path, monkeypatch):
+    """precision: auto is decided per machine; a run begun in bf16 and resumed where auto says fp32 goes
+    on in bf16 (with a warning), so it equals the uninterrupted bf16 run bit for bit."""
+    monkeypatch.setenv("PROBSSL_CPU_BF16", "1")  # the machine where bf16 is fast
+    full = train(_cfg("simclr", precision="auto"), tmp_path / "full")
+    part = train(_cfg("simclr", precision="auto", max_steps=5), tmp_path / "part")
+    latest = (part / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((part / "checkpoints" / latest / "meta.json").read_text())["precision"] == "bf16"
+    monkeypatch.setenv("PROBSSL_CPU_BF16", "0")  # resumed on a machine where auto picks fp32
+    with pytest.warns(UserWarning, match="trained at bf16 so far and continues at bf16"):
+        train(_cfg("simclr", precision="auto"), tmp_path / "part", resume=True)
+    a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert json.loads((part / "train_summary.json").read_text())["precision"] == "bf16"
+
+
 def test_run_directory_contents_and_eval(tmp_path):
     run = train(_cfg("simclr"), tmp_path / "run")
     for name in ("config.yaml", "model.safetensors", "model.json", "metrics.csv", "train_summary.json"):

@@ -17,6 +17,7 @@ import gc
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
     # ---- resume or start ----------------------------------------------------------------------
     start_step = 0
+    precision = resolve_precision(tc.precision, device)  # what `auto` becomes here (a resume may pin it)
     if resume:
         if not (out_dir / "config.yaml").is_file():
             raise TrainingError(f"--resume: {out_dir} has no config.yaml; there is no run to resume there")
@@ -254,6 +256,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
                 )
             restore_rng(*ckpt["rng"])
             start_step = int(ckpt["meta"]["step"])
+            precision = _resumed_precision(ckpt["meta"].get("precision"), precision, tc.precision)
     elif is_main:
         if (out_dir / "config.yaml").is_file() and latest_checkpoint(out_dir) is not None:
             raise TrainingError(
@@ -284,6 +287,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
                 "total_steps": total_steps,
                 "world_size": world,
                 "method": cfg.method,
+                "precision": precision,  # a resume continues at it, whatever `auto` says then
             }
             path = finalize_checkpoint(
                 out_dir, step, method.state_dict(), optimizer.state_dict(), meta, tc.keep_checkpoints
@@ -314,7 +318,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])
 
-        with autocast_context(device, tc.precision):
+        with autocast_context(device, precision):
             loss = model(views)
         loss_value = float(all_reduce_mean(loss.detach().float()))
         if not math.isfinite(loss_value):
@@ -368,7 +372,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     after_training_start = time.perf_counter()
     loop_seconds, steps_run = after_training_start - train_start, stop_step - start_step
     if finished and method.trainable:
-        with autocast_context(device, tc.precision):
+        with autocast_context(device, precision):
             method.after_training(training_views, context)
     after_training_seconds = time.perf_counter() - after_training_start
     if is_main and finished:
@@ -382,7 +386,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
             "seconds_per_epoch": loop_seconds * steps_per_epoch / steps_run if steps_run else None,
             "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
             "device": str(device),
-            "precision": resolve_precision(tc.precision, device),  # what `auto` became here
+            "precision": precision,  # what `auto` became (or, resumed, what the run started at)
             "processor": processor_name(device),  # suites span sessions on changing machines
         }
         if not steps_run:  # nothing trained now (--resume rewriting a corrupt model.safetensors): keep
@@ -393,6 +397,24 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     gc.collect()
     teardown_distributed()
     return out_dir
+
+
+def _resumed_precision(saved: str | None, resolved: str, requested: str) -> str:
+    """The precision a resumed run continues at: the one its checkpoint was trained at.
+
+    ``precision: auto`` is decided per machine (and by a timed probe), and suites are resumed in later
+    sessions on other processors: without this a run begun in bf16 on an AVX512-BF16 machine would go on
+    in fp32 on an AVX2 one and be neither. An explicit precision cannot differ (the config check refuses
+    it); checkpoints written before the key existed say nothing, and ``auto``'s answer is used.
+    """
+    if saved is None or saved == resolved:
+        return resolved
+    warnings.warn(
+        f"--resume: this run trained at {saved} so far and continues at {saved} for an exact resume, "
+        f"although precision: {requested} chooses {resolved} on this machine (it may be slower here)",
+        stacklevel=3,
+    )
+    return saved
 
 
 def _previous_timing(path: Path) -> dict[str, Any]:
