@@ -568,3 +568,17 @@ def test_each_probabilistic_arm_is_set_against_its_deterministic_base():
     text = suites.against_base_markdown(table, {"csghmc": "byol", "prosmin": "byol"})
     assert f"| csghmc | byol | {cell['diff']:+.4f} ± {cell['se']:.4f} |" in text
     assert f"| prosmin | byol | {0.79 - statistics.fmean(b):+.4f} |" in text
+
+
+def test_evaluation_cpu_sums_the_stages_and_divides_by_the_training_wall():
+    run = {
+        "meta/eval_cpu_seconds/features": 2.0,
+        "meta/eval_cpu_seconds/probes": 3.5,
+        "meta/train_seconds": 50.0,
+    }
+    assert suites.evaluation_cpu(run) == {"meta/eval_cpu_seconds": 5.5, "meta/eval_cpu_to_train": 0.11}
+    assert suites.evaluation_cpu(run | {"meta/train_seconds": 0.2}) == {
+        "meta/eval_cpu_seconds": 5.5
+    }  # pixels
+    assert suites.evaluation_cpu({"meta/train_seconds": 50.0}) == {}  # evaluated before stages were timed
+    assert "meta/eval_cpu_to_train" in suites.SUITES["fashion_mnist"].columns()

@@ -146,7 +146,13 @@ class Suite:
         ]
         ood = [f"ood/{name}/{score}/auroc" for name in self.ood for score in OOD_SCORES]
         ood += [f"ood/{group}/{score}/auroc" for group in self.ood_groups() for score in OOD_SCORES]
-        cost = ["meta/train_seconds", "meta/eval_seconds", "meta/eval_to_train"]
+        cost = [
+            "meta/train_seconds",
+            "meta/eval_seconds",
+            "meta/eval_to_train",
+            "meta/eval_cpu_seconds",
+            "meta/eval_cpu_to_train",
+        ]
         from probssl.eval.suite import REFERENCE_DETECTOR as ref
 
         versus = [f"vs/ood/{name}/{pair}-{ref}" for name in self.ood for pair in ("own", "bma")]
@@ -160,7 +166,11 @@ class Suite:
                 "each run; > 0: the first score is better)",
                 versus,
             ),
-            ("Cost (wall seconds: training, full evaluation, their ratio)", cost),
+            (
+                "Cost (seconds: training wall, full-evaluation wall and CPU, each over training; CPU time "
+                "is what survives other jobs on the same cores)",
+                cost,
+            ),
         ]
 
     def columns(self) -> list[str]:
@@ -363,6 +373,22 @@ def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
     return {key: numbers[a] - numbers[b] for key, (a, b) in pairs.items() if a in numbers and b in numbers}
 
 
+def evaluation_cpu(run: dict[str, Any]) -> dict[str, float]:
+    """``meta/eval_cpu_seconds`` (the stages' CPU seconds summed) and ``meta/eval_cpu_to_train`` (over the
+    training wall, like ``meta/eval_to_train``; absent when training took < 1 s). The wall ratio counts
+    the waits for cores other jobs hold; on a shared machine the CPU ratio is the comparable one."""
+    stages = [
+        v for k, v in run.items() if k.startswith("meta/eval_cpu_seconds/") and isinstance(v, int | float)
+    ]
+    if not stages:
+        return {}
+    out = {"meta/eval_cpu_seconds": float(sum(stages))}
+    train = run.get("meta/train_seconds")
+    if isinstance(train, int | float) and train >= 1.0:
+        out["meta/eval_cpu_to_train"] = out["meta/eval_cpu_seconds"] / train
+    return out
+
+
 def load_run_results(run_dir: Path) -> dict[str, Any]:
     """A finished run's eval.json plus where it trained, ``meta/train_precision`` and
     ``meta/train_processor`` from its train_summary.json (absent in runs trained before they were
@@ -370,6 +396,7 @@ def load_run_results(run_dir: Path) -> dict[str, Any]:
     ``precision: auto`` resolves to, and every time — changes between them."""
     results = json.loads((run_dir / "eval.json").read_text())
     results.update(paired_comparisons(results))
+    results.update(evaluation_cpu(results))
     summary = read_json(run_dir / "train_summary.json")
     if isinstance(summary, dict):
         results.update({f"meta/train_{k}": summary[k] for k in TRAINING_KEYS if summary.get(k) is not None})
