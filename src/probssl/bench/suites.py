@@ -511,7 +511,7 @@ def _base_ood_columns(suite: Suite) -> tuple[str, ...]:
 
 def against_base_markdown(table: dict[str, dict[str, dict[str, float]]], bases: dict[str, str]) -> str:
     """The against-base table: ``+0.0123 ± 0.0040`` = difference of seed means ± its standard error."""
-    present = [c for c in dict.fromkeys(k for cells in table.values() for k in cells)]
+    present = list(dict.fromkeys(k for cells in table.values() for k in cells))
     if not present:
         return ""
     lines = [
