@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ def test_sharing_work_across_stages_changes_no_number(tmp_path: Path) -> None:
     assert shared["meta/train_seconds"] > 0
     # A deterministic method: no measured-looking value for what it does not have.
     assert not [k for k in shared if "/emb/" in k or "/mi/" in k or "emb_uncertainty" in k]
+    details = json.loads((tmp_path / "simclr" / "eval_details.json").read_text())
+    assert "ranked_images" in details and "ranked_images_own" not in details  # nothing of its own to rank by
 
 
 @pytest.mark.slow
@@ -72,6 +75,10 @@ def test_sharing_work_changes_no_number_for_draws_seeded_per_batch(tmp_path: Pat
     plain, shared = _evaluate_both_ways(run_dir)
     _assert_same_numbers(plain, shared)
     assert "sel/emb/err_auroc" in shared and "ood/noise/mi/auroc" in shared
+    own = json.loads((run_dir / "eval_details.json").read_text())["ranked_images_own"]
+    assert own["criterion"] == "the embedding's own uncertainty"
+    assert own["uncertainty_most"] == sorted(own["uncertainty_most"])  # least uncertain first
+    assert min(own["uncertainty_least"]) >= max(own["uncertainty_most"])
 
 
 def test_segments_are_cut_into_the_batches_each_set_would_get_alone() -> None:

@@ -674,3 +674,27 @@ def test_seed_mean_cells_widen_their_columns_into_more_bands() -> None:
     groups = [("linear", [f"linear/m{i}" for i in range(8)])]
     assert len(_bands(groups)) == 1
     assert len(_bands(groups, {f"linear/m{i}": len("0.8459 ± 0.0012 (n=2)") for i in range(8)})) == 2
+
+
+def test_methods_with_their_own_uncertainty_get_images_ranked_by_it(tmp_path: Path) -> None:
+    """``ranked_images_own`` (κ, σ, posterior spread) gets its own section; a deterministic run, which
+    has no own uncertainty by design, is not listed as missing it."""
+    rng = np.random.default_rng(7)
+    own = _details(rng)
+    own["ranked_images_own"] = dict(own["ranked_images"], criterion="the embedding's own uncertainty")
+    probabilistic = _write_run(
+        tmp_path / "vi_simsiam-s0", _metrics("vi_simsiam", 0, 0.9, 0.02) | {"sel/emb/err_auroc": 0.6}, own
+    )
+    deterministic = _write_run(tmp_path / "simclr-s0", _metrics("simclr", 0, 0.9, 0.02), _details(rng))
+    page = build_report([probabilistic, deterministic], tmp_path / "r.html").read_text(encoding="utf-8")
+    section = page.split('id="ranked-own"', 1)[1].split("</section>", 1)[0]
+    assert section.startswith("><h2>Test images ranked by the method&#x27;s own uncertainty</h2>")
+    assert "vi_simsiam · seed 0" in section and "simclr" not in section
+    assert "No own-uncertainty ranking data" not in page
+    lonely = build_report([probabilistic], tmp_path / "p.html").read_text(encoding="utf-8")
+    assert 'id="ranked-own"' in lonely
+    missing = _write_run(
+        tmp_path / "scl-s0", _metrics("scl", 0, 0.9, 0.02) | {"sel/emb/err_auroc": 0.5}, _details(rng)
+    )
+    both = build_report([probabilistic, missing], tmp_path / "m.html").read_text(encoding="utf-8")
+    assert "No own-uncertainty ranking data for: scl · seed 0." in both  # evaluated before the key existed

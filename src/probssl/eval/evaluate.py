@@ -333,6 +333,12 @@ def evaluate_run(
             )
             details["ranked_images"]["criterion"] = "predictive entropy of the linear probe"
             details["ranked_images"]["classes"] = list(ev.dataset("test").classes)
+            if "emb" in scores:  # what the method itself calls uncertain (κ, σ, posterior spread)
+                details["ranked_images_own"] = suite.ranked_images(
+                    test_images, scores["emb"], labels=test.labels, predictions=probs.argmax(1)
+                )
+                details["ranked_images_own"]["criterion"] = "the embedding's own uncertainty"
+                details["ranked_images_own"]["classes"] = details["ranked_images"]["classes"]
 
     if suite_name in ("uncertainty", "full"):
         details["ood"] = {}

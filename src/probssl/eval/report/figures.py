@@ -455,8 +455,10 @@ def _sparsification_figure(runs: Sequence[Run], data: Mapping[str, Mapping[str, 
         return _png(fig)
 
 
-def _ranked_data(run: Run) -> dict[str, Any] | None:
-    section = run.details.get("ranked_images")
+def _ranked_data(run: Run, key: str = "ranked_images") -> dict[str, Any] | None:
+    """The ranked test images of eval_details ``key``: ``ranked_images`` (by the probe's predictive
+    entropy, every run) or ``ranked_images_own`` (by the embedding's own uncertainty, where it has one)."""
+    section = run.details.get(key)
     if not section:
         return None
     shape = tuple(int(s) for s in section["shape"])
@@ -496,6 +498,10 @@ def _class_name(index: int | None, classes: Sequence[str], width: int = 11) -> s
         name = classes[index]
         return name if len(name) <= width else name[: width - 1] + "…"
     return str(index)
+
+
+def _ranked_own_data(run: Run) -> dict[str, Any] | None:
+    return _ranked_data(run, "ranked_images_own")
 
 
 def _to_hwc(image: Any, shape: tuple[int, int, int]) -> np.ndarray:

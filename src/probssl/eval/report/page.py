@@ -24,6 +24,7 @@ from probssl.eval.report.figures import (
     _ood_figure,
     _ranked_data,
     _ranked_figure,
+    _ranked_own_data,
     _reliability_data,
     _reliability_figure,
     _shift_data,
@@ -169,6 +170,11 @@ def _single_figure(
     return lambda runs, data: _figure(draw(runs, data), alt, _CAPTIONS[caption])
 
 
+def _has_own_uncertainty(run: Run) -> bool:
+    """Whether the run's method reports a per-input uncertainty (its eval.json has ``sel/emb/`` keys)."""
+    return any(key.startswith("sel/emb/") for key in run.metrics)
+
+
 def _ranked_body(runs: Sequence[Run], data: Mapping[str, Any]) -> str:
     """One two-row image grid per run (runs differ in which images they rank, so they are not overlaid),
     all in one figure with one caption."""
@@ -191,6 +197,7 @@ class _FigureSpec:
     what: str
     extract: Callable[[Run], Any]
     draw: Callable[[Sequence[Run], Any], str]
+    applies: Callable[[Run], bool] = lambda run: True  # runs without the data by design get no note
 
 
 _FIGURES = (
@@ -214,6 +221,10 @@ _FIGURES = (
         "ranked", "Ranked images", "Test images ranked by uncertainty", "ranked-image", _ranked_data,
         _ranked_body,
     ),
+    _FigureSpec(
+        "ranked-own", "Ranked by own", "Test images ranked by the method's own uncertainty",
+        "own-uncertainty ranking", _ranked_own_data, _ranked_body, _has_own_uncertainty,
+    ),
 )  # fmt: skip
 
 
@@ -229,7 +240,7 @@ def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str
         except Exception as err:  # one unexpected figure failure must not cost the reader the whole page
             failures.append(f"{spec.title}: figure could not be drawn ({type(err).__name__}: {err})")
             continue
-        body += _missing_note(runs, set(data), spec.what)
+        body += _missing_note([run for run in runs if spec.applies(run)], set(data), spec.what)
         out.append((spec.anchor, spec.nav, _section(spec.anchor, spec.title, "", body)))
     return out
 
