@@ -242,6 +242,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from probssl.io import atomic_write_json
 
     out = Path(args.out)
+    if args.status:  # reads the run directories only: safe beside running workers
+        from probssl.bench.status import status_text, suite_status
+
+        only = args.arms.split(",") if args.arms else None
+        states = suite_status(args.suite, out, args.seeds, args.first_seed, only)
+        print(status_text(args.suite, states, args.jobs))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     if args.suite == "speed":
         from probssl.bench.speed import DEFAULT_ARMS, run_speed_benchmark
@@ -459,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="EPOCHS",
         help="quality suites: learning curve of one arm (--arms, default simclr; seed --first-seed) at "
         "these comma-separated epochs, e.g. 10,20,30: trained once, checkpoints evaluated (basic suite)",
+    )
+    p.add_argument(
+        "--status",
+        action="store_true",
+        help="quality suites: train nothing, print which runs are done, in progress or waiting, and an "
+        "estimate of the time left (for --jobs workers)",
     )
     p.add_argument("--worker-report", help=argparse.SUPPRESS)  # set by --jobs for its workers
     p.add_argument("--command-line", help=argparse.SUPPRESS)
