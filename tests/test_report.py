@@ -698,3 +698,16 @@ def test_methods_with_their_own_uncertainty_get_images_ranked_by_it(tmp_path: Pa
     )
     both = build_report([probabilistic, missing], tmp_path / "m.html").read_text(encoding="utf-8")
     assert "No own-uncertainty ranking data for: scl · seed 0." in both  # evaluated before the key existed
+
+
+def test_ranked_images_show_one_run_per_arm(tmp_path: Path) -> None:
+    """Image grids are per run: a suite shows each arm's first seed that has them, not every seed."""
+    dirs = _suite_runs(tmp_path / "suite", {"simclr": "simclr", "byol": "byol"}, 3)
+    (dirs[0] / "eval_details.json").unlink()  # simclr seed 0 has no plot data: its seed 1 stands in
+    page = build_report(dirs, tmp_path / "r.html").read_text(encoding="utf-8")
+    section = page.split('id="ranked"', 1)[1].split("</section>", 1)[0]
+    grids = re.findall(r"</span>([^<]+)</h3>", section)
+    assert grids == ["simclr · seed 1", "byol · seed 0"]
+    assert "One run per bench arm" in section and "No ranked-image data" not in section
+    single = build_report(dirs[3:4], tmp_path / "one.html").read_text(encoding="utf-8")
+    assert "One run per bench arm" not in single

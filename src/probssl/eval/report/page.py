@@ -198,6 +198,9 @@ class _FigureSpec:
     extract: Callable[[Run], Any]
     draw: Callable[[Sequence[Run], Any], str]
     applies: Callable[[Run], bool] = lambda run: True  # runs without the data by design get no note
+    #: Draw one run per bench arm (its first seed with data), not every seed: image grids are per run,
+    #: and 42 of them (a 14-arm, 3-seed suite) say nothing 14 do not.
+    one_per_arm: bool = False
 
 
 _FIGURES = (
@@ -219,13 +222,18 @@ _FIGURES = (
     ),
     _FigureSpec(
         "ranked", "Ranked images", "Test images ranked by uncertainty", "ranked-image", _ranked_data,
-        _ranked_body,
+        _ranked_body, one_per_arm=True,
     ),
     _FigureSpec(
         "ranked-own", "Ranked by own", "Test images ranked by the method's own uncertainty",
-        "own-uncertainty ranking", _ranked_own_data, _ranked_body, _has_own_uncertainty,
+        "own-uncertainty ranking", _ranked_own_data, _ranked_body, _has_own_uncertainty, one_per_arm=True,
     ),
 )  # fmt: skip
+
+
+def _first_with_data(runs: Sequence[Run], data: Mapping[str, Any]) -> list[Run]:
+    """Per seed group (``seed_groups``), its first run that has data, else its first run."""
+    return [next((run for run in group if run.name in data), group[0]) for group in seed_groups(runs)]
 
 
 def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str, str, str]]:
@@ -235,12 +243,19 @@ def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str
         data = _draw_per_run(runs, spec.extract, failures, spec.what)
         if not data:
             continue
+        shown = _first_with_data(runs, data) if spec.one_per_arm else list(runs)
+        data = {run.name: data[run.name] for run in shown if run.name in data}
         try:
-            body = spec.draw(runs, data)
+            body = spec.draw(shown, data)
         except Exception as err:  # one unexpected figure failure must not cost the reader the whole page
             failures.append(f"{spec.title}: figure could not be drawn ({type(err).__name__}: {err})")
             continue
-        body += _missing_note([run for run in runs if spec.applies(run)], set(data), spec.what)
+        body += _missing_note([run for run in shown if spec.applies(run)], set(data), spec.what)
+        if len(shown) < len(runs):
+            body += (
+                '<p class="note">One run per bench arm (its first seed with data): the other seeds rank '
+                "their own test images the same way.</p>"
+            )
         out.append((spec.anchor, spec.nav, _section(spec.anchor, spec.title, "", body)))
     return out
 
