@@ -711,3 +711,14 @@ def test_ranked_images_show_one_run_per_arm(tmp_path: Path) -> None:
     assert "One run per bench arm" in section and "No ranked-image data" not in section
     single = build_report(dirs[3:4], tmp_path / "one.html").read_text(encoding="utf-8")
     assert "One run per bench arm" not in single
+
+
+def test_ranked_values_get_the_digits_that_tell_them_apart() -> None:
+    """VI-SimSiam's 1/κ read 0.00196 under every image at 3 digits; the ranking lives in the 5th."""
+    from probssl.eval.report.figures import significant_digits
+
+    close = [0.0019581, 0.0019602, 0.0019590]
+    digits = significant_digits(close)
+    assert len({f"{v:.{digits}g}" for v in close}) == 3 and len({f"{v:.3g}" for v in close}) == 1
+    assert significant_digits([0.01, 1.9]) == 3 and significant_digits([None, 0.5]) == 3
+    assert significant_digits([1.0, 1.0]) == 3 and significant_digits([1.0, 1.0 + 1e-12]) == 7  # capped
