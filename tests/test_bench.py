@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from probssl.bench import suites
+from probssl.bench import run_lock, suites, tables
 from probssl.bench.sections import SectionError, check_markers, read_section, replace_section
 from probssl.bench.speed import Arm, run_speed_benchmark, speed_markdown
 from probssl.cli import main
@@ -89,7 +89,7 @@ def test_max_seeds_caps_an_arm_and_the_tables_are_split(tmp_path, monkeypatch):
         "capped", tmp_path, seeds=2, only=["simclr", "byol"], progress=False
     )
     assert sorted(calls) == [("byol", 0), ("simclr", 0), ("simclr", 1)]
-    text = suites.results_markdown(results)
+    text = tables.results_markdown(results)
     titles = [line for line in text.splitlines() if line.startswith("**")]
     assert titles == ["**Accuracy**", "**Uncertainty**", "**OOD detection (AUROC)**"]
     assert text.count("| arm | seeds |") == 3
@@ -208,7 +208,7 @@ def test_quality_benchmark_runs_arms_over_seeds_and_summarises(tiny_suite, tmp_p
     summary_path = out / "tiny" / "simclr-s1" / "train_summary.json"
     moved = json.loads(summary_path.read_text()) | {"precision": "bf16", "processor": "Other CPU"}
     summary_path.write_text(json.dumps(moved))
-    mixed = suites.results_markdown(
+    mixed = tables.results_markdown(
         suites.run_quality_benchmark("tiny", out, table_only=True, progress=False)
     )
     assert "**Trained on mixed machines or precisions**" in mixed
@@ -226,7 +226,7 @@ def test_a_failing_arm_is_recorded_and_the_others_still_run(tiny_suite, tmp_path
     monkeypatch.setattr(suites, "train_and_evaluate", flaky)
     results = suites.run_quality_benchmark("tiny", tmp_path, seeds=1, only=["simclr", "byol"], progress=False)
     assert results["failures"] == {"simclr-s0": "RuntimeError: boom"}
-    assert set(results["runs"]) == {"byol"} and "simclr-s0 failed" in suites.results_markdown(results)
+    assert set(results["runs"]) == {"byol"} and "simclr-s0 failed" in tables.results_markdown(results)
 
 
 def test_unknown_suite_arm_or_seed_count_is_a_clear_error(tmp_path):
@@ -355,8 +355,8 @@ def _hold_lock(run_dir):
     import sys
 
     code = (
-        "import sys, time; from pathlib import Path; from probssl.bench import suites\n"
-        "with suites.run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"
+        "import sys, time; from pathlib import Path; from probssl.bench import run_lock\n"
+        "with run_lock.run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"
     )
     owner = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)
     assert owner.stdout.readline().strip() == "held"
@@ -367,25 +367,25 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
     import os
 
     run_dir = tmp_path / "simclr-s0"
-    with suites.run_lock(run_dir):
+    with run_lock.run_lock(run_dir):
         assert (run_dir / ".bench.lock").read_text() == str(os.getpid())
     assert not (run_dir / ".bench.lock").exists()  # released
 
     owner = _hold_lock(run_dir)
     try:
-        with pytest.raises(suites.RunBusy, match=str(owner.pid)), suites.run_lock(run_dir):
+        with pytest.raises(run_lock.RunBusy, match=str(owner.pid)), run_lock.run_lock(run_dir):
             pass
         assert (run_dir / ".bench.lock").read_text() == str(owner.pid)  # a live owner's lock is kept
     finally:
         owner.kill()  # SIGKILL: no cleanup runs, the file stays behind
         owner.wait()
     assert (run_dir / ".bench.lock").is_file()
-    with suites.run_lock(run_dir):  # its owner died: the kernel dropped the lock, the run is taken over
+    with run_lock.run_lock(run_dir):  # its owner died: the kernel dropped the lock, the run is taken over
         assert (run_dir / ".bench.lock").read_text() == str(os.getpid())
 
     # a leftover file naming a live process that does not hold the lock (a recycled pid) blocks nothing
     (run_dir / ".bench.lock").write_text(str(os.getppid()))
-    with suites.run_lock(run_dir):
+    with run_lock.run_lock(run_dir):
         assert (run_dir / ".bench.lock").read_text() == str(os.getpid())
     assert not (run_dir / ".bench.lock").exists()
 
@@ -515,7 +515,7 @@ def test_own_uncertainty_is_compared_with_the_references_paired_within_each_run(
         }
         for own, knn in ((0.60, 0.90), (0.75, 0.95), (0.62, 0.80))
     ]
-    differences = [suites.paired_comparisons(run) for run in runs]
+    differences = [tables.paired_comparisons(run) for run in runs]
     assert set(differences[0]) == {
         "vs/ood/mnist/own-knn1",
         "vs/ood/mnist/bma-knn1",
@@ -532,12 +532,12 @@ def test_own_uncertainty_is_compared_with_the_references_paired_within_each_run(
         "csghmc": {s: run | d for s, (run, d) in enumerate(zip(runs, differences, strict=True))},
         "simclr": {0: {}},
     }
-    summary = suites.summarise(by_arm, suite.columns())
+    summary = tables.summarise(by_arm, suite.columns())
     paired = [own - knn for own, knn in ((0.60, 0.90), (0.75, 0.95), (0.62, 0.80))]
     cell = summary["csghmc"]["vs/ood/mnist/own-knn1"]
     assert cell["mean"] == pytest.approx(statistics.fmean(paired))
     assert cell["std"] == pytest.approx(statistics.stdev(paired))
-    text = suites.results_markdown(
+    text = tables.results_markdown(
         {
             "tables": suite.tables(),
             "summary": summary,
@@ -558,14 +558,14 @@ def test_each_probabilistic_arm_is_set_against_its_deterministic_base():
     runs = {arm: {s: {"linear/top1": v} for s, v in enumerate(values)} for arm, values in seeds.items()}
     runs["simclr"] = {0: {"linear/top1": 0.9}, 1: {"linear/top1": 0.91}}
     columns = ("linear/top1", "cal/ece15")
-    table = suites.against_base(suites.summarise(runs, columns), suites.ALL_ARMS, columns)
+    table = tables.against_base(tables.summarise(runs, columns), suites.ALL_ARMS, columns)
     assert set(table) == {"csghmc", "prosmin"}  # scl's base (simclr) is here, scl is not; bases have no row
     a, b = seeds["csghmc"], seeds["byol"]
     cell = table["csghmc"]["linear/top1"]
     assert cell["diff"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
     assert cell["se"] == pytest.approx((statistics.variance(a) / 3 + statistics.variance(b) / 3) ** 0.5)
     assert table["prosmin"]["linear/top1"]["se"] is None and "cal/ece15" not in table["csghmc"]
-    text = suites.against_base_markdown(table, {"csghmc": "byol", "prosmin": "byol"})
+    text = tables.against_base_markdown(table, {"csghmc": "byol", "prosmin": "byol"})
     assert f"| csghmc | byol | {cell['diff']:+.4f} ± {cell['se']:.4f} |" in text
     assert f"| prosmin | byol | {0.79 - statistics.fmean(b):+.4f} |" in text
 
@@ -576,9 +576,9 @@ def test_evaluation_cpu_sums_the_stages_and_divides_by_the_training_wall():
         "meta/eval_cpu_seconds/probes": 3.5,
         "meta/train_seconds": 50.0,
     }
-    assert suites.evaluation_cpu(run) == {"meta/eval_cpu_seconds": 5.5, "meta/eval_cpu_to_train": 0.11}
-    assert suites.evaluation_cpu(run | {"meta/train_seconds": 0.2}) == {
+    assert tables.evaluation_cpu(run) == {"meta/eval_cpu_seconds": 5.5, "meta/eval_cpu_to_train": 0.11}
+    assert tables.evaluation_cpu(run | {"meta/train_seconds": 0.2}) == {
         "meta/eval_cpu_seconds": 5.5
     }  # pixels
-    assert suites.evaluation_cpu({"meta/train_seconds": 50.0}) == {}  # evaluated before stages were timed
+    assert tables.evaluation_cpu({"meta/train_seconds": 50.0}) == {}  # evaluated before stages were timed
     assert "meta/eval_cpu_to_train" in suites.SUITES["fashion_mnist"].columns()

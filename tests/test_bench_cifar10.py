@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probssl.bench import suites
+from probssl.bench import suites, tables
 from probssl.config import method_config
 from probssl.data import datasets, get_dataset_info, registered_folders
 from probssl.data.registered_folders import CIFAR10_CLASSES
@@ -111,5 +111,5 @@ def test_one_cifar10_arm_trains_and_runs_the_full_evaluation_on_a_stand_in(stand
     for name in ("tiny_imagenet_val", "mnist", "noise"):
         assert 0 <= run[f"ood/{name}/best_feature/auroc"] <= 1
     assert "ood/far/best_feature/auroc" in run and run["transfer/eurosat_test/items"] == 100
-    text = suites.results_markdown(results)
+    text = tables.results_markdown(results)
     assert "transfer/eurosat_test/top1" in text and "ood/far/msp/auroc" in text

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from probssl.bench.provenance import provenance
+from probssl.bench.run_lock import run_lock
 from probssl.bench.sections import replace_section
-from probssl.bench.suites import SUITES, QualityArm, Suite, _arm_config, resolve_arms, run_lock
+from probssl.bench.suites import SUITES, QualityArm, Suite, _arm_config, resolve_arms
 from probssl.config import ConfigError
 from probssl.io import atomic_write_json, atomic_write_text
 

@@ -4,7 +4,7 @@ A quality suite is a day of CPU time finished over several sessions, so the firs
 session is what is done, what a worker is on right now (training step k of N, or evaluating), what
 was interrupted and resumes, and roughly how long the rest takes. This reads the run directories
 only: finished runs (``eval.json``), checkpoints (``checkpoints/latest`` → its ``meta.json``), the
-final weights, and whether a live process holds the run's lock (``suites.run_lock``).
+final weights, and whether a live process holds the run's lock (:mod:`probssl.bench.run_lock`).
 
 The estimate is deliberately plain: each unfinished run is expected to cost what the finished seeds
 of its arm cost (training wall × the share of steps left, plus evaluation), an arm with no finished
@@ -14,18 +14,13 @@ one arm cost alike; arms do not (the 5-member ensemble is 5×), hence per arm.
 
 from __future__ import annotations
 
-import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows: the lock file's existence is the lock (suites._create_exclusive)
-    fcntl = None  # type: ignore[assignment]
-
 from probssl.bench import suites
+from probssl.bench.run_lock import lock_is_held
 from probssl.config import ConfigError
 from probssl.io import read_json
 
@@ -45,27 +40,6 @@ class RunState:
     @property
     def name(self) -> str:
         return f"{self.arm}-s{self.seed}"
-
-
-def lock_is_held(run_dir: Path) -> bool:
-    """Whether a live process holds ``run_dir/.bench.lock`` (probed with a shared, non-blocking flock
-    that is released at once; without ``fcntl`` the file's existence decides)."""
-    lock = run_dir / ".bench.lock"
-    if not lock.is_file():
-        return False
-    if fcntl is None:
-        return True
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except FileNotFoundError:  # released between the check and the open
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # closing drops the probe's own lock, if it got one
-    return False
 
 
 def _latest_checkpoint_meta(run_dir: Path) -> dict | None:

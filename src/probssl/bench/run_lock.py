@@ -1,0 +1,102 @@
+"""One process per run of a benchmark suite: the run directory's lock file.
+
+Why: a suite is completed over several invocations, often several at once (``--jobs N``, one per
+core, or separate invocations); two processes writing the same run directory would interleave
+checkpoints. The lock is an advisory ``flock`` on ``<run>/.bench.lock``, so the kernel releases it
+the moment its owner exits — a killed run or a rebooted machine never leaves a lock behind, and a
+recycled pid cannot keep one alive (the pid written into the file is only for the message). Where
+``fcntl`` does not exist (Windows) the file's existence is the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: run_lock falls back to an exclusive-create lock file
+    fcntl = None  # type: ignore[assignment]
+
+
+class RunBusy(Exception):
+    """Another live process is training or evaluating this run (its lock file names the pid)."""
+
+
+def _lock_owner(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 64).decode(errors="replace").strip() or "?"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir/.bench.lock`` while a run is trained and evaluated.
+
+    Why: a suite is completed over several invocations, often several at once (one per core); two
+    processes writing the same run directory would interleave checkpoints. The lock is an
+    advisory ``flock`` on the file, so the kernel releases it the moment its owner exits — a killed
+    run or a rebooted machine never leaves a lock behind, and a recycled pid cannot keep one alive
+    (the pid written into the file is only for the message). The next invocation resumes the run
+    from its checkpoint. Where ``fcntl`` does not exist (Windows) the file's existence is the lock.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".bench.lock"
+    fd = _take_flock(lock) if fcntl is not None else _create_exclusive(lock)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # before closing: nobody can flock the old file once it is gone
+        os.close(fd)
+
+
+def _take_flock(lock: Path) -> int:
+    """An open descriptor of ``lock`` that this process holds the ``flock`` of, or RunBusy."""
+    for _ in range(5):
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = _lock_owner(fd)
+            os.close(fd)
+            raise RunBusy(f"{lock.parent} is being run by process {owner} (lock {lock})") from None
+        try:  # the holder we waited behind may have unlinked the file: lock the one on disk
+            current = os.stat(lock)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(fd)):
+            return fd
+        os.close(fd)
+    raise RunBusy(f"could not take the lock {lock}")
+
+
+def _create_exclusive(lock: Path) -> int:
+    """Without ``fcntl``: the file's existence is the lock (a crashed owner's file must be deleted)."""
+    try:
+        return os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        message = f"{lock.parent} is locked by {lock}; delete that file if no process is running the run"
+        raise RunBusy(message) from None
+
+
+def lock_is_held(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir/.bench.lock`` (probed with a shared, non-blocking flock
+    that is released at once; without ``fcntl`` the file's existence decides)."""
+    lock = run_dir / ".bench.lock"
+    if not lock.is_file():
+        return False
+    if fcntl is None:
+        return True
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:  # released between the check and the open
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops the probe's own lock, if it got one
+    return False

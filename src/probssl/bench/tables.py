@@ -1,0 +1,239 @@
+"""A suite's results as tables: per-run derived numbers, seed summaries, comparisons, markdown.
+
+Everything here reads finished runs (``eval.json``, ``train_summary.json``) and never trains: the
+numbers the readings in BENCHMARKS.md rest on — seed means ± std, differences paired inside a run
+(own uncertainty against the deterministic reference detector), each probabilistic arm against its
+deterministic base, evaluation cost, and where the runs trained.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from probssl.io import read_json
+
+if TYPE_CHECKING:
+    from probssl.bench.suites import QualityArm, Suite
+
+
+#: train_summary.json keys a suite's rows carry (as ``meta/train_<key>``): where each run trained.
+TRAINING_KEYS = ("precision", "processor")
+
+
+def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
+    """The differences the readings are about, paired within one run (same features, same test set):
+
+    - ``vs/ood/<set>/own-knn1``: AUROC of the method's own uncertainty minus that of the pre-declared
+      deterministic feature-space detector (``REFERENCE_DETECTOR``, kNN distance) — does the
+      probabilistic embedding beat a strong deterministic detector on the same features?
+    - ``vs/ood/<set>/bma-knn1``: the same detector averaged over posterior draws minus it on the point
+      estimate — does the posterior help a strong detector?
+    - ``vs/sel/own-knn1`` and ``vs/sel/own-entropy``: error-ranking AUROC of the own uncertainty minus
+      the kNN distance's and minus the probe's predictive entropy's.
+
+    Averaging paired differences over seeds (rather than subtracting two seed means) keeps the seed-
+    to-seed spread that both scores share out of the comparison's ± std. A difference exists only when
+    both of its scores do.
+    """
+    from probssl.eval.suite import REFERENCE_DETECTOR as ref
+
+    pairs = {
+        f"vs/sel/own-{ref}": ("sel/emb/err_auroc", f"sel/{ref}/err_auroc"),
+        "vs/sel/own-entropy": ("sel/emb/err_auroc", "sel/err_auroc"),
+    }
+    for key in run:
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "ood" and parts[2:] == ["emb", "auroc"]:
+            name = parts[1]
+            pairs[f"vs/ood/{name}/own-{ref}"] = (key, f"ood/{name}/{ref}/auroc")
+            pairs[f"vs/ood/{name}/bma-{ref}"] = (f"ood/{name}/{ref}_bma/auroc", f"ood/{name}/{ref}/auroc")
+    numbers = {k: v for k, v in run.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {key: numbers[a] - numbers[b] for key, (a, b) in pairs.items() if a in numbers and b in numbers}
+
+
+def evaluation_cpu(run: dict[str, Any]) -> dict[str, float]:
+    """``meta/eval_cpu_seconds`` (the stages' CPU seconds summed) and ``meta/eval_cpu_to_train`` (over the
+    training wall, like ``meta/eval_to_train``; absent when training took < 1 s). The wall ratio counts
+    the waits for cores other jobs hold; on a shared machine the CPU ratio is the comparable one."""
+    stages = [
+        v for k, v in run.items() if k.startswith("meta/eval_cpu_seconds/") and isinstance(v, int | float)
+    ]
+    if not stages:
+        return {}
+    out = {"meta/eval_cpu_seconds": float(sum(stages))}
+    train = run.get("meta/train_seconds")
+    if isinstance(train, int | float) and train >= 1.0:
+        out["meta/eval_cpu_to_train"] = out["meta/eval_cpu_seconds"] / train
+    return out
+
+
+def load_run_results(run_dir: Path) -> dict[str, Any]:
+    """A finished run's eval.json plus where it trained, ``meta/train_precision`` and
+    ``meta/train_processor`` from its train_summary.json (absent in runs trained before they were
+    recorded). A suite is finished over several sessions, and the processor — hence what
+    ``precision: auto`` resolves to, and every time — changes between them."""
+    results = json.loads((run_dir / "eval.json").read_text())
+    results.update(paired_comparisons(results))
+    results.update(evaluation_cpu(results))
+    summary = read_json(run_dir / "train_summary.json")
+    if isinstance(summary, dict):
+        results.update({f"meta/train_{k}": summary[k] for k in TRAINING_KEYS if summary.get(k) is not None})
+    return results
+
+
+def training_note(runs: dict[str, dict[Any, dict[str, Any]]]) -> str:
+    """One line under a suite's tables: the precision and processor its runs trained at, and — when
+    they differ — which runs are the exceptions, so no one compares a bf16 row with an fp32 one (or
+    seconds across machines) unawares."""
+    where = {
+        f"{arm}-s{seed}": (
+            str(run.get("meta/train_precision", "precision not recorded")),
+            str(run.get("meta/train_processor", "processor not recorded")),
+        )
+        for arm, by_seed in runs.items()
+        for seed, run in by_seed.items()
+    }
+    if not where:
+        return ""
+    groups = Counter(where.values()).most_common()
+    if len(groups) == 1:
+        (precision, processor), count = groups[0]
+        return f"Trained: all {count} runs at {precision} on {processor}."
+    (precision, processor), count = groups[0]
+    parts = [f"{count} runs at {precision} on {processor}"]
+    for (precision, processor), count in groups[1:]:
+        names = ", ".join(name for name, group in where.items() if group == (precision, processor))
+        parts.append(f"{count} at {precision} on {processor} ({names})")
+    return (
+        "**Trained on mixed machines or precisions** (compare accuracy across them with care, seconds "
+        "not at all): " + "; ".join(parts) + "."
+    )
+
+
+def summarise(runs: dict[str, dict[int, dict[str, Any]]], columns: Sequence[str]) -> dict[str, Any]:
+    """Mean, sample std and count per arm and column over the seeds that have the metric."""
+    table: dict[str, Any] = {}
+    for arm, by_seed in runs.items():
+        cells = {}
+        for col in columns:
+            values = [r[col] for r in by_seed.values() if isinstance(r.get(col), int | float)]
+            if values:
+                cells[col] = {
+                    "mean": statistics.fmean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                    "n": len(values),
+                }
+        table[arm] = cells
+    return table
+
+
+#: What each paper claims its posterior improves, measured against the arm's deterministic base:
+#: accuracy (probe, kNN, corruptions), calibration of the probe, and OOD detection by the probe's
+#: predictive confidence (MSP: defined for a base too; the own-uncertainty comparison is the paired
+#: ``vs/`` table).
+AGAINST_BASE = ("linear/top1", "knn/top1@20", "shift/mean/acc", "cal/ece15", "cal/nll")
+
+
+def against_base(
+    summary: dict[str, dict[str, dict[str, float]]], arms: Sequence[QualityArm], columns: Sequence[str]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Per arm with a base: (arm's seed mean − base's seed mean) and its standard error
+    √(s²_arm/n_arm + s²_base/n_base) for each of ``columns`` both have (Welch's; the two arms are
+    different runs, so unlike the ``vs/`` table nothing pairs them). A column measured on one seed
+    of either side has no standard error (``se`` None): one seed has no spread to estimate.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for arm in arms:
+        if arm.base is None or arm.name not in summary or arm.base not in summary:
+            continue
+        cells = {}
+        for col in columns:
+            a, b = summary[arm.name].get(col), summary[arm.base].get(col)
+            if a is None or b is None:
+                continue
+            se = None
+            if a["n"] > 1 and b["n"] > 1:
+                se = (a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) ** 0.5
+            cells[col] = {"diff": a["mean"] - b["mean"], "se": se}
+        out[arm.name] = cells
+    return out
+
+
+def base_ood_columns(suite: Suite) -> tuple[str, ...]:
+    """The per-set probe-MSP OOD columns of the against-base table (defined for a base too)."""
+    return tuple(f"ood/{name}/msp/auroc" for name in suite.ood)
+
+
+def against_base_markdown(table: dict[str, dict[str, dict[str, float]]], bases: dict[str, str]) -> str:
+    """The against-base table: ``+0.0123 ± 0.0040`` = difference of seed means ± its standard error."""
+    present = list(dict.fromkeys(k for cells in table.values() for k in cells))
+    if not present:
+        return ""
+    lines = [
+        "**Against its deterministic base (arm − base: difference of seed means ± its standard error; "
+        "ECE and NLL: < 0 is better)**\n",
+        "| arm | base | " + " | ".join(present) + " |",
+        "|" + "---|" * (len(present) + 2),
+    ]
+    for arm, cells in table.items():
+        row = []
+        for col in present:
+            cell = cells.get(col)
+            if cell is None:
+                row.append("–")
+                continue
+            digits = 1 if abs(cell["diff"]) >= 10 else 4
+            spread = f" ± {cell['se']:.{digits}f}" if cell["se"] is not None else ""
+            row.append(f"{cell['diff']:+.{digits}f}{spread}")
+        lines.append(f"| {arm} | {bases[arm]} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
+    if cell is None:
+        return "–"
+    partial = f" (n={cell['n']})" if cell["n"] != seeds else ""
+    digits = 1 if abs(cell["mean"]) >= 10 else 4  # seconds and ratios ≥ 10 need no 4 decimals
+    spread = f" ± {cell['std']:.{digits}f}" if cell["n"] > 1 else ""  # one seed has no spread, not 0
+    return f"{cell['mean']:.{digits}f}{spread}{partial}"
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """The suite's tables (``results['tables']``: accuracy, uncertainty, OOD) as markdown.
+
+    A column no arm has (e.g. a transfer set whose files are missing) is left out; results saved
+    before the tables were split have one table of ``results['columns']``.
+    """
+    tables = results.get("tables") or [("", results["columns"])]
+    blocks = []
+    for title, columns in tables:
+        present = [c for c in columns if any(c in cells for cells in results["summary"].values())]
+        if not present:
+            continue
+        head = ["arm", "seeds", *present]
+        lines = [f"**{title}**\n"] if title else []
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for arm, cells in results["summary"].items():
+            if not any(c in cells for c in present):
+                continue  # a deterministic arm in the own-uncertainty table: dashes say nothing
+            seeds = len(results["runs"].get(arm, {}))
+            lines.append(
+                "| " + " | ".join([arm, str(seeds), *(_cell(cells.get(c), seeds) for c in present)]) + " |"
+            )
+        blocks.append("\n".join(lines))
+    versus_base = against_base_markdown(results.get("against_base", {}), results.get("bases", {}))
+    if versus_base:  # before the cost table, which closes the list
+        cost = [i for i, block in enumerate(blocks) if block.startswith("**Cost")]
+        blocks.insert(cost[0] if cost else len(blocks), versus_base)
+    text = "\n\n".join(blocks)
+    note = training_note(results.get("runs", {}))
+    if note:
+        text += f"\n\n{note}"
+    for arm, message in results.get("failures", {}).items():
+        text += f"\n\n**{arm} failed**: {message}"
+    return text
