@@ -263,7 +263,7 @@ def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str
 def _page(title: str, runs: Sequence[Run]) -> str:
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
     failures: list[str] = []
-    table = grouped_metric_table(runs, lambda run: _table_metrics(run.metrics))
+    table = grouped_metric_table(runs, [_table_metrics(run.metrics) for run in runs])
     by_arm = any(len(group) > 1 for group in seed_groups(runs))
     legend = (
         '<p class="legend"><span class="best-demo">bold green</span> = best in its column among the runs '

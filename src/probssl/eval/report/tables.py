@@ -280,9 +280,10 @@ def seed_groups(runs: Sequence[Run]) -> list[list[Run]]:
 
 
 def arm_rows(
-    groups: Sequence[Sequence[Run]], rows_of: Callable[[Run], Mapping[str, float]]
+    groups: Sequence[Sequence[tuple[Run, Mapping[str, float]]]],
 ) -> tuple[list[Run], list[dict[str, float]], list[dict[str, Spread]]]:
-    """One row per group: the mean over its runs of every metric, with its :class:`Spread`.
+    """One row per group of (run, its metric row): the mean over the group's runs of every metric, with
+    its :class:`Spread`.
 
     A metric enters the mean of the runs that have it as a finite number (``n`` says how many), the way
     the bench tables in BENCHMARKS.md average seeds; the row is named by the group (``simclr · 3 seeds``)
@@ -292,13 +293,13 @@ def arm_rows(
     means: list[dict[str, float]] = []
     spreads: list[dict[str, Spread]] = []
     for group in groups:
-        per_run = [rows_of(run) for run in group]
         values: dict[str, list[float]] = {}
-        for row in per_run:
+        for _, row in group:
             for key, value in row.items():
                 if math.isfinite(value):
                     values.setdefault(key, []).append(value)
-        heads.append(replace(group[0], name=group[0].group or group[0].name))
+        first = group[0][0]
+        heads.append(replace(first, name=first.group or first.name))
         means.append({key: float(np.mean(v)) for key, v in values.items()})
         spreads.append(
             {
@@ -396,7 +397,7 @@ def _table_band(
 
 def grouped_metric_table(
     runs: Sequence[Run],
-    rows_of: Callable[[Run], Mapping[str, float]],
+    rows: Sequence[Mapping[str, float]],
     direction: Callable[[str], str | None] = metric_direction,
 ) -> str:
     """The metric table a reader can take in: one row per bench arm (mean ± std over its seeds) when
@@ -405,11 +406,11 @@ def grouped_metric_table(
     A 14-arm, 3-seed suite as 42 per-run rows was 38.6k px tall in Chromium (digits suite, issue 21);
     as arm rows it is a third of that and reads like the BENCHMARKS.md table of the same suite.
     """
-    rows = [rows_of(run) for run in runs]
     groups = seed_groups(runs)
     if all(len(group) == 1 for group in groups):
         return _metric_table(runs, rows, direction)
-    heads, means, spreads = arm_rows(groups, rows_of)
+    row_of = {id(run): row for run, row in zip(runs, rows, strict=True)}
+    heads, means, spreads = arm_rows([[(run, row_of[id(run)]) for run in group] for group in groups])
     return (
         _metric_table(heads, means, direction, spreads)
         + f'<details class="per-run"><summary>One row per run ({len(runs)} runs)</summary>'
@@ -482,10 +483,11 @@ def _shift_row(run: Run) -> dict[str, float]:
 def _shift_table(runs: Sequence[Run]) -> str:
     """Mean accuracy over severities per corruption (columns) and run or arm (rows), when any run has
     shift keys."""
-    if not any(_shift_row(run) for run in runs):
+    rows = [_shift_row(run) for run in runs]
+    if not any(rows):
         return ""
     return (
         "<h3>Accuracy under corruption, mean over severities</h3>"
-        + grouped_metric_table(runs, _shift_row, direction=lambda key: "higher")
+        + grouped_metric_table(runs, rows, direction=lambda key: "higher")
         + '<p class="legend">Column <i>mean</i> averages every corruption and severity.</p>'
     )
