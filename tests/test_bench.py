@@ -565,6 +565,8 @@ def test_each_probabilistic_arm_is_set_against_its_deterministic_base():
     assert cell["diff"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
     assert cell["se"] == pytest.approx((statistics.variance(a) / 3 + statistics.variance(b) / 3) ** 0.5)
     assert table["prosmin"]["linear/top1"]["se"] is None and "cal/ece15" not in table["csghmc"]
+    for suite in suites.SUITES.values():  # the runner summarises the tables' columns once and reuses them
+        assert set(tables.AGAINST_BASE + tables.base_ood_columns(suite)) <= set(suite.columns())
     text = tables.against_base_markdown(table, {"csghmc": "byol", "prosmin": "byol"})
     assert f"| csghmc | byol | {cell['diff']:+.4f} ± {cell['se']:.4f} |" in text
     assert f"| prosmin | byol | {0.79 - statistics.fmean(b):+.4f} |" in text

@@ -373,7 +373,7 @@ def run_quality_benchmark(
                 runs.setdefault(arm.name, {})[int(seed_text)] = load_run_results(eval_path.parent)
     runs = {a.name: dict(sorted(runs[a.name].items())) for a in ALL_ARMS if a.name in runs}
     columns = suite.columns()
-    base_columns = AGAINST_BASE + base_ood_columns(suite)
+    summary = summarise(runs, columns)  # the against-base columns are among the tables' (tested)
     results = {
         "suite": suite.name,
         "note": suite.note,
@@ -386,8 +386,8 @@ def run_quality_benchmark(
         "columns": columns,
         "tables": suite.tables(),
         "runs": {arm: {str(s): r for s, r in by_seed.items()} for arm, by_seed in runs.items()},
-        "summary": summarise(runs, columns),
-        "against_base": against_base(summarise(runs, base_columns), ALL_ARMS, base_columns),
+        "summary": summary,
+        "against_base": against_base(summary, ALL_ARMS, AGAINST_BASE + base_ood_columns(suite)),
         "bases": {a.name: a.base for a in ALL_ARMS if a.base is not None},
         "failures": failures,
         "wall_seconds_this_invocation": seconds,

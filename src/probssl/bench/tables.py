@@ -187,20 +187,25 @@ def against_base_markdown(table: dict[str, dict[str, dict[str, float]]], bases: 
             if cell is None:
                 row.append("–")
                 continue
-            digits = 1 if abs(cell["diff"]) >= 10 else 4
-            spread = f" ± {cell['se']:.{digits}f}" if cell["se"] is not None else ""
-            row.append(f"{cell['diff']:+.{digits}f}{spread}")
+            row.append(_number(cell["diff"], cell["se"], signed=True))
         lines.append(f"| {arm} | {bases[arm]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _number(value: float, spread: float | None = None, signed: bool = False) -> str:
+    """``value ± spread`` as the markdown tables print it: 4 decimals, 1 for values ≥ 10 (seconds and
+    ratios need no more); no ``±`` without a spread."""
+    digits = 1 if abs(value) >= 10 else 4
+    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
+    return text + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
 def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
     if cell is None:
         return "–"
     partial = f" (n={cell['n']})" if cell["n"] != seeds else ""
-    digits = 1 if abs(cell["mean"]) >= 10 else 4  # seconds and ratios ≥ 10 need no 4 decimals
-    spread = f" ± {cell['std']:.{digits}f}" if cell["n"] > 1 else ""  # one seed has no spread, not 0
-    return f"{cell['mean']:.{digits}f}{spread}{partial}"
+    spread = cell["std"] if cell["n"] > 1 else None  # one seed has no spread, not 0
+    return _number(cell["mean"], spread) + partial
 
 
 def results_markdown(results: dict[str, Any]) -> str:
