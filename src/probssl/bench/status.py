@@ -21,6 +21,7 @@ from pathlib import Path
 
 from probssl.bench import suites
 from probssl.bench.run_lock import lock_is_held
+from probssl.checkpoint import latest_checkpoint
 from probssl.config import ConfigError
 from probssl.io import read_json
 
@@ -43,12 +44,9 @@ class RunState:
 
 
 def _latest_checkpoint_meta(run_dir: Path) -> dict | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    try:
-        name = pointer.read_text().strip()
-    except OSError:
-        return None
-    meta = read_json(run_dir / "checkpoints" / name / "meta.json")
+    """The meta.json of the checkpoint a resume would start from (:func:`latest_checkpoint`)."""
+    latest = latest_checkpoint(run_dir)
+    meta = read_json(latest / "meta.json") if latest is not None else None
     return meta if isinstance(meta, dict) else None
 
 
