@@ -29,3 +29,14 @@ def test_cpu_name_tells_the_two_epyc_kinds_apart(tmp_path: Path, flags: str, exp
 def test_without_cpuinfo_the_name_still_says_something(tmp_path: Path) -> None:
     assert cpu_name(tmp_path / "missing")
     assert processor_name("cpu") == cpu_name()
+
+
+def test_cpuinfo_flags_are_the_first_processors_and_read_arm_features(tmp_path: Path) -> None:
+    from probssl.machine import cpuinfo_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(_CPU.format(i=0, flags="avx2") + _CPU.format(i=1, flags="avx512_bf16"))
+    assert cpuinfo_flags(cpuinfo) == {"fpu", "sse2", "avx2"}
+    cpuinfo.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpuinfo_flags(cpuinfo) == {"fp", "asimd", "bf16"}
+    assert cpuinfo_flags(tmp_path / "missing") is None

@@ -82,14 +82,14 @@ def test_cuda_auto_follows_bf16_support(monkeypatch):
 
 
 def test_native_flag_check_reads_cpuinfo(monkeypatch):
-    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(precision, "cpuinfo_flags", lambda: {"avx2", "fma"})
     assert not precision.cpu_has_native_bf16()
-    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision, "cpuinfo_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert precision.cpu_has_native_bf16()
-    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: {"amx_bf16", "amx_tile"})
+    monkeypatch.setattr(precision, "cpuinfo_flags", lambda: {"amx_bf16", "amx_tile"})
     assert precision.cpu_has_native_bf16()
     # No /proc/cpuinfo (macOS, Windows): oneDNN's own check decides.
-    monkeypatch.setattr(precision, "_cpuinfo_flags", lambda: None)
+    monkeypatch.setattr(precision, "cpuinfo_flags", lambda: None)
     assert precision.cpu_has_native_bf16() == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

@@ -16,20 +16,39 @@ import torch
 _ISA_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
 
 
+def _cpuinfo_fields(cpuinfo: Path) -> dict[str, str] | None:
+    """Each ``key: value`` of ``/proc/cpuinfo`` at its first occurrence (the first processor's), or
+    None where there is no such file (macOS, Windows)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _flags(fields: dict[str, str]) -> set[str] | None:
+    value = fields.get("flags", fields.get("Features"))  # "Features" on ARM
+    return set(value.split()) if value is not None else None
+
+
+def cpuinfo_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """The CPU feature flags of the first processor, or None where /proc/cpuinfo does not exist or
+    lists none."""
+    return _flags(_cpuinfo_fields(cpuinfo) or {})
+
+
 def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     """The CPU model (``/proc/cpuinfo``'s first "model name") with its best vector extension, e.g.
     ``AMD EPYC (avx512_bf16)``: this project's sessions ran on two "AMD EPYC" kinds, one with
     AVX512-BF16 and one with AVX2 only, whose timings differ several-fold."""
-    model, flags = "", set()
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    model = model or platform.processor() or platform.machine()
+    fields = _cpuinfo_fields(cpuinfo) or {}
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = _flags(fields) or set()
     best = next((flag for flag in _ISA_FLAGS if flag in flags), None)
     return f"{model} ({best})" if best else model
 

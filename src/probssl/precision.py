@@ -25,12 +25,12 @@ from __future__ import annotations
 import functools
 import os
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from probssl.config import ConfigError
+from probssl.machine import cpuinfo_flags
 
 __all__ = [
     "CPU_BF16_ENV",
@@ -52,23 +52,9 @@ _NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPU_BF16_ENV = "PROBSSL_CPU_BF16"
 
 
-def _cpuinfo_flags() -> set[str] | None:
-    """The CPU feature flags of the first processor in /proc/cpuinfo, or None where there is no such file."""
-    path = Path("/proc/cpuinfo")
-    try:
-        text = path.read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
-
-
 def cpu_has_native_bf16() -> bool:
     """Does the CPU have bf16 dot-product instructions (not only emulation)?"""
-    flags = _cpuinfo_flags()
+    flags = cpuinfo_flags()
     if flags is not None:
         return any(flag in flags for flag in _NATIVE_BF16_FLAGS)
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
