@@ -704,7 +704,11 @@ def test_ranked_images_show_one_run_per_arm(tmp_path: Path) -> None:
     """Image grids are per run: a suite shows each arm's first seed that has them, not every seed."""
     dirs = _suite_runs(tmp_path / "suite", {"simclr": "simclr", "byol": "byol"}, 3)
     (dirs[0] / "eval_details.json").unlink()  # simclr seed 0 has no plot data: its seed 1 stands in
+    details = json.loads((dirs[5] / "eval_details.json").read_text(encoding="utf-8"))
+    details["ranked_images"]["shape"] = [7, 2]  # byol seed 2: never read, since its seed 0 is shown
+    (dirs[5] / "eval_details.json").write_text(json.dumps(details), encoding="utf-8")
     page = build_report(dirs, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "ranked-image data malformed" not in page
     section = page.split('id="ranked"', 1)[1].split("</section>", 1)[0]
     grids = re.findall(r"</span>([^<]+)</h3>", section)
     assert grids == ["simclr · seed 1", "byol · seed 0"]

@@ -231,20 +231,35 @@ _FIGURES = (
 )  # fmt: skip
 
 
-def _first_with_data(runs: Sequence[Run], data: Mapping[str, Any]) -> list[Run]:
-    """Per seed group (``seed_groups``), its first run that has data, else its first run."""
-    return [next((run for run in group if run.name in data), group[0]) for group in seed_groups(runs)]
+def _shown_runs(
+    runs: Sequence[Run], spec: _FigureSpec, failures: list[str]
+) -> tuple[list[Run], dict[str, Any]]:
+    """The runs a figure shows and their data. For a one-per-arm figure, each seed group's first run that
+    has data (else its first run): the later seeds are not read at all, since a ranked-image grid decodes
+    every thumbnail of its run."""
+    if not spec.one_per_arm:
+        return list(runs), _draw_per_run(runs, spec.extract, failures, spec.what)
+    shown: list[Run] = []
+    data: dict[str, Any] = {}
+    for group in seed_groups(runs):
+        for run in group:
+            found = _draw_per_run([run], spec.extract, failures, spec.what)
+            if found:
+                data.update(found)
+                shown.append(run)
+                break
+        else:
+            shown.append(group[0])
+    return shown, data
 
 
 def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str, str, str]]:
     """(anchor, nav label, html) for every figure section that at least one run has data for."""
     out = []
     for spec in _FIGURES:
-        data = _draw_per_run(runs, spec.extract, failures, spec.what)
+        shown, data = _shown_runs(runs, spec, failures)
         if not data:
             continue
-        shown = _first_with_data(runs, data) if spec.one_per_arm else list(runs)
-        data = {run.name: data[run.name] for run in shown if run.name in data}
         try:
             body = spec.draw(shown, data)
         except Exception as err:  # one unexpected figure failure must not cost the reader the whole page
