@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 import os
 import re
@@ -674,6 +675,39 @@ def test_seed_mean_cells_widen_their_columns_into_more_bands() -> None:
     groups = [("linear", [f"linear/m{i}" for i in range(8)])]
     assert len(_bands(groups)) == 1
     assert len(_bands(groups, {f"linear/m{i}": len("0.8459 ± 0.0012 (n=2)") for i in range(8)})) == 2
+
+
+def test_bands_cut_long_headed_columns_into_parts_that_each_fit() -> None:
+    """Seen in Chromium on the Fashion-MNIST suite: six Mahalanobis columns (headers that wrap only after
+    each ``/``) were put in one band because a wide group was cut into parts of equal *count*, and the band
+    overflowed the page by 87 px. Every part must fit; a header is as wide as its longest piece."""
+    from probssl.eval.report.tables import _TABLE_BUDGET_PX, _bands, _column_px, _cut
+
+    assert _column_px("mahalanobis_unsup_bma/aurc") == _column_px("mahalanobis_unsup_bma/x")
+    assert _column_px("mahalanobis_unsup_bma/aurc") > _column_px("knn1/aurc")
+    names = ["aurc", "err_auroc", "spearman", "mahalanobis_raw/aurc", "mahalanobis_raw/err_auroc",
+             "mahalanobis_raw_bma/aurc", "mahalanobis_raw_bma/err_auroc", "mahalanobis_unsup/aurc",
+             "mahalanobis_unsup/err_auroc", "mahalanobis_unsup_bma/aurc", "msp/aurc", "mi/aurc"]  # fmt: skip
+    groups = [("sel", [f"sel/{name}" for name in names])]
+    seed_mean = {key: len("0.5870 ± 0.0035") for key in groups[0][1]}
+    bands = _bands(groups, seed_mean)
+    assert [key for band in bands for _, columns, _ in band for key in columns] == groups[0][1]
+    for band in bands:
+        width = sum(_column_px(key.split("/", 1)[1], seed_mean[key]) for _, cols, _ in band for key in cols)
+        assert width <= _TABLE_BUDGET_PX
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # against brute force over every way to cut (fewest parts, then narrowest widest)
+        widths = [int(w) for w in rng.integers(60, 500, size=int(rng.integers(1, 11)))]
+        starts = [0, *_cut(widths, 940), len(widths)]
+        parts = [widths[a:b] for a, b in itertools.pairwise(starts)]
+        assert all(part and (sum(part) <= 940 or len(part) == 1) for part in parts)
+        best = min(
+            (len(cuts) + 1, max(sum(widths[a:b]) for a, b in itertools.pairwise([0, *cuts, len(widths)])))
+            for k in range(len(widths))
+            for cuts in itertools.combinations(range(1, len(widths)), k)
+            if all(sum(widths[a:b]) <= 940 for a, b in itertools.pairwise([0, *cuts, len(widths)]))
+        )
+        assert (len(parts), max(sum(part) for part in parts)) == best
 
 
 def test_methods_with_their_own_uncertainty_get_images_ranked_by_it(tmp_path: Path) -> None:

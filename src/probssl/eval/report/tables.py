@@ -8,6 +8,7 @@ A metric a run does not have is shown "n/a", never as a number.
 from __future__ import annotations
 
 import html
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -220,25 +221,60 @@ def _arrow(direction: str | None) -> str:
     return f'<span class="arrow" title="{title}">{symbol}</span>' if symbol else ""
 
 
-_TABLE_BUDGET_PX = 940  # metric columns per band: what fits beside the run column in the page width
+_TABLE_BUDGET_PX = 940  # metric columns per band: the card's 1,172 px less the 218 px run column (Chromium)
+# Rendered widths measured in headless Chromium on the Fashion-MNIST suite report (min-content layout, the
+# one an overflowing table falls back to): a header piece (bold 12.5 px) ≈ 8.2 px per character, a cell
+# (monospace 12.5 px) ≈ 7.3 px, 20 px of padding. Slightly generous, so a band never needs scrolling.
+_HEADER_PX_PER_CHAR = 8.3
+_CELL_PX_PER_CHAR = 7.4
+_CELL_PADDING_PX = 20
 
 
 def _column_label(key: str, group: str) -> str:
     return key.split("/", 1)[1] if group != _OTHER_GROUP[0] and "/" in key else key
 
 
+def _header_pieces(label: str) -> list[str]:
+    """The pieces a header can wrap into: at spaces and after each ``/`` (``_table_band`` adds ``<wbr>``)."""
+    return [piece for piece in re.split(r"(?<=/)|\s+", label) if piece]
+
+
 def _column_px(label: str, cell_chars: int = 0) -> int:
-    """Rough rendered width of a column: its header label (which may wrap at spaces), its widest cell
-    (``cell_chars``: "0.8459 ± 0.0012 (n=2)" in a seed-mean table) or a 6-digit number, plus padding."""
-    return 7 * max(max(len(word) for word in label.split()) + 2, cell_chars, 8) + 22
+    """Rendered width of a column: its header's longest unbreakable piece (plus the ↑/↓ arrow), its widest
+    cell (``cell_chars``: "0.8459 ± 0.0012 (n=2)" in a seed-mean table) or a 6-digit number, plus padding."""
+    header = _HEADER_PX_PER_CHAR * (max(len(piece) for piece in _header_pieces(label)) + 1)
+    cell = _CELL_PX_PER_CHAR * max(cell_chars, 6)
+    return math.ceil(max(header, cell)) + _CELL_PADDING_PX
+
+
+def _cut(widths: Sequence[int], budget: int) -> list[int]:
+    """Where to cut a run of columns (``widths``): the start index of every part after the first. The
+    fewest parts that each fit ``budget`` (a column wider than it stands alone), and among those the cut
+    whose widest part is narrowest — even parts, not a full band and a stub of one column."""
+
+    def greedy(cap: int) -> list[int]:
+        cuts, used = [], 0
+        for i, width in enumerate(widths):
+            if used and used + width > cap:
+                cuts.append(i)
+                used = 0
+            used += width
+        return cuts
+
+    fewest = len(greedy(budget))
+    low, high = max(widths, default=0), max(budget, *widths, 0)
+    while low < high:  # the narrowest cap that still needs no more parts (greedy is optimal for a cap)
+        middle = (low + high) // 2
+        low, high = (low, middle) if len(greedy(middle)) <= fewest else (middle + 1, high)
+    return greedy(low)
 
 
 def _bands(
     groups: list[tuple[str, list[str]]], cell_chars: Mapping[str, int] | None = None
 ) -> list[list[tuple[str, list[str], bool]]]:
     """Split the columns into stacked tables that each fit the page width, never splitting a group that fits
-    in one band; a group wider than a band is cut into evenly sized parts. A table that needs sideways
-    scrolling hides half its numbers in a screenshot or a printout."""
+    in one band; a group wider than a band is cut into parts that each fit, as even in width as possible.
+    A table that needs sideways scrolling hides half its numbers in a screenshot or a printout."""
     chars = cell_chars or {}
 
     def px(key: str, group: str) -> int:
@@ -247,17 +283,15 @@ def _bands(
     bands: list[list[tuple[str, list[str], bool]]] = [[]]
     used = 0
     for group, columns in groups:
-        width = sum(px(key, group) for key in columns)
-        if used + width <= _TABLE_BUDGET_PX:
+        widths = [px(key, group) for key in columns]
+        if used + sum(widths) <= _TABLE_BUDGET_PX:
             bands[-1].append((group, columns, False))
-            used += width
+            used += sum(widths)
             continue
-        parts = math.ceil(width / _TABLE_BUDGET_PX)
-        size = math.ceil(len(columns) / parts)
-        for i in range(0, len(columns), size):
-            chunk = columns[i : i + size]
-            bands.append([(group, chunk, i > 0)])
-            used = sum(px(key, group) for key in chunk)
+        starts = [0, *_cut(widths, _TABLE_BUDGET_PX), len(columns)]
+        for begin, end in itertools.pairwise(starts):
+            bands.append([(group, columns[begin:end], begin > 0)])
+            used = sum(widths[begin:end])
     return [band for band in bands if band]
 
 
