@@ -489,13 +489,18 @@ def test_figures_keep_long_names_inside_their_panels(tmp_path: Path, monkeypatch
 def test_ood_histograms_use_the_width_with_one_ood_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With one OOD set, runs sit side by side (it was one panel per row: a 10,000 px column at 42 runs)."""
-    dirs = _suite_runs(tmp_path, {"simclr": "simclr", "byol": "byol", "pixels": "pixels"}, seeds=3)
+    """With one OOD set, runs sit side by side (it was one panel per row: a 10,000 px column at 42 runs);
+    a suite draws one run per arm (84 panels of a 14-arm, 3-seed suite said nothing 14 do not)."""
+    arms = {f"arm{k}": method for k, method in enumerate(["simclr", "byol", "pixels"] * 3)}
+    dirs = _suite_runs(tmp_path, arms, seeds=2)
     drawn = _capture_figures(monkeypatch)
-    build_report(dirs, tmp_path / "r.html")
+    page = build_report(dirs, tmp_path / "r.html").read_text(encoding="utf-8")
     ood = drawn[1]
     panels = [ax for ax in ood.axes if ax.get_visible()]
     assert len(panels) == 9
+    assert all(" · seed 0" in ax.get_title(loc="left") for ax in panels)
+    section = page.split('id="ood"', 1)[1].split("</section>", 1)[0]
+    assert "One run per bench arm" in section
     assert len({round(ax.get_position().x0, 3) for ax in panels}) == 4
     assert _collisions(ood) == []
 

@@ -198,19 +198,20 @@ class _FigureSpec:
     extract: Callable[[Run], Any]
     draw: Callable[[Sequence[Run], Any], str]
     applies: Callable[[Run], bool] = lambda run: True  # runs without the data by design get no note
-    #: Draw one run per bench arm (its first seed with data), not every seed: image grids are per run,
-    #: and 42 of them (a 14-arm, 3-seed suite) say nothing 14 do not.
+    #: Draw one run per bench arm (its first seed with data), not every seed: these figures are a panel
+    #: per run, and 42 of them (a 14-arm, 3-seed suite: 84 OOD histograms, a 40k px page) say nothing 14
+    #: do not; the seeds' numbers are all in the metric tables.
     one_per_arm: bool = False
 
 
 _FIGURES = (
     _FigureSpec(
         "reliability", "Reliability", "Reliability diagrams", "reliability", _reliability_data,
-        _single_figure(_reliability_figure, "reliability diagrams", "reliability"),
+        _single_figure(_reliability_figure, "reliability diagrams", "reliability"), one_per_arm=True,
     ),
     _FigureSpec(
         "ood", "OOD scores", "OOD score histograms", "OOD score", _ood_data,
-        _single_figure(_ood_figure, "OOD score histograms", "ood"),
+        _single_figure(_ood_figure, "OOD score histograms", "ood"), one_per_arm=True,
     ),
     _FigureSpec(
         "shift", "Corruptions", "Accuracy under corruption", "corruption", _shift_data,
@@ -268,8 +269,9 @@ def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str
         body += _missing_note([run for run in shown if spec.applies(run)], set(data), spec.what)
         if len(shown) < len(runs):
             body += (
-                '<p class="note">One run per bench arm (its first seed with data): the other seeds rank '
-                "their own test images the same way.</p>"
+                '<p class="note">One run per bench arm (its first seed with data); every seed\'s numbers '
+                "are in the per-run fold of the Metrics table, and <code>probssl report RUN_DIR…</code> "
+                "draws any run's own panels.</p>"
             )
         out.append((spec.anchor, spec.nav, _section(spec.anchor, spec.title, "", body)))
     return out
