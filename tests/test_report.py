@@ -343,6 +343,11 @@ def test_ood_columns_name_their_score_and_absent_metrics_read_na(tmp_path: Path)
     details = _details(np.random.default_rng(2))
     details["ood"]["mnist"]["criterion"] = "entropy"
     entry = details["ood"]["mnist"]
+    rng = np.random.default_rng(3)
+    entry["by_criterion"] = {  # the reference detector's and the own score's histograms (suite.ood_suite)
+        c: {"score_in": rng.normal(0, 1, 50).tolist(), "score_out": rng.normal(2, 1, 50).tolist()}
+        for c in ("knn1", "emb")
+    }
     entropy_auroc = _auroc(np.array(entry["score_in"]), np.array(entry["score_out"]))
     probabilistic = _metrics("vi_simsiam", 0, 0.9, 0.02) | {
         "ood/mnist/msp/auroc": 0.71,
@@ -367,8 +372,10 @@ def test_ood_columns_name_their_score_and_absent_metrics_read_na(tmp_path: Path)
     assert {key: text for key, _, text in parser.rows["vi_simsiam · seed 0"]}[
         "ood/mnist/best_feature/auroc"
     ] == ("0.9700")
-    histogram = _ood_data(load_run(runs[0]))["mnist"]
-    assert histogram["criterion"] == "entropy" and histogram["auroc"] == entropy_auroc
+    histograms = _ood_data(load_run(runs[0]))["mnist"]
+    assert list(histograms) == ["entropy", "knn1", "emb"]  # a panel per headline score, each its table AUROC
+    assert histograms["entropy"]["criterion"] == "entropy" and histograms["entropy"]["auroc"] == entropy_auroc
+    assert (histograms["knn1"]["auroc"], histograms["emb"]["auroc"]) == (0.97, 0.8)
     # Each run's own uncertainty is explained in one line (from the method registry for old runs).
     from probssl.methods import METHODS
 
@@ -502,6 +509,36 @@ def test_ood_histograms_use_the_width_with_one_ood_set(
     section = page.split('id="ood"', 1)[1].split("</section>", 1)[0]
     assert "One run per bench arm" in section
     assert len({round(ax.get_position().x0, 3) for ax in panels}) == 4
+    assert _collisions(ood) == []
+
+
+def test_ood_histograms_show_the_reference_detector_and_the_own_score(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row per OOD set, a column per score: the probe's, ``knn1`` and the method's own, in that order
+    whichever run comes first (a deterministic run has no own score and leaves its column empty)."""
+    dirs = _suite_runs(tmp_path, {"simclr": "simclr", "vi_simsiam": "vi_simsiam"}, 1, ("mnist", "noise"))
+    rng = np.random.default_rng(5)
+    for run_dir, scores in ((dirs[0], ("knn1",)), (dirs[1], ("emb", "knn1"))):
+        details = json.loads((run_dir / "eval_details.json").read_text(encoding="utf-8"))
+        for entry in details["ood"].values():
+            entry["by_criterion"] = {
+                c: {"score_in": rng.normal(0, 1, 80).tolist(), "score_out": rng.normal(1, 1, 80).tolist()}
+                for c in scores
+            }
+        (run_dir / "eval_details.json").write_text(json.dumps(details), encoding="utf-8")
+    drawn = _capture_figures(monkeypatch)
+    build_report(dirs, tmp_path / "r.html")
+    ood = drawn[1]
+    grid = ood.axes[0].get_subplotspec().get_gridspec()
+    assert (grid.nrows, grid.ncols) == (4, 3)  # two runs x two sets, three scores
+    titles = [ax.get_title(loc="left") if ax.get_visible() else None for ax in ood.axes]
+    assert [t.split("\n")[1] if t else None for t in titles] == [
+        "vs mnist · probe MSP", "vs mnist · knn1, the reference", None,
+        "vs noise · probe MSP", "vs noise · knn1, the reference", None,
+        "vs mnist · probe MSP", "vs mnist · knn1, the reference", "vs mnist · own uncertainty",
+        "vs noise · probe MSP", "vs noise · knn1, the reference", "vs noise · own uncertainty",
+    ]  # fmt: skip
     assert _collisions(ood) == []
 
 

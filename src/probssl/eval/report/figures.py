@@ -22,6 +22,7 @@ import matplotlib
 import matplotlib.patches
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from probssl.eval.report.runs import Run
 from probssl.eval.report.tables import _is_number, _shift_points
@@ -204,18 +205,34 @@ def _auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
     return float(u / (n_in * n_out))
 
 
-def _ood_data(run: Run) -> dict[str, dict[str, Any]] | None:
+#: How each OOD score is named on a histogram, in the order its panels sit: the probe's score, the
+#: pre-declared feature-space reference, the method's own uncertainty (eval_details ``by_criterion``).
+_OOD_SCORE_NAMES = {
+    "entropy": "probe entropy",
+    "msp": "probe MSP",
+    "knn1": "knn1, the reference",
+    "emb": "own uncertainty",
+}
+
+
+def _ood_data(run: Run) -> dict[str, dict[str, dict[str, Any]]] | None:
+    """{OOD set: {criterion: histogram data}}: the set's headline score (``criterion``) and every score
+    of ``by_criterion`` (the reference detector and the method's own uncertainty), each with the AUROC
+    the metric table prints for that very score."""
     section = run.details.get("ood")
     if not section:
         return None
-    out = {}
+    out: dict[str, dict[str, dict[str, Any]]] = {}
     for set_name, entry in section.items():
-        score_in, score_out = _floats(entry["score_in"]), _floats(entry["score_out"])
-        score_in, score_out = score_in[np.isfinite(score_in)], score_out[np.isfinite(score_out)]
-        if len(score_in) and len(score_out):
-            criterion = str(entry.get("criterion", ""))
+        scores = {str(entry.get("criterion", "")): entry}
+        scores.update({str(c): scored for c, scored in (entry.get("by_criterion") or {}).items()})
+        for criterion, scored in scores.items():
+            score_in, score_out = _floats(scored["score_in"]), _floats(scored["score_out"])
+            score_in, score_out = score_in[np.isfinite(score_in)], score_out[np.isfinite(score_out)]
+            if not (len(score_in) and len(score_out)):
+                continue
             table_value = run.metrics.get(f"ood/{set_name}/{criterion}/auroc") if criterion else None
-            out[str(set_name)] = {
+            out.setdefault(str(set_name), {})[criterion] = {
                 "in": score_in,
                 "out": score_out,
                 "criterion": criterion,
@@ -225,15 +242,18 @@ def _ood_data(run: Run) -> dict[str, dict[str, Any]] | None:
     return out or None
 
 
-def _ood_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, Any]]]) -> str:
-    """One block of panels per run, one panel per OOD set at the same place in every block, so runs
-    compare at a glance. Blocks fill rows of four panels: one run per row with three or four sets, four
-    runs per row with one set (one run per row and one set made a single column, 10,000 px tall at 42 runs).
-    """
+def _ood_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, dict[str, Any]]]]) -> str:
+    """One block of panels per run: a row per OOD set, a column per score (probe, reference detector,
+    own uncertainty), each at the same place in every block so runs compare at a glance. Blocks fill rows
+    four panels wide: with one score, four runs side by side (one run per row and one panel made a
+    single column, 10,000 px tall at 42 runs)."""
     shown = [run for run in runs if run.name in data]
     sets = list(dict.fromkeys(name for run in shown for name in data[run.name]))
-    cols = min(len(sets), 4)
-    rows_per_run = math.ceil(len(sets) / cols)
+    seen = dict.fromkeys(c for run in shown for entry in data[run.name].values() for c in entry)
+    order = list(_OOD_SCORE_NAMES)
+    scores = sorted(seen, key=lambda c: order.index(c) if c in order else len(order))
+    cols = len(scores)
+    rows_per_run = len(sets)
     runs_per_row = min(max(1, 4 // cols), len(shown))
     block_rows = math.ceil(len(shown) / runs_per_row)
     with _styled():
@@ -243,11 +263,13 @@ def _ood_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, Any]
             ax.set_visible(False)
         for r, run in enumerate(shown):
             block_row, block_col = divmod(r, runs_per_row)
-            for k, set_name in enumerate(sets):
-                if set_name in data[run.name]:
-                    ax = axes[block_row * rows_per_run + k // cols, block_col * cols + k % cols]
-                    ax.set_visible(True)
-                    _ood_panel(ax, run, set_name, data[run.name][set_name])
+            for i, set_name in enumerate(sets):
+                for j, score in enumerate(scores):
+                    entry = data[run.name].get(set_name, {}).get(score)
+                    if entry is not None:
+                        ax = axes[block_row * rows_per_run + i, block_col * cols + j]
+                        ax.set_visible(True)
+                        _ood_panel(ax, run, set_name, entry)
         handles = [
             matplotlib.patches.Patch(facecolor=_IN_COLOUR, alpha=0.5, label="in-distribution test set"),
             matplotlib.patches.Patch(facecolor=_OUT_COLOUR, alpha=0.5, label="OOD set"),
@@ -267,9 +289,11 @@ def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
         ax.hist(clipped, bins=bins, density=True, color=colour, alpha=0.3)
         ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
     score = d["criterion"] or "score"
-    title = _wrapped(run.name, f"vs {set_name}", f"AUROC({score}) = {d['auroc']:.3f}", width=34)
+    name = _OOD_SCORE_NAMES.get(score, score)
+    title = _wrapped(run.name, f"vs {set_name} · {name}", f"AUROC({score}) = {d['auroc']:.3f}", width=34)
     ax.set_title(title, loc="left")
     ax.set(xlabel=_wrapped(f"OOD score: {score} (higher = more OOD)", width=40), ylabel="density")
+    ax.xaxis.set_major_locator(MaxNLocator(5))  # knn1's cosines (−0.975 …) ran into each other at 8 ticks
     ax.spines["left"].set_color(run.colour)
     ax.spines["left"].set_linewidth(2.5)
 

@@ -136,7 +136,11 @@ _CAPTIONS = {
         "the in-distribution test set (blue) and on an OOD set (orange). Well separated histograms mean "
         "OOD inputs can be flagged; overlap means they cannot. AUROC is the chance that a random OOD "
         "image scores higher than a random in-distribution image (0.5 = chance, 1 = perfect); each panel "
-        "names its score, and its AUROC is the table's <code>ood/&lt;set&gt;/&lt;score&gt;/auroc</code>."
+        "names its score, and its AUROC is the table's <code>ood/&lt;set&gt;/&lt;score&gt;/auroc</code>. "
+        "One row per OOD set, one column per score: the probe's entropy, <code>knn1</code> (distance to "
+        "the nearest training feature, the pre-declared deterministic reference) and, where the method "
+        "has one, its own uncertainty — the question is whether the own score separates as well as "
+        "<code>knn1</code>."
     ),
     "shift": (
         "<b>How to read:</b> accuracy on corrupted copies of the test set as the corruption gets stronger"
