@@ -793,6 +793,23 @@ def test_ranked_images_show_one_run_per_arm(tmp_path: Path) -> None:
     assert "One run per bench arm" not in single
 
 
+def test_runs_table_has_one_row_per_arm_in_a_suite(tmp_path: Path) -> None:
+    """The Runs table of a 42-run suite repeated each method's description 3 times (5,000 px): one row per
+    arm, listing its run directories and seeds, marking plot data that only some seeds brought."""
+    dirs = _suite_runs(tmp_path / "suite", {"simclr": "simclr", "byol": "byol"}, 3)
+    (dirs[1] / "eval_details.json").unlink()  # simclr seed 1: no plot data
+    page = build_report(dirs, tmp_path / "r.html").read_text(encoding="utf-8")
+    runs = page.split('id="runs"', 1)[1].split("</section>", 1)[0]
+    rows = re.findall(r"<tr><td class=\"run\">(.*?)</tr>", runs)
+    assert len(rows) == 2
+    assert "simclr · 3 seeds" in rows[0] and all(f"simclr-s{k}</span>" in rows[0] for k in range(3))
+    assert "<td>0, 1, 2</td>" in rows[0]
+    assert "reliability 2/3" in rows[0]
+    assert "reliability 2/3" not in rows[1] and "reliability</span>" in rows[1]
+    single = build_report(dirs[3:4], tmp_path / "one.html").read_text(encoding="utf-8")
+    assert "byol · seed 0" in single.split('id="runs"', 1)[1].split("</section>", 1)[0]
+
+
 def test_ranked_values_get_the_digits_that_tell_them_apart() -> None:
     """VI-SimSiam's 1/κ read 0.00196 under every image at 3 digits; the ranking lives in the 5th."""
     from probssl.eval.report.figures import significant_digits

@@ -477,35 +477,56 @@ def uncertainty_doc(metrics: Mapping[str, Any]) -> str:
         return NOT_AVAILABLE
 
 
+_PLOT_SECTIONS = ("reliability", "ood", "shift", "sparsification", "ranked_images")
+
+
+def _overview_row(group: Sequence[Run]) -> str:
+    """One row of the Runs table: a run, or the seeds of one bench arm (named by the arm, its run
+    directories listed, a plot-data chip marked ``k/n`` when only some seeds brought that data)."""
+    first, several = group[0], len(group) > 1
+
+    def joined(key: str, fallback: str) -> str:
+        """The seeds' distinct values of ``key`` (else ``fallback``), in order."""
+        values = (run.metrics.get(key, run.metrics.get(fallback, "–")) for run in group)
+        return _e(", ".join(str(v) for v in dict.fromkeys(values)))
+
+    chips = []
+    for section in _PLOT_SECTIONS:
+        have = sum(_has_plot_data(run, section) for run in group)
+        label = section.replace("_", " ") + (
+            f" {have}/{len(group)}" if several and 0 < have < len(group) else ""
+        )
+        chips.append(f'<span class="chip{" on" if have else ""}">{_e(label)}</span>')
+    warnings = []
+    for run in group:
+        who = f"{run.name}: " if several else ""
+        warnings += [f'<div class="warn">⚠ {_e(who + note)}</div>' for note in run.notes]
+        if run.metrics.get("meta/partial_training"):
+            warnings.append(f'<div class="warn">⚠ {_e(who)}weights from an unfinished training run</div>')
+    name = (first.group or first.name) if several else first.name
+    dirs = " ".join(f'<span class="dir" title="{_e(run.path)}">{_e(run.path.name)}</span>' for run in group)
+    m = first.metrics
+    cells = [
+        f'<td class="run">{_swatch(first)}{_e(name)}{dirs}</td>',
+        f"<td>{joined('config/method', 'meta/method')}</td>",
+        f"<td>{joined('config/data.dataset', 'meta/dataset')}</td>",
+        f"<td>{joined('seed', 'config/seed')}</td>",
+        f"<td>{joined('meta/samples', 'meta/samples')}</td>",
+        f'<td class="doc">{_e(uncertainty_doc(m))}</td>',
+        f'<td class="chips">{"".join(chips)}{"".join(warnings)}</td>',
+    ]
+    return f"<tr>{''.join(cells)}</tr>"
+
+
 def _overview_table(runs: Sequence[Run]) -> str:
-    """Who is who: directory, method, dataset, seed, and which plot data each run brought."""
-    sections = ("reliability", "ood", "shift", "sparsification", "ranked_images")
+    """Who is who: directory, method, dataset, seed, and which plot data each run brought — one row per
+    bench arm when arms have several seeds (42 rows of the same method description made the Runs table
+    of the Fashion-MNIST suite 5,000 px tall)."""
     columns = ("run", "method", "dataset", "seed", "samples", "its uncertainty", "plot data")
     header = "".join(f"<th>{h}</th>" for h in columns)
-    body = []
-    for run in runs:
-        m = run.metrics
-        chips = "".join(
-            f'<span class="chip{" on" if _has_plot_data(run, s) else ""}">{s.replace("_", " ")}</span>'
-            for s in sections
-        )
-        warnings = "".join(f'<div class="warn">⚠ {_e(n)}</div>' for n in run.notes)
-        if m.get("meta/partial_training"):
-            warnings += '<div class="warn">⚠ weights from an unfinished training run</div>'
-        cells = [
-            f'<td class="run">{_swatch(run)}{_e(run.name)}<span class="dir" title="{_e(run.path)}">'
-            f"{_e(run.path.name)}</span></td>",
-            f"<td>{_e(m.get('config/method', m.get('meta/method', '–')))}</td>",
-            f"<td>{_e(m.get('config/data.dataset', m.get('meta/dataset', '–')))}</td>",
-            f"<td>{_e(m.get('seed', m.get('config/seed', '–')))}</td>",
-            f"<td>{_e(m.get('meta/samples', '–'))}</td>",
-            f'<td class="doc">{_e(uncertainty_doc(m))}</td>',
-            f'<td class="chips">{chips}{warnings}</td>',
-        ]
-        body.append(f"<tr>{''.join(cells)}</tr>")
+    body = "".join(_overview_row(group) for group in seed_groups(runs))
     return (
-        f'<div class="table-wrap"><table><thead><tr>{header}</tr></thead><tbody>{"".join(body)}'
-        "</tbody></table></div>"
+        f'<div class="table-wrap"><table><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table></div>'
     )
 
 
