@@ -558,7 +558,8 @@ def test_each_probabilistic_arm_is_set_against_its_deterministic_base():
     runs = {arm: {s: {"linear/top1": v} for s, v in enumerate(values)} for arm, values in seeds.items()}
     runs["simclr"] = {0: {"linear/top1": 0.9}, 1: {"linear/top1": 0.91}}
     columns = ("linear/top1", "cal/ece15")
-    table = tables.against_base(tables.summarise(runs, columns), suites.ALL_ARMS, columns)
+    comparisons = [tables.BaseComparison.same(key) for key in columns]
+    table = tables.against_base(tables.summarise(runs, columns), suites.ALL_ARMS, comparisons)
     assert set(table) == {"csghmc", "prosmin"}  # scl's base (simclr) is here, scl is not; bases have no row
     a, b = seeds["csghmc"], seeds["byol"]
     cell = table["csghmc"]["linear/top1"]
@@ -566,10 +567,35 @@ def test_each_probabilistic_arm_is_set_against_its_deterministic_base():
     assert cell["se"] == pytest.approx((statistics.variance(a) / 3 + statistics.variance(b) / 3) ** 0.5)
     assert table["prosmin"]["linear/top1"]["se"] is None and "cal/ece15" not in table["csghmc"]
     for suite in suites.SUITES.values():  # the runner summarises the tables' columns once and reuses them
-        assert set(tables.AGAINST_BASE + tables.base_ood_columns(suite)) <= set(suite.columns())
+        compared = tables.AGAINST_BASE + tables.base_ood_columns(suite)
+        assert {key for c in compared for key in (c.arm_key, c.base_key)} <= set(suite.columns())
     text = tables.against_base_markdown(table, {"csghmc": "byol", "prosmin": "byol"})
     assert f"| csghmc | byol | {cell['diff']:+.4f} ± {cell['se']:.4f} |" in text
     assert f"| prosmin | byol | {0.79 - statistics.fmean(b):+.4f} |" in text
+
+
+def test_own_uncertainty_is_set_against_the_base_reference_detector():
+    """The cross column: the arm's own score (``emb``) minus the *base's* ``best_feature`` AUROC, seed
+    means and Welch's standard error — "train the posterior, or the base and a kNN detector?"."""
+    import statistics
+
+    own, reference = [0.60, 0.66, 0.63], [0.97, 0.98, 0.975]
+    runs = {
+        "csghmc": {
+            s: {"ood/mnist/emb/auroc": v, "ood/mnist/best_feature/auroc": 0.9} for s, v in enumerate(own)
+        },
+        "byol": {s: {"ood/mnist/best_feature/auroc": v} for s, v in enumerate(reference)},
+    }
+    suite = suites.SUITES["fashion_mnist"]
+    comparisons = tables.base_ood_columns(suite)
+    keys = {key for c in comparisons for key in (c.arm_key, c.base_key)}
+    table = tables.against_base(tables.summarise(runs, sorted(keys)), suites.ALL_ARMS, comparisons)
+    cell = table["csghmc"]["ood/mnist/own-base_best_feature"]
+    assert cell["diff"] == pytest.approx(statistics.fmean(own) - statistics.fmean(reference))
+    se = (statistics.variance(own) / 3 + statistics.variance(reference) / 3) ** 0.5
+    assert cell["se"] == pytest.approx(se)
+    same = table["csghmc"]["ood/mnist/best_feature/auroc"]  # each side's features as a detector
+    assert same["diff"] == pytest.approx(0.9 - statistics.fmean(reference))
 
 
 def test_evaluation_cpu_sums_the_stages_and_divides_by_the_training_wall():

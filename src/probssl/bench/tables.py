@@ -12,6 +12,7 @@ import json
 import statistics
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,19 +133,35 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], columns: Sequence[str]
     return table
 
 
+@dataclass(frozen=True)
+class BaseComparison:
+    """One column of the against-base table: the arm's ``arm_key`` against its base's ``base_key``."""
+
+    label: str
+    arm_key: str
+    base_key: str
+
+    @classmethod
+    def same(cls, key: str) -> BaseComparison:
+        return cls(key, key, key)
+
+
 #: What each paper claims its posterior improves, measured against the arm's deterministic base:
-#: accuracy (probe, kNN, corruptions), calibration of the probe, and OOD detection by the probe's
-#: predictive confidence (MSP: defined for a base too; the own-uncertainty comparison is the paired
-#: ``vs/`` table).
-AGAINST_BASE = ("linear/top1", "knn/top1@20", "shift/mean/acc", "cal/ece15", "cal/nll")
+#: accuracy (probe, kNN, corruptions) and calibration of the probe.
+AGAINST_BASE = tuple(
+    BaseComparison.same(key)
+    for key in ("linear/top1", "knn/top1@20", "shift/mean/acc", "cal/ece15", "cal/nll")
+)
 
 
 def against_base(
-    summary: dict[str, dict[str, dict[str, float]]], arms: Sequence[QualityArm], columns: Sequence[str]
+    summary: dict[str, dict[str, dict[str, float]]],
+    arms: Sequence[QualityArm],
+    columns: Sequence[BaseComparison],
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """Per arm with a base: (arm's seed mean − base's seed mean) and its standard error
-    √(s²_arm/n_arm + s²_base/n_base) for each of ``columns`` both have (Welch's; the two arms are
-    different runs, so unlike the ``vs/`` table nothing pairs them). A column measured on one seed
+    """Per arm with a base: (arm's seed mean of ``arm_key`` − base's seed mean of ``base_key``) and its
+    standard error √(s²_arm/n_arm + s²_base/n_base) for each column both sides have (Welch's; the two arms
+    are different runs, so unlike the ``vs/`` table nothing pairs them). A column measured on one seed
     of either side has no standard error (``se`` None): one seed has no spread to estimate.
     """
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -153,20 +170,32 @@ def against_base(
             continue
         cells = {}
         for col in columns:
-            a, b = summary[arm.name].get(col), summary[arm.base].get(col)
+            a, b = summary[arm.name].get(col.arm_key), summary[arm.base].get(col.base_key)
             if a is None or b is None:
                 continue
             se = None
             if a["n"] > 1 and b["n"] > 1:
                 se = (a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) ** 0.5
-            cells[col] = {"diff": a["mean"] - b["mean"], "se": se}
+            cells[col.label] = {"diff": a["mean"] - b["mean"], "se": se}
         out[arm.name] = cells
     return out
 
 
-def base_ood_columns(suite: Suite) -> tuple[str, ...]:
-    """The per-set probe-MSP OOD columns of the against-base table (defined for a base too)."""
-    return tuple(f"ood/{name}/msp/auroc" for name in suite.ood)
+def base_ood_columns(suite: Suite) -> tuple[BaseComparison, ...]:
+    """The against-base OOD columns per OOD set: the probe's MSP and the reference feature detector
+    (``best_feature``, the pre-declared ``knn1``) on each side's own features — does the posterior make
+    the features a better detector? — and the arm's own uncertainty against the *base's* reference
+    detector: is training the probabilistic method worth it for OOD, or does the deterministic base
+    with a kNN detector do as well? (The ``vs/`` table compares own and ``knn1`` inside one run.)"""
+    out: list[BaseComparison] = []
+    for name in suite.ood:
+        reference = f"ood/{name}/best_feature/auroc"
+        out += [
+            BaseComparison.same(f"ood/{name}/msp/auroc"),
+            BaseComparison.same(reference),
+            BaseComparison(f"ood/{name}/own-base_best_feature", f"ood/{name}/emb/auroc", reference),
+        ]
+    return tuple(out)
 
 
 def against_base_markdown(table: dict[str, dict[str, dict[str, float]]], bases: dict[str, str]) -> str:
@@ -176,7 +205,8 @@ def against_base_markdown(table: dict[str, dict[str, dict[str, float]]], bases: 
         return ""
     lines = [
         "**Against its deterministic base (arm − base: difference of seed means ± its standard error; "
-        "ECE and NLL: < 0 is better)**\n",
+        "ECE and NLL: < 0 is better; `own-base_best_feature`: the arm's own uncertainty against the "
+        "base's reference detector)**\n",
         "| arm | base | " + " | ".join(present) + " |",
         "|" + "---|" * (len(present) + 2),
     ]
