@@ -31,8 +31,8 @@ test-slow: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
 
 # The benchmark command: slow end-to-end tests, then the digits suite (every method, 3 seeds) and the
-# speed table, both written into BENCHMARKS.md. Fashion-MNIST (14 arms x 3 seeds, ~11 core-hours at one thread per run
-# in stops 18-20: 9.5 h of training, 1.7 h of evaluation):
+# speed table, both written into BENCHMARKS.md. Fashion-MNIST (14 arms x 3 seeds, ~12 core-hours at one thread per run
+# in stops 18-20: 9.5 h of training, 2.6 h of evaluation wall):
 # `probssl bench fashion_mnist --data-dir DIR --jobs 2 --update BENCHMARKS.md`.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -m slow
