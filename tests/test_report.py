@@ -653,7 +653,7 @@ def test_arms_with_several_seeds_read_as_mean_and_std(tmp_path: Path) -> None:
     top1 = {arm: cells[f"{arm} · 3 seeds"]["linear/top1"][0].split() for arm in ("simclr", "byol")}
     assert "best" in top1["simclr"] and "best" not in top1["byol"]  # best by mean (0.90 > 0.89)
     assert cells["simclr · 3 seeds"]["linear/top1"][1] == "0.9000 ± 0"  # equal seeds: no ± 1.1e-16
-    assert page.count('<details class="per-run">') == 2  # metrics and corruption tables
+    assert page.count('<details class="per-run">') == 3  # headline, all-metrics and corruption tables
     assert (
         page.index("simclr · 3 seeds")
         < page.index('<details class="per-run">')
@@ -791,6 +791,31 @@ def test_ranked_images_show_one_run_per_arm(tmp_path: Path) -> None:
     assert "One run per bench arm" in section and "No ranked-image data" not in section
     single = build_report(dirs[3:4], tmp_path / "one.html").read_text(encoding="utf-8")
     assert "One run per bench arm" not in single
+
+
+def test_headline_metrics_come_first_and_the_rest_is_folded(tmp_path: Path) -> None:
+    """The 42-run Fashion-MNIST page had 61 metric bands (every detector x set x posterior draw) before
+    its first figure: the headline columns come first, every column is still there in a fold."""
+    metrics = _metrics("csghmc", 0, 0.9, 0.02) | {
+        "ood/mnist/msp/auroc": 0.6,
+        "ood/mnist/knn1/auroc": 0.98,
+        "ood/mnist/best_feature/auroc": 0.98,
+        "ood/mnist/best_feature/detector": "knn1",
+        "ood/mnist/knn50/auroc": 0.95,
+        "ood/mnist/emb/auroc": 0.61,
+        "sel/knn50/aurc": 0.2,
+    }
+    run = _write_run(tmp_path / "r", metrics)
+    page = build_report([run], tmp_path / "r.html").read_text(encoding="utf-8")
+    metrics_section = page.split('id="metrics"', 1)[1].split("</section>", 1)[0]
+    headline, folded = metrics_section.split('<details class="all-metrics">', 1)
+    for key in ("linear/top1", "ood/mnist/msp/auroc", "ood/mnist/best_feature/auroc", "ood/mnist/emb/auroc"):
+        assert f'title="{key}"' in headline and f'title="{key}"' in folded
+    for key in ("ood/mnist/knn50/auroc", "sel/knn50/aurc", "ood/mnist/knn1/auroc"):
+        assert f'title="{key}"' not in headline and f'title="{key}"' in folded
+    plain = {key: metrics[key] for key in ("linear/top1", "knn/top1@20") if key in metrics}
+    lean = build_report([_write_run(tmp_path / "h", plain | {"method": "simclr"})], tmp_path / "h.html")
+    assert "all-metrics" not in lean.read_text(encoding="utf-8").split("<body>", 1)[1]
 
 
 def test_runs_table_has_one_row_per_arm_in_a_suite(tmp_path: Path) -> None:

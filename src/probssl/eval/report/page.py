@@ -40,6 +40,7 @@ from probssl.eval.report.tables import (
     _swatch,
     _table_metrics,
     grouped_metric_table,
+    headline_metrics,
     seed_groups,
 )
 
@@ -77,8 +78,9 @@ td.num { text-align:right; font-variant-numeric:tabular-nums; font-size:12.5px;
          font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace; }
 td.missing { color:#b0b6c0; }
 td.num .sd { color:var(--muted); font-weight:400; font-size:11.5px; }
-details.per-run { margin:4px 0 12px; }
-details.per-run summary { cursor:pointer; color:var(--accent); font-size:13px; margin-bottom:8px; }
+details.per-run, details.all-metrics { margin:4px 0 12px; }
+details.per-run summary, details.all-metrics > summary { cursor:pointer; color:var(--accent); font-size:13px;
+  margin-bottom:8px; }
 td.best { background:var(--best); color:var(--best-fg); font-weight:700; }
 .g0 { border-left:2px solid #d5dae1; }
 tbody tr:hover td { background:#f8fafc; }
@@ -284,7 +286,16 @@ def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str
 def _page(title: str, runs: Sequence[Run]) -> str:
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
     failures: list[str] = []
-    table = grouped_metric_table(runs, [_table_metrics(run.metrics) for run in runs])
+    rows = [_table_metrics(run.metrics) for run in runs]
+    headline = [headline_metrics(row) for row in rows]
+    table = grouped_metric_table(runs, rows)
+    hidden = len({key for row in rows for key in row}) - len({key for row in headline for key in row})
+    if any(headline) and hidden > 0:  # 61 bands of every detector x set x posterior draw bury the headline
+        table = (
+            grouped_metric_table(runs, headline)
+            + f'<details class="all-metrics"><summary>All metrics ({hidden} more columns: every detector, '
+            "score and retrieval / selective criterion)</summary>" + table + "</details>"
+        )
     by_arm = any(len(group) > 1 for group in seed_groups(runs))
     legend = (
         '<p class="legend"><span class="best-demo">bold green</span> = best in its column among the runs '

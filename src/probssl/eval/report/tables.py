@@ -137,6 +137,21 @@ def _table_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     return table
 
 
+#: The columns a reader looks for first (the BENCHMARKS.md suite tables' choice): accuracy, calibration,
+#: corruptions, low-shot and transfer, error ranking, retrieval, and per OOD set (or near / far group) the
+#: probe's MSP, the reference feature detector, the method's own uncertainty and the posterior's MI.
+_HEADLINE_KEY = re.compile(
+    r"knn/top1@20|linear/top1|cal/(ece15|nll|brier)|shift/mean/acc|lowshot/[^/]+/top1|transfer/[^/]+/top1"
+    r"|sel/(err_auroc|emb/err_auroc|crop_up)|ret/(recall@1|map@r|r_auroc)"
+    r"|ood/[^/]+/(msp|best_feature|emb|mi)/auroc|code/.+|compress/.+"
+)
+
+
+def headline_metrics(row: Mapping[str, float]) -> dict[str, float]:
+    """The headline columns of a metric row (``_HEADLINE_KEY``); the page folds the rest below them."""
+    return {key: value for key, value in row.items() if _HEADLINE_KEY.fullmatch(key)}
+
+
 def table_columns(rows: Iterable[Mapping[str, Any]]) -> list[tuple[str, list[str]]]:
     """Metric keys present in any row, grouped by prefix in ``GROUPS`` order, sorted within a group."""
     keys: set[str] = set()
