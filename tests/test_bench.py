@@ -57,6 +57,7 @@ def test_cifar10_suite_tables_carry_the_issue19_columns_and_the_jpeg_note():
         "transfer/eurosat_test/top1",
         "vs/ood/tiny_imagenet_val/own-knn1",
         "vs/ood/mnist/bma-knn1",
+        "vs/ood/mnist/mi-knn1",
         "vs/sel/own-knn1",
     ):
         assert key in columns
@@ -508,6 +509,7 @@ def test_own_uncertainty_is_compared_with_the_references_paired_within_each_run(
             "ood/mnist/emb/auroc": own,
             "ood/mnist/knn1/auroc": knn,
             "ood/mnist/knn1_bma/auroc": knn + 0.01,
+            "ood/mnist/mi/auroc": knn - 0.02,
             "ood/noise/emb/auroc": 0.7,  # no knn1 score for noise: no difference
             "sel/emb/err_auroc": 0.70,
             "sel/knn1/err_auroc": 0.65,
@@ -519,10 +521,12 @@ def test_own_uncertainty_is_compared_with_the_references_paired_within_each_run(
     assert set(differences[0]) == {
         "vs/ood/mnist/own-knn1",
         "vs/ood/mnist/bma-knn1",
+        "vs/ood/mnist/mi-knn1",
         "vs/sel/own-knn1",
         "vs/sel/own-entropy",
     }
     assert differences[0]["vs/ood/mnist/own-knn1"] == pytest.approx(-0.30)
+    assert differences[0]["vs/ood/mnist/mi-knn1"] == pytest.approx(-0.02)
     assert differences[0]["vs/ood/mnist/bma-knn1"] == pytest.approx(0.01)
     assert differences[0]["vs/sel/own-knn1"] == pytest.approx(0.05)
     assert differences[0]["vs/sel/own-entropy"] == pytest.approx(-0.10)

@@ -157,7 +157,7 @@ class Suite:
         ]
         from probssl.eval.suite import REFERENCE_DETECTOR as ref
 
-        versus = [f"vs/ood/{name}/{pair}-{ref}" for name in self.ood for pair in ("own", "bma")]
+        versus = [f"vs/ood/{name}/{pair}-{ref}" for name in self.ood for pair in ("own", "mi", "bma")]
         versus += [f"vs/sel/own-{ref}", "vs/sel/own-entropy"]
         return [
             ("Accuracy", accuracy),

@@ -32,6 +32,9 @@ def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
     - ``vs/ood/<set>/own-knn1``: AUROC of the method's own uncertainty minus that of the pre-declared
       deterministic feature-space detector (``REFERENCE_DETECTOR``, kNN distance) — does the
       probabilistic embedding beat a strong deterministic detector on the same features?
+    - ``vs/ood/<set>/mi-knn1``: the same for the mutual information of the posterior-averaged probe,
+      the epistemic score the sample-based papers (cSGHMC, ensembles, LAM) report beside the embedding's
+      spread.
     - ``vs/ood/<set>/bma-knn1``: the same detector averaged over posterior draws minus it on the point
       estimate — does the posterior help a strong detector?
     - ``vs/sel/own-knn1`` and ``vs/sel/own-entropy``: error-ranking AUROC of the own uncertainty minus
@@ -53,6 +56,8 @@ def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
             name = parts[1]
             pairs[f"vs/ood/{name}/own-{ref}"] = (key, f"ood/{name}/{ref}/auroc")
             pairs[f"vs/ood/{name}/bma-{ref}"] = (f"ood/{name}/{ref}_bma/auroc", f"ood/{name}/{ref}/auroc")
+        if len(parts) == 4 and parts[0] == "ood" and parts[2:] == ["mi", "auroc"]:
+            pairs[f"vs/ood/{parts[1]}/mi-{ref}"] = (key, f"ood/{parts[1]}/{ref}/auroc")
     numbers = {k: v for k, v in run.items() if isinstance(v, int | float) and not isinstance(v, bool)}
     return {key: numbers[a] - numbers[b] for key, (a, b) in pairs.items() if a in numbers and b in numbers}
 
