@@ -533,12 +533,16 @@ def test_ood_histograms_show_the_reference_detector_and_the_own_score(
     grid = ood.axes[0].get_subplotspec().get_gridspec()
     assert (grid.nrows, grid.ncols) == (4, 3)  # two runs x two sets, three scores
     titles = [ax.get_title(loc="left") if ax.get_visible() else None for ax in ood.axes]
-    assert [t.split("\n")[1] if t else None for t in titles] == [
-        "vs mnist · probe MSP", "vs mnist · knn1, the reference", None,
-        "vs noise · probe MSP", "vs noise · knn1, the reference", None,
-        "vs mnist · probe MSP", "vs mnist · knn1, the reference", "vs mnist · own uncertainty",
-        "vs noise · probe MSP", "vs noise · knn1, the reference", "vs noise · own uncertainty",
+    lines = [t.split("\n")[1:] if t else None for t in titles]
+    shown = [f"{line[0]} | {line[1].split(' = ')[0]}" if line else None for line in lines]
+    probe, reference, own = "probe · AUROC(msp)", "reference · AUROC(knn1)", "own · AUROC(emb)"
+    assert shown == [
+        f"vs mnist | {probe}", f"vs mnist | {reference}", None,
+        f"vs noise | {probe}", f"vs noise | {reference}", None,
+        f"vs mnist | {probe}", f"vs mnist | {reference}", f"vs mnist | {own}",
+        f"vs noise | {probe}", f"vs noise | {reference}", f"vs noise | {own}",
     ]  # fmt: skip
+    assert all(len(t.split("\n")) == 3 for t in titles if t)  # the same three lines in every panel
     assert _collisions(ood) == []
 
 

@@ -207,12 +207,7 @@ def _auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
 
 #: How each OOD score is named on a histogram, in the order its panels sit: the probe's score, the
 #: pre-declared feature-space reference, the method's own uncertainty (eval_details ``by_criterion``).
-_OOD_SCORE_NAMES = {
-    "entropy": "probe entropy",
-    "msp": "probe MSP",
-    "knn1": "knn1, the reference",
-    "emb": "own uncertainty",
-}
+_OOD_SCORE_NAMES = {"entropy": "probe", "msp": "probe", "knn1": "reference", "emb": "own"}
 
 
 def _ood_data(run: Run) -> dict[str, dict[str, dict[str, Any]]] | None:
@@ -290,7 +285,8 @@ def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
         ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
     score = d["criterion"] or "score"
     name = _OOD_SCORE_NAMES.get(score, score)
-    title = _wrapped(run.name, f"vs {set_name} · {name}", f"AUROC({score}) = {d['auroc']:.3f}", width=34)
+    # Three lines in every panel (a long set name wrapped "vs <set> · <score>" onto a fourth in some).
+    title = _wrapped(run.name, f"vs {set_name}", f"{name} · AUROC({score}) = {d['auroc']:.3f}", width=34)
     ax.set_title(title, loc="left")
     ax.set(xlabel=_wrapped(f"OOD score: {score} (higher = more OOD)", width=40), ylabel="density")
     ax.xaxis.set_major_locator(MaxNLocator(5))  # knn1's cosines (−0.975 …) ran into each other at 8 ticks
