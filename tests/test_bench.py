@@ -41,7 +41,8 @@ def test_cifar10_suite_tables_carry_the_issue19_columns_and_the_jpeg_note():
     titles = [title for title, _ in suite.tables()]
     assert titles[:3] == ["Accuracy", "Uncertainty", "OOD detection (AUROC)"]
     assert titles[3].startswith("Own uncertainty against the deterministic references")
-    assert titles[4].startswith("Cost")
+    assert titles[4].startswith("Trends of the uncertainty")
+    assert titles[5].startswith("Cost")
     columns = suite.columns()
     assert len(columns) == len(set(columns))
     for name in ("tiny_imagenet_val", "mnist", "noise"):
@@ -336,14 +337,15 @@ def test_the_same_command_and_seed_reproduce_the_table(tiny_suite, tmp_path):
     b = suites.run_quality_benchmark("tiny", tmp_path / "b", seeds=1, only=["lam_online"], progress=False)
     from probssl.eval.evaluate import TIMING_KEYS as timings
 
-    drop = (*timings, "config/data.data_dir")  # timings, paths
+    # timings (with the CPU ratio the tables derive, absent when training took < 1 s), paths
+    drop = (*timings, "meta/eval_cpu_to_train", "config/data.data_dir")
     ra = {k: v for k, v in a["runs"]["lam_online"]["0"].items() if not k.startswith(drop)}
     rb = {k: v for k, v in b["runs"]["lam_online"]["0"].items() if not k.startswith(drop)}
     assert ra == rb
 
     def measured(summary):
         return {
-            arm: {k: v for k, v in cells.items() if not k.startswith(timings)}
+            arm: {k: v for k, v in cells.items() if not k.startswith((*timings, "meta/eval_cpu_to_train"))}
             for arm, cells in summary.items()
         }
 
@@ -614,3 +616,38 @@ def test_evaluation_cpu_sums_the_stages_and_divides_by_the_training_wall():
     }  # pixels
     assert tables.evaluation_cpu({"meta/train_seconds": 50.0}) == {}  # evaluated before stages were timed
     assert "meta/eval_cpu_to_train" in suites.SUITES["fashion_mnist"].columns()
+
+
+def test_uncertainty_trends_are_rank_correlations_over_bins_and_severities():
+    """Spearman over five points, checked against the closed form 1 − 6Σd²/(n(n² − 1)) for untied
+    ranks; the rise is severity 5 over severity 1; a constant or missing sequence gives no key."""
+
+    def closed_form(values: list[float]) -> float:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        ranks = [0] * len(values)
+        for rank, index in enumerate(order):
+            ranks[index] = rank
+        n = len(values)
+        return 1 - 6 * sum((i - r) ** 2 for i, r in enumerate(ranks)) / (n * (n * n - 1))
+
+    own_bins = [0.59, 0.50, 0.52, 0.51, 0.47]  # falls, not monotonically
+    severities = [0.0019, 0.0021, 0.0020, 0.0024, 0.0030]
+    run = {
+        "sel/emb/acc_by_quantile": own_bins,
+        "sel/acc_by_quantile": [0.88, 0.68, 0.56, 0.45, 0.36],
+        **{
+            f"shift/severity{s}/emb_uncertainty": u
+            for s, u in zip(tables.SEVERITIES, severities, strict=True)
+        },
+    }
+    trends = tables.uncertainty_trends(run)
+    assert trends["trend/acc_by_own_unc"] == pytest.approx(closed_form(own_bins)) == pytest.approx(-0.7)
+    assert trends["trend/acc_by_entropy"] == pytest.approx(-1.0)
+    assert trends["trend/own_unc_by_severity"] == pytest.approx(closed_form(severities)) == pytest.approx(0.9)
+    assert trends["trend/own_unc_rise"] == pytest.approx(0.0030 / 0.0019 - 1)
+
+    deterministic = {"sel/acc_by_quantile": [0.5] * 5, "sel/emb/acc_by_quantile": [0.9, None, 0.5, 0.4, 0.3]}
+    assert tables.uncertainty_trends(deterministic) == {}
+
+    suite = suites.SUITES["cifar10"]
+    assert "trend/own_unc_by_severity" in suite.columns()

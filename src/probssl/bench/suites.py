@@ -159,6 +159,12 @@ class Suite:
 
         versus = [f"vs/ood/{name}/{pair}-{ref}" for name in self.ood for pair in ("own", "mi", "bma")]
         versus += [f"vs/sel/own-{ref}", "vs/sel/own-entropy"]
+        trends = [
+            "trend/acc_by_own_unc",
+            "trend/acc_by_entropy",
+            "trend/own_unc_by_severity",
+            "trend/own_unc_rise",
+        ]
         return [
             ("Accuracy", accuracy),
             ("Uncertainty", uncertainty),
@@ -167,6 +173,13 @@ class Suite:
                 "Own uncertainty against the deterministic references (AUROC differences paired within "
                 "each run; > 0: the first score is better)",
                 versus,
+            ),
+            (
+                "Trends of the uncertainty (Spearman over five points: probe accuracy across the five "
+                "uncertainty quantiles, −1 = falls monotonically as the uncertainty rises; own uncertainty "
+                "over corruption severities 1–5, +1 = rises monotonically; `own_unc_rise`: severity 5 over "
+                "severity 1, − 1)",
+                trends,
             ),
             (
                 "Cost (seconds: training wall, full-evaluation wall and CPU, each over training; CPU time "

@@ -9,6 +9,7 @@ deterministic base, evaluation cost, and where the runs trained.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter
 from collections.abc import Sequence
@@ -62,6 +63,48 @@ def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
     return {key: numbers[a] - numbers[b] for key, (a, b) in pairs.items() if a in numbers and b in numbers}
 
 
+#: Severities of the generated corruptions (``shift/severity<s>/...``, eval/suite.py).
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+def uncertainty_trends(run: dict[str, Any]) -> dict[str, float]:
+    """Does an uncertainty move the way the papers say it does? Spearman correlations over five points:
+
+    - ``trend/acc_by_own_unc``: accuracy of the probe across the five equal-count bins of the method's
+      own uncertainty, most to least certain (``sel/emb/acc_by_quantile``); −1 = accuracy falls
+      monotonically as the uncertainty rises (VI-SimSiam: "accuracy rises over κ-quantile bins").
+    - ``trend/acc_by_entropy``: the same for the probe's predictive entropy (``sel/acc_by_quantile``),
+      the reference every method has.
+    - ``trend/own_unc_by_severity``: the mean own uncertainty over corruption severities 1–5 (averaged
+      over corruptions); +1 = it rises monotonically as the images degrade (VI-SimSiam: "κ falls as
+      corruption strength rises"; the other papers' uncertainty-under-shift plots).
+    - ``trend/own_unc_rise``: its relative size, severity 5 over severity 1 minus 1 — a perfectly
+      monotone rise of 0.1% is not an uncertainty anyone can use.
+
+    Five points give a coarse correlation (steps of 0.1); the seed spread in the tables says how stable
+    it is. scipy's ``spearmanr`` (average ranks for ties) does the ranking; a constant sequence has no
+    rank correlation and yields no key.
+    """
+    from scipy.stats import spearmanr
+
+    out: dict[str, float] = {}
+
+    def trend(key: str, values: Sequence[Any]) -> None:
+        if len(values) < 3 or not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+            return
+        if len(set(values)) > 1:
+            out[key] = float(spearmanr(range(len(values)), values).statistic)
+
+    trend("trend/acc_by_own_unc", run.get("sel/emb/acc_by_quantile") or [])
+    trend("trend/acc_by_entropy", run.get("sel/acc_by_quantile") or [])
+    by_severity = [run.get(f"shift/severity{s}/emb_uncertainty") for s in SEVERITIES]
+    trend("trend/own_unc_by_severity", by_severity)
+    first, last = by_severity[0], by_severity[-1]
+    if isinstance(first, int | float) and isinstance(last, int | float) and first > 0:
+        out["trend/own_unc_rise"] = last / first - 1.0
+    return out
+
+
 def evaluation_cpu(run: dict[str, Any]) -> dict[str, float]:
     """``meta/eval_cpu_seconds`` (the stages' CPU seconds summed) and ``meta/eval_cpu_to_train`` (over the
     training wall, like ``meta/eval_to_train``; absent when training took < 1 s). The wall ratio counts
@@ -86,6 +129,7 @@ def load_run_results(run_dir: Path) -> dict[str, Any]:
     results = json.loads((run_dir / "eval.json").read_text())
     results.update(paired_comparisons(results))
     results.update(evaluation_cpu(results))
+    results.update(uncertainty_trends(results))
     summary = read_json(run_dir / "train_summary.json")
     if isinstance(summary, dict):
         results.update({f"meta/train_{k}": summary[k] for k in TRAINING_KEYS if summary.get(k) is not None})
