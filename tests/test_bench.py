@@ -335,17 +335,18 @@ def test_the_same_command_and_seed_reproduce_the_table(tiny_suite, tmp_path):
     """Two fresh output directories, same suite, arm and seed: identical metrics (CPU, deterministic)."""
     a = suites.run_quality_benchmark("tiny", tmp_path / "a", seeds=1, only=["lam_online"], progress=False)
     b = suites.run_quality_benchmark("tiny", tmp_path / "b", seeds=1, only=["lam_online"], progress=False)
-    from probssl.eval.evaluate import TIMING_KEYS as timings
+    from probssl.eval.evaluate import TIMING_KEYS
 
     # timings (with the CPU ratio the tables derive, absent when training took < 1 s), paths
-    drop = (*timings, "meta/eval_cpu_to_train", "config/data.data_dir")
+    timings = (*TIMING_KEYS, "meta/eval_cpu_to_train")
+    drop = (*timings, "config/data.data_dir")
     ra = {k: v for k, v in a["runs"]["lam_online"]["0"].items() if not k.startswith(drop)}
     rb = {k: v for k, v in b["runs"]["lam_online"]["0"].items() if not k.startswith(drop)}
     assert ra == rb
 
     def measured(summary):
         return {
-            arm: {k: v for k, v in cells.items() if not k.startswith((*timings, "meta/eval_cpu_to_train"))}
+            arm: {k: v for k, v in cells.items() if not k.startswith(timings)}
             for arm, cells in summary.items()
         }
 
@@ -622,6 +623,8 @@ def test_uncertainty_trends_are_rank_correlations_over_bins_and_severities():
     """Spearman over five points, checked against the closed form 1 − 6Σd²/(n(n² − 1)) for untied
     ranks; the rise is severity 5 over severity 1; a constant or missing sequence gives no key."""
 
+    from probssl.eval.suite import SEVERITIES
+
     def closed_form(values: list[float]) -> float:
         order = sorted(range(len(values)), key=values.__getitem__)
         ranks = [0] * len(values)
@@ -635,10 +638,7 @@ def test_uncertainty_trends_are_rank_correlations_over_bins_and_severities():
     run = {
         "sel/emb/acc_by_quantile": own_bins,
         "sel/acc_by_quantile": [0.88, 0.68, 0.56, 0.45, 0.36],
-        **{
-            f"shift/severity{s}/emb_uncertainty": u
-            for s, u in zip(tables.SEVERITIES, severities, strict=True)
-        },
+        **{f"shift/severity{s}/emb_uncertainty": u for s, u in zip(SEVERITIES, severities, strict=True)},
     }
     trends = tables.uncertainty_trends(run)
     assert trends["trend/acc_by_own_unc"] == pytest.approx(closed_form(own_bins)) == pytest.approx(-0.7)

@@ -63,10 +63,6 @@ def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
     return {key: numbers[a] - numbers[b] for key, (a, b) in pairs.items() if a in numbers and b in numbers}
 
 
-#: Severities of the generated corruptions (``shift/severity<s>/...``, eval/suite.py).
-SEVERITIES = (1, 2, 3, 4, 5)
-
-
 def uncertainty_trends(run: dict[str, Any]) -> dict[str, float]:
     """Does an uncertainty move the way the papers say it does? Spearman correlations over five points:
 
@@ -86,6 +82,8 @@ def uncertainty_trends(run: dict[str, Any]) -> dict[str, float]:
     rank correlation and yields no key.
     """
     from scipy.stats import spearmanr
+
+    from probssl.eval.suite import SEVERITIES
 
     out: dict[str, float] = {}
 

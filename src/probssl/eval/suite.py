@@ -94,6 +94,10 @@ advance. No in-distribution-only criterion can rank OOD detectors (that needs OO
 the best on the OOD test set would overstate the baseline, so the reference is fixed: the distance
 to the nearest normalised training feature (Sun et al. 2022), which has no hyper-parameter."""
 
+SEVERITIES = (1, 2, 3, 4, 5)
+"""Corruption severities of the shift suite (``shift/<corruption>/<s>/``, ``shift/severity<s>/``): the five
+levels of ``data.corruptions.SEVERITY_PARAMS``."""
+
 BMA_MAX_DRAWS = 4
 """The ``*_bma`` detectors average over the first min(S, 4) posterior draws. Each draw is one full
 detector pass — kNN of every evaluated set against the whole training bank (≈ 15 s per 10k queries
@@ -346,7 +350,7 @@ def shift_suite(
     labels: Tensor,
     corruptions: Sequence[str],
     corrupt: Callable[[Tensor, str, int], Tensor],
-    severities: Sequence[int] = (1, 2, 3, 4, 5),
+    severities: Sequence[int] = SEVERITIES,
     own_uncertainty: bool = True,
 ) -> tuple[Metrics, dict]:
     """Accuracy, ECE and mean uncertainty of the (clean-trained) probe on corrupted test images.
