@@ -298,10 +298,14 @@ def range_statement(score_in: np.ndarray, score_out: np.ndarray) -> str:
     if hi == lo:
         return f"constant: every value is {shown(lo)}"
     share = (hi - lo) / max(abs(lo), abs(hi))
-    return (
-        f"nearly constant: every value lies in\n{shown(lo)} – {shown(hi)}\n"
-        f"(a range of {hi - lo:.2g}, {100 * share:.2g}% of the value)\n"
-        f"median: test {shown(medians[0])} · OOD {shown(medians[1])}"
+    return "\n".join(
+        [
+            "nearly constant: every value in",
+            f"{shown(lo)} – {shown(hi)}",
+            f"(a range of {hi - lo:.2g}, {100 * share:.2g}% of the value)",
+            f"median: test {shown(medians[0])}",
+            f"median: OOD {shown(medians[1])}",
+        ]
     )
 
 
@@ -319,7 +323,7 @@ def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
         ax.set(xticks=[], yticks=[], xlabel=xlabel)
         ax.grid(False)
         statement = range_statement(d["in"], d["out"])
-        ax.text(0.5, 0.5, statement, ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, statement, ha="center", va="center", transform=ax.transAxes, fontsize=8)
         return
     lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) > 20 else (both.min(), both.max())
     if hi <= lo:  # a few outliers hold the spread: draw all of it

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+NON_BREAKING_HYPHEN = "\u2011"
+
 # One word of a key (a part between slashes, or a criterion name) → how a reader calls it.
 _WORDS = {
     "top1": "top-1",
@@ -41,6 +43,7 @@ _WORDS = {
     "err_auroc": "error AUROC",
     "aurc": "AURC",
     "spearman": "Spearman",
+    "crop_up": "crop test: own uncertainty up",
     "map@r": "mAP@R",
     "ausc": "AUSC",
     "ausc_oracle": "AUSC oracle",
@@ -72,8 +75,11 @@ def readable_word(word: str) -> str:
 
 def readable_label(label: str) -> str:
     """A column label (a key less its group prefix, e.g. ``noise/msp/auroc``) as a header reads it:
-    the first part names what is measured on ("noise: ..."), the rest says what is measured."""
-    parts = [readable_word(part) for part in label.split("/") if part]
-    if len(parts) < 2:
-        return parts[0] if parts else label
-    return f"{parts[0]}: {' '.join(parts[1:])}"
+    the first part names what is measured on ("noise: ..."), the rest says what is measured.
+
+    Hyphens are non-breaking (U+2011): a header wraps at its spaces only, so "top‑1" never splits
+    into "top-" over "1", and the table's width estimate (one piece per space) holds.
+    """
+    first, *rest = [readable_word(part) for part in label.split("/") if part] or [label]
+    text = f"{first}: {' '.join(rest)}" if rest else first
+    return text.replace("-", NON_BREAKING_HYPHEN)
