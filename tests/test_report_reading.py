@@ -117,7 +117,8 @@ def test_unevaluated_runs_are_left_out_with_a_note(tmp_path, capsys):
     assert f"not evaluated yet (run `probssl eval {training}`)" in page  # the page says who is missing
     assert "1 run<" in page
 
-    assert main(["report", str(training), "--out", str(tmp_path / "none.html")]) == 2
+    with pytest.warns(UserWarning, match="not evaluated yet"):
+        assert main(["report", str(training), "--out", str(tmp_path / "none.html")]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: none of") and "probssl eval" in err
     assert not (tmp_path / "none.html").exists()
