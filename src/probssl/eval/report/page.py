@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from probssl.eval.report.figures import (
+    NEARLY_CONSTANT,
     _draw_per_run,
     _ood_data,
     _ood_figure,
@@ -143,7 +144,9 @@ _CAPTIONS = {
         "One row per OOD set, one column per score: the probe's entropy, <code>knn1</code> (distance to "
         "the nearest training feature, the pre-declared deterministic reference) and, where the method "
         "has one, its own uncertainty — the question is whether the own score separates as well as "
-        "<code>knn1</code>."
+        f"<code>knn1</code>. A score whose values all lie within {NEARLY_CONSTANT:.0%} of their size is "
+        "stated as its range (and each set's median) instead: a histogram would stretch that sliver "
+        "over the whole axis."
     ),
     "shift": (
         "<b>How to read:</b> accuracy on corrupted copies of the test set as the corruption gets stronger"
