@@ -183,3 +183,42 @@ def test_missing_and_unknown_files(tmp_path) -> None:
     (tmp_path / "folder").mkdir()
     with pytest.raises(WeightsError, match="not a probssl run"):
         read_state_dict(tmp_path / "folder")
+
+
+def test_cli_bad_weights_are_one_line_and_leave_nothing_behind(tmp_path, capsys) -> None:
+    """Issue 32's bad inputs through `probssl train`: exit 2, one `error:` line, no run directory."""
+    from probssl.cli import main
+
+    save_file(build_backbone("vit_tiny", 3, 32).state_dict(), tmp_path / "vit.safetensors")
+    cut = tmp_path / "cut.pt"
+    torch.save(build_backbone("convnet", 1, 8, width=8).state_dict(), cut)
+    cut.write_bytes(cut.read_bytes()[:300])
+    marker = tmp_path / "code-ran"
+    payload = _RunsCode()
+    payload.marker = marker
+    torch.save({"x": payload}, tmp_path / "evil.pt")
+    cases = [
+        ("vit.safetensors", "does not fit backbone 'convnet'"),
+        ("cut.pt", "cannot be read (truncated or damaged?)"),
+        ("evil.pt", "holds Python objects other than tensors"),
+    ]
+    out = tmp_path / "run"
+    for name, message in cases:
+        args = ["train", "--method", "simclr", "--dataset", "digits", "--backbone", "convnet"]
+        args += [
+            "backbone.width=8",
+            f"backbone.weights={tmp_path / name}",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    args = ["train", "--method", "simclr", "--dataset", "digits", "--backbone", "vit_tiny"]
+    assert main([*args, "backbone.patch_size=3", "--out", str(out), "--no-progress"]) == 2
+    assert (
+        "error: backbone.patch_size=3 does not divide the image size 8; use one of 1, 2, 4"
+        in capsys.readouterr().err
+    )
+    assert not out.exists() and not marker.exists()
