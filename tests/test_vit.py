@@ -122,3 +122,44 @@ def test_backward_reaches_every_parameter() -> None:
     net = build_backbone("vit_tiny", 3, 8, patch_size=4)
     net(torch.randn(2, 3, 8, 8)).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_vit_small_folder_is_dinos_recipe_and_the_weight_decay_follows_its_cosine(tmp_path) -> None:
+    import json
+
+    import numpy as np
+
+    from probssl.config import build_config
+    from probssl.optim import warmup_cosine
+    from probssl.train import train
+
+    cfg = build_config("vit_small_folder")
+    assert (cfg.backbone, cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_epochs) == (
+        "vit_small",
+        "adamw",
+        5e-4,
+        10,
+    )
+    assert (cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.backbone_args["drop_path"]) == (
+        0.04,
+        0.4,
+        0.1,
+    )
+    # cosine from 0.04 to 0.4 with no warm-up: 0.04 at the start, their mean half-way (closed form:
+    # final + (base - final)(1 + cos(pi k / K)) / 2 at k = K / 2), as DINO's cosine_scheduler
+    schedule = warmup_cosine(0.04, 100, 0, 0.4)
+    np.testing.assert_allclose(schedule[[0, 50]], [0.04, 0.22], atol=1e-12)
+    # the loop applies it to the decaying group only (biases and norms stay at 0)
+    small = build_config(
+        backbone="convnet",
+        backbone_args={"width": 4},
+        data={"dataset": "digits", "subset": 128},
+        optim={"name": "adamw", "weight_decay": 0.04, "weight_decay_end": 0.4},
+        train={"epochs": 2, "batch_size": 64, "progress": False, "tensorboard": False},
+    )
+    run = train(small, tmp_path / "run")
+    meta = json.loads((run / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    decays = sorted((g["decay"], g["weight_decay"]) for g in meta["optimizer"]["param_groups"])
+    expected = warmup_cosine(0.04, 4, 0, 0.4)[3]  # the value set before the last (4th) step
+    assert decays[0] == (False, 0.0) and decays[1][0] is True
+    assert decays[1][1] == pytest.approx(expected)
