@@ -32,7 +32,7 @@ test-slow: $(VENV)/.installed-dev
 
 # timm and torchvision cannot import beside the pinned CPU torch, so their tests (`-m vision`: timm
 # backbones, torchvision / timm weights against the project's own ResNets and ViTs) get a second
-# environment with the torch whose CUDA build lies on the local disk (5.5 GB, ~1.5 min; it runs on the CPU).
+# environment with the torch whose CUDA build lies on the local disk (6 GB, ~1.5 min idle; it runs on the CPU).
 VISION_VENV ?= .venv-vision
 $(VISION_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VISION_VENV)
