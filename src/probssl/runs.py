@@ -93,14 +93,16 @@ def build_model(
     info: DatasetInfo | None = None,
     device: torch.device | str | None = None,
     backbone: nn.Module | None = None,
+    training: bool = True,
 ) -> SSLMethod:
     """The method of ``cfg`` on ``backbone`` (default: the one the config chooses for ``device``, with
-    its ``backbone.weights``), frozen with ``train.freeze_backbone``."""
+    its ``backbone.weights``), frozen with ``train.freeze_backbone`` (caching features for training
+    without augmentation; ``training=False`` for a run loaded to be evaluated, which needs no cache)."""
     info = info or get_dataset_info(cfg.data.dataset)
     if backbone is None:
         backbone = build_run_backbone(cfg, info, device)
     if cfg.train.freeze_backbone:
-        freeze_backbone(backbone, cache_features=_augmentation_is_fixed(cfg, info))
+        freeze_backbone(backbone, cache_features=training and _augmentation_is_fixed(cfg, info))
     method = build_method(cfg.method, backbone, cfg.method_args)
     if cfg.train.freeze_backbone and method.posterior_over_backbone:
         raise ConfigError(
@@ -144,7 +146,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", step: int 
     info = run_dataset_info(run_dir, cfg)
     # the stored encoder; backbone.weights are not read: the run's own weights replace them below
     backbone = build_run_backbone(cfg, info, run_dir=run_dir, load_weights=False)
-    method = build_model(cfg, info, backbone=backbone)
+    method = build_model(cfg, info, backbone=backbone, training=False)
     state, meta = load_model_state(run_dir, step)
     method.load_state_dict(state)
     method = method.to(device).eval()
