@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from probssl.cli import main
+from probssl.config import ConfigError
 from probssl.nn.backbones import BACKBONES, build_backbone
 from probssl.nn.heads import mlp
 
@@ -158,12 +160,84 @@ def test_mlp_backbone_resizes_other_view_sizes() -> None:
 
 
 def test_build_errors_are_clear() -> None:
-    with pytest.raises(KeyError, match="convnet, mlp, resnet18, resnet50"):
-        build_backbone("vit_tiny", 3, 32)
-    with pytest.raises(TypeError, match="valid options: width, num_stages, norm"):
+    with pytest.raises(KeyError, match="convnet, mlp, resnet18, resnet50, vit_base, vit_small, vit_tiny"):
+        build_backbone("vit_huge", 3, 32)
+    with pytest.raises(ConfigError, match="valid keys in backbone: width, num_stages, norm, weights"):
         build_backbone("convnet", 1, 28, widht=16)
     with pytest.raises(ValueError, match="batch, group, none"):
         build_backbone("resnet18", 3, 32, norm="layer")
+
+
+@pytest.mark.parametrize(
+    ("name", "option", "message"),
+    [
+        ("resnet18", {"stem": "imagenett"}, r"backbone.stem='imagenett' is not one of auto, cifar, imagenet"),
+        ("resnet18", {"width": -3}, r"backbone.width must be >= 1, got -3"),
+        ("resnet50", {"width": "wide"}, r"backbone.width must be an integer, got 'wide'"),
+        ("resnet18", {"zero_init_residual": "yes"}, r"backbone.zero_init_residual must be true or false"),
+        ("convnet", {"num_stages": 0}, r"backbone.num_stages must be >= 1, got 0"),
+        ("convnet", {"stem": "imagenet"}, r"unknown config key 'backbone.stem'; valid keys in backbone: "),
+        ("mlp", {"hidden_dim": -1}, r"backbone.hidden_dim must be >= 1"),
+        (
+            "vit_tiny",
+            {"patch_size": 5},
+            r"backbone.patch_size=5 does not divide the image size 32; use one of",
+        ),
+        ("vit_tiny", {"pool": "max"}, r"backbone.pool='max' is not one of cls, mean"),
+        ("vit_tiny", {"drop_path": 1.5}, r"backbone.drop_path must lie in \[0, 1\)"),
+    ],
+)
+def test_every_backbone_option_is_validated_like_method_options(name, option, message) -> None:
+    """Issue 30.14: a wrong key or value is one ConfigError line naming the key, never a traceback."""
+    with pytest.raises(ConfigError, match=message):
+        build_backbone(name, 3, 32, **option)
+
+
+def test_cli_backbone_options_are_one_error_line_before_any_data_is_read(tmp_path, capsys) -> None:
+    """Issue 30.14 as the user met it: `backbone.stem=...` and `backbone.width=-3` printed tracebacks."""
+    out = tmp_path / "run"
+    for override, message in [
+        ("backbone.stemm=imagenet", "unknown config key 'backbone.stemm'; valid keys in backbone: norm, "),
+        ("backbone.width=wide", "backbone.width must be an integer, got 'wide'"),
+        ("backbone.width=-3", "backbone.width must be >= 1, got -3"),
+    ]:
+        args = ["train", "--method", "simclr", "--dataset", "digits", "--backbone", "resnet18", override]
+        assert main([*args, "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_imagenet_stem_is_the_standard_one(name: str) -> None:
+    """7x7 stride-2 conv + 3x3 stride-2 max-pool: a 224-px image reaches the first stage at 56 px."""
+    net = build_backbone(name, 3, 224, stem="imagenet", width=8)
+    conv, _, _, pool = net.stem
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((7, 7), (2, 2), (3, 3))
+    assert isinstance(pool, nn.MaxPool2d) and (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+    assert net.stem(torch.randn(1, 3, 224, 224)).shape[-2:] == (56, 56)
+    assert net(torch.randn(1, 3, 224, 224)).shape == (1, net.out_dim)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"), [(8, "cifar"), (32, "cifar"), (64, "cifar"), (65, "imagenet"), (96, "imagenet")]
+)
+def test_stem_auto_picks_by_image_size_and_records_it(size: int, expected: str) -> None:
+    net = build_backbone("resnet18", 3, size, width=8)  # stem=auto is the default
+    assert net.options["stem"] == expected
+    assert net.stem[0].kernel_size == ((3, 3) if expected == "cifar" else (7, 7))
+    explicit = build_backbone("resnet18", 3, size, width=8, stem="cifar")
+    assert explicit.options == {"norm": "batch", "zero_init_residual": True, "width": 8, "stem": "cifar"}
+
+
+def test_cifar_stem_keeps_full_resolution_at_224_px() -> None:
+    """The cost the wrong stem adds: the CIFAR stem keeps 224 px into stage 1, 16x the positions of 56 px."""
+    cifar = build_backbone("resnet18", 3, 224, stem="cifar", width=8)
+    imagenet = build_backbone("resnet18", 3, 224, stem="imagenet", width=8)
+    x = torch.randn(1, 3, 224, 224)
+    assert cifar.stem(x).shape[-2:] == (224, 224) and imagenet.stem(x).shape[-2:] == (56, 56)
+    same_stages = [k for k in cifar.state_dict() if not k.startswith("stem.0")]
+    assert all(cifar.state_dict()[k].shape == imagenet.state_dict()[k].shape for k in same_stages)
 
 
 def test_backward_reaches_every_parameter() -> None:

@@ -30,6 +30,11 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
         "--image-size", type=int, help="resize images: shorter side to N, centre N x N (data.image_size)"
     )
     p.add_argument("--backbone", help="backbone name, or 'auto'")
+    p.add_argument(
+        "--init",
+        metavar="RUN",
+        help="start the backbone from another run's (e.g. SimCLR -> VI-SimSiam); backbone.weights=RUN",
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="global batch size")
     p.add_argument("--subset", type=int, help="train on a fixed random subset of N training images")
@@ -63,6 +68,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         values = {k: v for k, v in values.items() if v is not None}
         if values:
             mapping[section] = values
+    if getattr(args, "init", None):  # --init RUN is backbone.weights=RUN, an absolute path (runs move)
+        args.overrides = [*args.overrides, f"backbone.weights={Path(args.init).expanduser().absolute()}"]
     base = None
     if args.resume and args.out and args.config is None and (Path(args.out) / "config.yaml").is_file():
         # Resuming: the run's own config is the base; train() refuses changes beyond runtime keys.
@@ -207,6 +214,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     print(f"embedded {n} images ({d} dimensions): {npz}, ranked by uncertainty in {table}")
     if len(result.get("skipped", ())):
         print(f"skipped {len(result['skipped'])} unreadable image(s), named in {npz} under 'skipped'")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from probssl.export import export_run
+
+    path, meta = export_run(args.run_dir, args.out, args.format)
+    outputs = ", ".join(meta["outputs"])
+    print(f"exported {meta['method']} ({outputs}; input {meta['input'].split(' in ')[0]}) to {path}")
     return 0
 
 
@@ -450,6 +466,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the run's training data lives (for the OOD reference)")
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser(
+        "export", help="a run's encoder as one ONNX or TorchScript file (embedding, uncertainty)"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="FILE.onnx or FILE.pt")
+    p.add_argument("--format", choices=("onnx", "torchscript"), help="default: from --out's suffix")
     p = sub.add_parser("table", help="print a table of eval.json results")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--columns", help="comma-separated metric keys")
@@ -531,6 +553,7 @@ COMMANDS = {
     "train": cmd_train,
     "eval": cmd_eval,
     "embed": cmd_embed,
+    "export": cmd_export,
     "table": cmd_table,
     "demo": cmd_demo,
     "report": cmd_report,

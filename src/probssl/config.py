@@ -59,6 +59,7 @@ class OptimConfig:
     momentum: float = 0.9
     warmup_epochs: float = 2.0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    weight_decay_end: float | None = None  # cosine weight decay to this value (DINO: 0.04 → 0.4); None: fixed
 
 
 @dataclass
@@ -75,6 +76,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (time budgets, tests); the schedule still spans `epochs`
     progress: bool = True
     tensorboard: bool = True
+    freeze_backbone: bool = False  # train only the method's heads on a fixed (eval-mode) backbone
 
 
 @dataclass
@@ -344,6 +346,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.subset must be positive, got {cfg.data.subset}")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps must be ≥ 0, got {cfg.train.max_steps}")
+    if cfg.optim.weight_decay_end is not None and cfg.optim.weight_decay_end < 0:
+        raise ConfigError(f"optim.weight_decay_end must be ≥ 0, got {cfg.optim.weight_decay_end}")
 
 
 def config_from_dict(content: dict[str, Any]) -> RunConfig:

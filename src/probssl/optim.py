@@ -79,7 +79,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "decay": True},
+        {"params": no_decay, "weight_decay": 0.0, "decay": False},
+    ]
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Set the weight decay of every group that decays (biases and norms stay at 0): the per-step value
+    of DINO's cosine schedule (``optim.weight_decay`` → ``optim.weight_decay_end``)."""
+    for group in optimizer.param_groups:
+        if group.get("decay", True):
+            group["weight_decay"] = value
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from probssl.backbone_choice import write_backbone_record
 from probssl.checkpoint import (
     finalize_checkpoint,
     latest_checkpoint,
@@ -59,13 +60,16 @@ from probssl.distributed import (
     init_distributed,
     teardown_distributed,
 )
+from probssl.interrupt import interruptible_backward
 from probssl.io import atomic_write_json, atomic_write_text, read_json
 from probssl.machine import processor_name
 from probssl.methods import TrainContext
-from probssl.optim import build_optimizer, warmup_cosine
+from probssl.nn.backbones import check_backbone_options
+from probssl.optim import build_optimizer, set_weight_decay, warmup_cosine
 from probssl.precision import resolve_precision
 from probssl.run_log import MetricLogger
-from probssl.runs import DATASET_INFO_FILE, build_model, dataset_info_from_json
+from probssl.runs import DATASET_INFO_FILE, build_model, build_run_backbone, dataset_info_from_json
+from probssl.step_clock import StepClock
 
 # Keys that may differ between a run and its resumption: they change how a run is watched or where
 # it stops, never what it computes.
@@ -188,6 +192,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     if tc.deterministic:
         torch.use_deterministic_algorithms(True)
 
+    check_backbone_options(cfg.backbone, cfg.backbone_args)  # a typo fails before any data is read
+
     # ---- data ---------------------------------------------------------------------------------
     data = open_training_data(cfg, out_dir, resume)
     # Rank 0's: a resumed run's stored DatasetInfo is in the run directory, on rank 0's machine only.
@@ -210,13 +216,19 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
     # ---- model, optimiser, schedules (identical init on every rank) ---------------------------
     seed_everything(tc.seed)
-    method = build_model(cfg, info).to(device)
+    resumed = resume and latest_checkpoint(out_dir) is not None  # its weights replace backbone.weights
+    backbone = build_run_backbone(
+        cfg, info, device, run_dir=out_dir if resume else None, load_weights=not resumed, announce=is_main
+    )
+    method = build_model(cfg, info, backbone=backbone).to(device)
     if tc.channels_last:
         method = method.to(memory_format=torch.channels_last)
     lr = cfg.optim.lr * tc.batch_size / 256
     lr_schedule = warmup_cosine(
         lr, total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch), final=lr * cfg.optim.min_lr_ratio
     )
+    wd_end = cfg.optim.weight_decay_end  # DINO's cosine weight-decay schedule, when set
+    wd_schedule = None if wd_end is None else warmup_cosine(cfg.optim.weight_decay, total_steps, 0, wd_end)
     context = TrainContext(
         run_dir=out_dir,
         is_main=is_main,
@@ -266,6 +278,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         atomic_write_json(out_dir / DATASET_INFO_FILE, dataclasses.asdict(info))
+        write_backbone_record(out_dir, backbone)  # what `auto` became: every later use rebuilds it
         if cfg.data.skip_corrupt:
             atomic_write_text(out_dir / SKIPPED_FILE, "".join(f"{item}\n" for item in data.skipped))
 
@@ -303,6 +316,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         unit="step",
         dynamic_ncols=True,
     )
+    interruptible_backward(method)  # Ctrl-C acts between blocks of a long backward pass
+    clock = StepClock(stop_step - start_step, steps_per_epoch, enabled=is_main and method.trainable)
     window_start, window_steps, train_start = time.perf_counter(), 0, time.perf_counter()
     loss = None
     last_step = stop_step if method.trainable else start_step
@@ -316,6 +331,8 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         if not owns_schedule:
             for group in optimizer.param_groups:
                 group["lr"] = float(lr_schedule[step])
+        if wd_schedule is not None:
+            set_weight_decay(optimizer, float(wd_schedule[step]))
 
         with autocast_context(device, precision):
             loss = model(views)
@@ -336,6 +353,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
 
         window_steps += 1
         bar.update(1)
+        clock.step_done()
         if (step + 1) % tc.log_every == 0 or step + 1 == stop_step:
             elapsed = time.perf_counter() - window_start
             img_s = window_steps * tc.batch_size / max(elapsed, 1e-9)

@@ -98,6 +98,16 @@ class ViewConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether every view of an image is the same (the whole image, nothing random): then a frozen
+        encoder's features can be computed once per image (``train.freeze_backbone``)."""
+        whole = self.crop_scale == (1.0, 1.0) and self.crop_ratio == (1.0, 1.0)
+        fixed = all(getattr(self, p) in (0.0, 1.0) for p in ("flip_p", "grayscale_p", "solarize_p"))
+        return (
+            whole and fixed and self.jitter_p == self.blur_p == self.noise_std == self.rotate_degrees == 0.0
+        )
+
 
 PRESETS: dict[str, ViewConfig] = {
     # sklearn digits, 8x8 grey: the whole digit fills the frame, so crops stay large (a 0.08 crop would be a
@@ -144,6 +154,17 @@ PRESETS: dict[str, ViewConfig] = {
         grayscale_p=0.2,
         blur_p=0.5,
         blur_sigma=(0.1, 2.0),
+        solarize_p=0.0,
+    ),
+    # No augmentation: the whole image as it is, in every view. For heads trained on a frozen encoder
+    # from features computed once (train.freeze_backbone=true data.views=none).
+    "none": ViewConfig(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
         solarize_p=0.0,
     ),
 }

@@ -103,6 +103,14 @@ class SSLMethod(nn.Module):
     draws_fixed_by_model: ClassVar[bool] = False
     #: number of augmented views the loss expects (2 global; multi-crop methods may ask for more).
     num_views: ClassVar[int] = 2
+    #: True when the posterior is over the backbone's own weights (cSGHMC): a frozen backbone
+    #: (``train.freeze_backbone``) would leave it nothing to sample.
+    posterior_over_backbone: ClassVar[bool] = False
+    #: True where ``embed``'s uncertainty is a deterministic function of the image, so ``probssl export``
+    #: writes it as a second output; posteriors that draw samples export :meth:`point_embedding` only.
+    exports_uncertainty: ClassVar[bool] = False
+    #: What an exported model's embedding is, where it is not ``embed``'s mean (kept in the file).
+    export_note: ClassVar[str] = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every method's own ``embed`` gets the same input check and the one-time "no samples"
@@ -137,6 +145,11 @@ class SSLMethod(nn.Module):
         methods without draws return ``samples=None`` (and warn once when asked for more than one).
         """
         return Embedding.deterministic(self.backbone(x).float())
+
+    def point_embedding(self, x: Tensor) -> Tensor:
+        """A deterministic embedding [N, D] of normalised images, for export: ``embed(x).mean``, which
+        methods whose ``embed`` draws from a posterior replace by a point of it (``export_note``)."""
+        return self.embed(x).mean
 
     def set_input_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         """Told once at build time how inputs were normalised; methods that need raw pixels override it."""

@@ -107,6 +107,11 @@ class CSGHMCConfig(MethodConfig):
 class CyclicalSGHMCSSL(SSLMethod):
     config_class = CSGHMCConfig
     probabilistic = True
+    posterior_over_backbone = True
+    export_note = (
+        "the encoder's weights at the end of training, not a posterior sample nor an average of them: the "
+        "samples live in the run's bank (probssl embed --samples)"
+    )
     uncertainty_doc = (
         "spread of the weight-space posterior: 1 − ‖mean over SGHMC weight samples of the unit "
         "embedding‖², Σ_d of the per-dimension variance of unit vectors; 0 when all samples agree, at "
@@ -244,6 +249,10 @@ class CyclicalSGHMCSSL(SSLMethod):
         state = {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
         self._samples = [state] * samples
         self._samples_fingerprint = f"timing{samples}"
+
+    @torch.no_grad()
+    def point_embedding(self, x: Tensor) -> Tensor:
+        return self.backbone(x).float()
 
     @torch.no_grad()
     def embed(self, x: Tensor, samples: int | None = None) -> Embedding:

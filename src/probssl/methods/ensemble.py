@@ -1,6 +1,8 @@
 """Deep ensemble of any registered method (Lakshminarayanan et al. 2017): the baseline of LAM's table.
 
-members:  M copies of a method, each with its own freshly initialised backbone and heads
+members:  M copies of a method, each with its own freshly initialised backbone and heads (a backbone
+          started from given weights, ``backbone.weights``, keeps them in every member; a frozen one,
+          ``train.freeze_backbone``, makes it an ensemble of heads)
 loss:     Σ_m L_m(views)      (each member's gradient is exactly what training it alone would give)
 embed:    draws = the M members' embeddings [M, N, D]; mean = their average (renormalised when the
           members embed on the unit sphere); uncertainty = Σ_d std_d over members (LAM's summary)
@@ -45,6 +47,13 @@ def _reinitialise(module: nn.Module) -> None:
             layer.reset_parameters()
 
 
+def _member_mean(draws: Tensor) -> Tensor:
+    """The mean of the members' embeddings [M, N, D], L2-normalised when they are unit vectors."""
+    mean = draws.mean(dim=0)
+    on_sphere = torch.allclose(draws.norm(dim=-1), torch.ones_like(draws[..., 0]), atol=1e-3)
+    return F.normalize(mean, dim=-1) if on_sphere else mean
+
+
 @METHODS.register("ensemble")
 class DeepEnsemble(SSLMethod):
     config_class = EnsembleConfig
@@ -54,6 +63,7 @@ class DeepEnsemble(SSLMethod):
         "units of the features (≈ 0–2 for unit-norm members)"
     )
     draws_fixed_by_model = True  # M members = M draws, whatever ``samples`` asks for
+    export_note = "the mean of the members' point embeddings (L2-normalised when they are unit vectors)"
 
     def __init__(self, backbone: nn.Module, cfg: EnsembleConfig) -> None:
         nn.Module.__init__(self)  # the backbones live inside the members, registered once
@@ -68,8 +78,8 @@ class DeepEnsemble(SSLMethod):
         members = []
         for m in range(cfg.size):
             own = backbone if m == 0 else copy.deepcopy(backbone)
-            if m > 0:
-                _reinitialise(own)
+            if m > 0 and not getattr(backbone, "pretrained", False):  # given weights (backbone.weights)
+                _reinitialise(own)  # stay in every member: then the heads' initialisations differ
             members.append(
                 member_cls(own, method_config(member_cls.config_class, cfg.member_args, cfg.member))
             )
@@ -120,13 +130,14 @@ class DeepEnsemble(SSLMethod):
     def embed(self, x: Tensor, samples: int | None = None) -> Embedding:
         """One draw per member (``samples`` is fixed by the ensemble's size and ignored)."""
         draws = torch.stack([member.embed(x).mean for member in self.members])  # [M, N, D]
-        mean = draws.mean(dim=0)
-        on_sphere = torch.allclose(draws.norm(dim=-1), torch.ones_like(draws[..., 0]), atol=1e-3)
         return Embedding(
-            mean=F.normalize(mean, dim=-1) if on_sphere else mean,
+            mean=_member_mean(draws),
             samples=draws,
             uncertainty=draws.std(dim=0).sum(dim=-1),
         )
+
+    def point_embedding(self, x: Tensor) -> Tensor:
+        return _member_mean(torch.stack([member.point_embedding(x) for member in self.members]))
 
     def extra_state_for_logging(self) -> dict[str, Any]:
         return {}

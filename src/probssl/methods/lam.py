@@ -113,6 +113,11 @@ class LAM(SSLMethod):
         "unit embedding; 0 with posterior = none or one draw, grows with the posterior variance"
     )
 
+    export_note = (
+        "the embedding under the posterior mean weights θ* (normalise(W* h + b*)); probssl embed averages "
+        "seeded posterior draws instead, and the uncertainty needs those draws"
+    )
+
     def __init__(self, backbone: nn.Module, cfg: LAMConfig) -> None:
         cfg.validate()
         super().__init__(backbone, cfg)
@@ -219,6 +224,10 @@ class LAM(SSLMethod):
             samples=draws,
             uncertainty=draws.std(dim=0).sum(dim=-1) if draws.shape[0] > 1 else draws.new_zeros(h.shape[0]),
         )
+
+    def point_embedding(self, x: Tensor) -> Tensor:
+        """normalise(W* f(x) + b*): the posterior mean of the weights (no dropout for MC dropout)."""
+        return F.normalize(self.embedding(self.backbone(x).float()), dim=-1)
 
     def extra_state_for_logging(self) -> dict[str, float]:
         if self.cfg.posterior not in ("online", "posthoc"):

@@ -108,6 +108,7 @@ class NormalisedBottleneckProjector(nn.Module):
 @METHODS.register("prosmin")
 class ProSMIN(SSLMethod):
     probabilistic = True
+    exports_uncertainty = True  # a deterministic function of the image (probssl export)
     uncertainty_doc = (
         "aleatoric σ of the online Gaussian head: mean over dimensions of exp(½ log σ²) for the image; > "
         "0, on the head's output scale"

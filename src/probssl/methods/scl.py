@@ -86,6 +86,7 @@ def compression_ratio_stats(
 @METHODS.register("scl")
 class SCL(SSLMethod):
     probabilistic = True
+    exports_uncertainty = True  # a deterministic function of the image (probssl export)
     uncertainty_doc = (
         "spread of the stochastic latent: mean σ of the Gaussian code, or mean per-bit entropy in bits "
         "(0–1) of the Bernoulli code"

@@ -113,6 +113,7 @@ def power_spherical_alignment_loss(
 @METHODS.register("vi_simsiam")
 class VISimSiam(SSLMethod):
     probabilistic = True
+    exports_uncertainty = True  # a deterministic function of the image (probssl export)
     uncertainty_doc = (
         "1/κ of the image's power-spherical posterior over directions: κ is the concentration, so 1/κ is "
         "small (≈ 1/d at initialisation) for confident images and grows for ambiguous ones"

@@ -1,8 +1,10 @@
 """Encoders ("backbones") mapping images [B, C, H, W] to representations [B, out_dim].
 
-Written here rather than taken from torchvision (not a dependency) and shaped for the small images SSL
-research uses: the ResNets have the CIFAR stem (3x3 stride-1 conv, no max-pool) because the ImageNet stem
-would shrink a 32x32 image to 8x8 before the first residual stage.
+Written here rather than taken from torchvision (not a dependency). The ResNets have two stems: the
+CIFAR stem (3x3 stride-1 conv, no max-pool) for small images, because the ImageNet stem would shrink a
+32x32 image to 8x8 before the first residual stage, and the ImageNet stem (7x7 stride-2 conv, 3x3
+stride-2 max-pool) for larger ones, where the CIFAR stem costs 16x the FLOPs and fits no published
+weights. ``stem=auto`` picks by the image size (:func:`resolve_stem`).
 
 Every builder takes ``norm`` in {"batch", "group", "none"}: BatchNorm is the default, but it couples the
 samples of a batch (and needs SyncBatchNorm, CUDA-only, to be exact across processes), so tests of
@@ -13,11 +15,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import typing
 from collections.abc import Callable
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from probssl.config import ConfigError, _coerce
 from probssl.registry import Registry
 
 __all__ = [
@@ -28,17 +33,39 @@ __all__ = [
     "ConvNet",
     "MLPBackbone",
     "ResNet",
+    "STEMS",
+    "backbone_option_names",
     "build_backbone",
+    "resolve_stem",
 ]
 
 BACKBONES: Registry[Callable[..., nn.Module]] = Registry("backbone")
 
 NORMS = ("batch", "group", "none")
+STEMS = ("auto", "cifar", "imagenet")
+#: ``stem=auto`` keeps the CIFAR stem up to this side (a 64-px image still has an 8x8 map in the last
+#: stage) and takes the ImageNet stem above it, as the field does for 96-px STL-10 and 224-px ImageNet.
+CIFAR_STEM_MAX_SIZE = 64
 
 
 def _check_norm(norm: str) -> None:
     if norm not in NORMS:
-        raise ValueError(f"unknown norm '{norm}'; valid norms: {', '.join(NORMS)}")
+        raise ConfigError(f"backbone.norm={norm!r} is not one of {', '.join(NORMS)}")
+
+
+def _check_positive(**values: int | None) -> None:
+    for key, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"backbone.{key} must be >= 1, got {value}")
+
+
+def resolve_stem(stem: str, image_size: int) -> str:
+    """``cifar`` | ``imagenet`` for a ResNet's ``stem`` option; ``auto`` picks by the image size."""
+    if stem not in STEMS:
+        raise ConfigError(f"backbone.stem={stem!r} is not one of {', '.join(STEMS)}")
+    if stem != "auto":
+        return stem
+    return "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"
 
 
 def _group_count(channels: int) -> int:
@@ -145,8 +172,25 @@ def _shortcut(in_ch: int, out_ch: int, stride: int, norm: str) -> nn.Module:
     )
 
 
+def resnet_stem(kind: str, in_channels: int, width: int, norm: str) -> nn.Sequential:
+    """``cifar``: 3x3 stride-1 conv, norm, ReLU (full resolution). ``imagenet``: 7x7 stride-2 conv, norm,
+    ReLU, 3x3 stride-2 max-pool (a quarter of the side), exactly torchvision's ``conv1, bn1, relu,
+    maxpool``, so its weights fit. The conv and norm are ``stem.0`` and ``stem.1`` in both."""
+    bias = norm == "none"
+    if kind == "cifar":
+        return nn.Sequential(conv3x3(in_channels, width, 1, bias=bias), norm_2d(norm, width), nn.ReLU())
+    if kind == "imagenet":
+        return nn.Sequential(
+            nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=bias),
+            norm_2d(norm, width),
+            nn.ReLU(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+        )
+    raise ConfigError(f"backbone.stem={kind!r} is not one of cifar, imagenet")
+
+
 class ResNet(nn.Module):
-    """CIFAR-stem ResNet without the classifier: stem, four stages (64-128-256-512 widths), global avg pool.
+    """ResNet without the classifier: stem, four stages (64-128-256-512 widths), global avg pool.
 
     ``width`` is the stem's and first stage's channel count (64 in the paper); the stages keep the
     1-2-4-8 ratio, so ``width=16`` gives 16-32-64-128 with ~1/16 of the parameters and FLOPs: the
@@ -165,14 +209,13 @@ class ResNet(nn.Module):
         norm: str = "batch",
         zero_init_residual: bool = True,
         width: int = 64,
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
         _check_norm(norm)
-        if width < 1:
-            raise ValueError(f"width must be >= 1, got {width}")
-        self.stem = nn.Sequential(
-            conv3x3(in_channels, width, 1, bias=norm == "none"), norm_2d(norm, width), nn.ReLU()
-        )
+        _check_positive(width=width)
+        self.resolved = {"stem": stem}  # what ``stem=auto`` became, stored with a run
+        self.stem = resnet_stem(stem, in_channels, width, norm)
         stages: list[nn.Module] = []
         in_ch = width
         stage_widths = (width, 2 * width, 4 * width, 8 * width)
@@ -222,8 +265,7 @@ class ConvNet(nn.Module):
     ) -> None:
         super().__init__()
         _check_norm(norm)
-        if width < 1 or num_stages < 1:
-            raise ValueError(f"width and num_stages must be >= 1, got {width}, {num_stages}")
+        _check_positive(width=width, num_stages=num_stages)
         halvings = _num_halvings(image_size, num_stages)
         layers: list[nn.Module] = []
         in_ch = in_channels
@@ -257,6 +299,7 @@ class MLPBackbone(nn.Module):
     ) -> None:
         super().__init__()
         _check_norm(norm)
+        _check_positive(hidden_dim=hidden_dim, out_dim=out_dim)
         self.image_size = image_size
         self.out_dim: int = out_dim if out_dim is not None else hidden_dim
         self.net = nn.Sequential(
@@ -284,10 +327,12 @@ def resnet18(
     norm: str = "batch",
     zero_init_residual: bool = True,
     width: int = 64,
+    stem: str = "auto",
 ) -> ResNet:
-    """CIFAR ResNet-18, out_dim ``8 * width`` (512), ~11.17M parameters at width 64 (~0.70M at 16).
-    ``image_size`` is unused: any size works."""
-    return ResNet(BasicBlock, (2, 2, 2, 2), in_channels, norm, zero_init_residual, width)
+    """ResNet-18, out_dim ``8 * width`` (512), ~11.17M parameters at width 64 (~0.70M at 16).
+    ``image_size`` only decides ``stem=auto``: any size works."""
+    stem = resolve_stem(stem, image_size)
+    return ResNet(BasicBlock, (2, 2, 2, 2), in_channels, norm, zero_init_residual, width, stem)
 
 
 @BACKBONES.register("resnet50")
@@ -297,9 +342,11 @@ def resnet50(
     norm: str = "batch",
     zero_init_residual: bool = True,
     width: int = 64,
+    stem: str = "auto",
 ) -> ResNet:
-    """CIFAR ResNet-50, out_dim ``32 * width`` (2048). ``image_size`` is unused: the net is size-agnostic."""
-    return ResNet(Bottleneck, (3, 4, 6, 3), in_channels, norm, zero_init_residual, width)
+    """ResNet-50 (v1.5), out_dim ``32 * width`` (2048). ``image_size`` only decides ``stem=auto``."""
+    stem = resolve_stem(stem, image_size)
+    return ResNet(Bottleneck, (3, 4, 6, 3), in_channels, norm, zero_init_residual, width, stem)
 
 
 @BACKBONES.register("convnet")
@@ -318,22 +365,67 @@ def mlp_backbone(
     return MLPBackbone(in_channels, image_size, hidden_dim, out_dim, norm)
 
 
-def _check_kwargs(name: str, builder: Callable[..., nn.Module], kwargs: dict[str, object]) -> None:
-    """Reject unknown options with the list of valid ones (a config typo must not be silently ignored)."""
-    params = inspect.signature(builder).parameters
-    accepted = [p for p in params if p not in ("in_channels", "image_size")]
+def backbone_option_names(name: str) -> list[str]:
+    """The ``backbone.*`` keys backbone ``name`` takes, in its signature's order (and ``weights``, which
+    every backbone takes: a file of pretrained weights, :mod:`probssl.nn.weights`)."""
+    params = inspect.signature(BACKBONES.get(name)).parameters
+    return [p for p in params if p not in ("in_channels", "image_size")] + ["weights"]
+
+
+def _checked_options(name: str, builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Reject unknown options with the list of valid ones (a config typo must not be silently ignored) and
+    values of the wrong type, as ``method.*`` options are: one :class:`ConfigError` line each."""
+    accepted = backbone_option_names(name)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise TypeError(
-            f"backbone '{name}' got unknown option(s) {', '.join(unknown)}; "
-            f"valid options: {', '.join(accepted)}"
+        raise ConfigError(
+            f"unknown config key 'backbone.{unknown[0]}'; valid keys in backbone: "
+            f"{', '.join(accepted) or '(none)'} (backbone '{name}')"
         )
+    hints = typing.get_type_hints(builder)
+    hints["weights"] = str
+    return {key: _coerce(value, hints.get(key, Any), f"backbone.{key}") for key, value in kwargs.items()}
+
+
+def check_backbone_options(name: str, options: dict[str, Any]) -> None:
+    """The keys and value types of ``backbone.*`` for a named backbone, before anything is built (values
+    that need the image size, such as a ViT's patch size, are checked when it is built; ``auto`` is
+    checked once it is resolved)."""
+    if name == "auto" or name.startswith("timm:"):
+        return  # timm's own options are checked by timm when the model is created
+    builder = BACKBONES.get(name)
+    _checked_options(name, builder, options)
+
+
+def resolved_options(name: str, net: nn.Module, given: dict[str, Any]) -> dict[str, Any]:
+    """Every option of the built backbone, defaults filled in and ``auto`` values resolved: what a run
+    stores so that it is rebuilt identically wherever and whenever it is loaded."""
+    params = inspect.signature(BACKBONES.get(name)).parameters
+    options = {k: p.default for k, p in params.items() if k not in ("in_channels", "image_size")}
+    options.update(given)
+    options.update(getattr(net, "resolved", {}))
+    return options
 
 
 def build_backbone(name: str, in_channels: int, image_size: int, **kwargs: object) -> nn.Module:
-    """Build a registered backbone mapping [B, in_channels, H, W] -> [B, out_dim]; ``.out_dim`` is an int."""
+    """Build a registered backbone mapping [B, in_channels, H, W] -> [B, out_dim]; ``.out_dim`` is an int.
+
+    ``.options`` holds every option it was built with, ``auto`` values resolved (:func:`resolved_options`).
+    Bad options raise :class:`ConfigError` naming the ``backbone.*`` key.
+    """
+    if name.startswith("timm:"):
+        from probssl.nn.timm_backbone import build_timm_backbone
+
+        return build_timm_backbone(name.removeprefix("timm:"), in_channels, image_size, **kwargs)
     builder = BACKBONES.get(name)
-    _check_kwargs(name, builder, kwargs)
+    options = _checked_options(name, builder, dict(kwargs))
+    weights = options.pop("weights", None)
     if in_channels < 1 or image_size < 1:
         raise ValueError(f"in_channels and image_size must be >= 1, got {in_channels}, {image_size}")
-    return builder(in_channels, image_size, **kwargs)
+    net = builder(in_channels, image_size, **options)
+    net.options = resolved_options(name, net, options)
+    if weights is not None:
+        from probssl.nn.weights import load_backbone_weights
+
+        net.weights_report = load_backbone_weights(net, weights, name)
+    return net
