@@ -168,7 +168,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _named_mappings(mapping: dict[str, Any]) -> dict[str, Any]:
+def named_mappings(mapping: dict[str, Any]) -> dict[str, Any]:
     """``method: {name: simclr, temperature: 0.3}`` → ``method: simclr`` + ``method_args: {temperature:
     0.3}`` (and the same for ``backbone``): the nested form reads naturally in YAML, so accept it."""
     mapping = dict(mapping)
@@ -196,7 +196,7 @@ def _named_mappings(mapping: dict[str, Any]) -> dict[str, Any]:
 def apply_mapping(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
     """Set the fields of dataclass ``obj`` from a nested mapping, validating keys and types."""
     if isinstance(obj, RunConfig):
-        mapping = _named_mappings(mapping)
+        mapping = named_mappings(mapping)
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
     for key, value in mapping.items():
@@ -353,14 +353,20 @@ def config_from_dict(content: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def yaml_safe(value: Any) -> Any:
+    """``value`` with every tuple, at any depth, a list: YAML's safe dumper writes lists, not tuples
+    (the dataclasses turn them back into tuples when the file is read)."""
+    if isinstance(value, dict):
+        return {k: yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [yaml_safe(v) for v in value]
+    return value
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     from probssl.io import atomic_write_text
 
-    data = cfg.to_dict()
-    for section in data.values():  # YAML's safe dumper writes lists, not tuples
-        if isinstance(section, dict):
-            section.update({k: list(v) for k, v in section.items() if isinstance(v, tuple)})
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(yaml_safe(cfg.to_dict()), sort_keys=False))
 
 
 def method_config(config_class: type, args: dict[str, Any], method: str) -> Any:

@@ -7,7 +7,7 @@ multi-threaded processes on the same cores slow each other down. So each worker 
 ``cores // N`` threads.
 
 How they share: every worker walks the same list of runs; a run is locked while it trains
-(:mod:`probssl.bench.run_lock`), so a worker skips what another one holds and takes the next. Each worker
+(:mod:`probssl.run_lock`), so a worker skips what another one holds and takes the next. Each worker
 writes its failures and timings to ``OUT/SUITE/.workers/<k>.json``; the parent then builds the
 table, report and BENCHMARKS.md section once, from every finished run.
 """
