@@ -75,6 +75,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop early (time budgets, tests); the schedule still spans `epochs`
     progress: bool = True
     tensorboard: bool = True
+    threads: int | None = None  # intra-op CPU threads; None: auto (probssl/threads.py, README "Threads")
 
 
 @dataclass
@@ -115,6 +116,29 @@ class RunConfig:
                 out[key] = value
         return out
 
+
+#: Keys that change how a run is watched, where it stops, where its data is read from or how many
+#: threads compute it, never what it computes (thread counts aside, which move float rounding): a
+#: ``--resume`` may change them, and a run written before one of them existed has no gap worth a warning.
+RUNTIME_KEYS = frozenset(
+    {
+        "train.max_steps",
+        "train.progress",
+        "train.tensorboard",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.threads",
+        "data.data_dir",
+        "data.download",
+        # where and how images are read, never which pixels: the data order and the pixels are the same
+        "data.workers",
+        "data.cache_dir",
+        "data.verify",
+        "data.pipeline",
+        "data.memory_limit_gb",
+    }
+)
 
 # Override aliases: `method.temperature=0.3` reads better than `method_args.temperature=0.3`.
 _ALIASES = {"method": "method_args", "backbone": "backbone_args"}
@@ -342,6 +366,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.workers must be ≥ 0, got {cfg.data.workers}")
     if cfg.data.subset is not None and cfg.data.subset <= 0:
         raise ConfigError(f"data.subset must be positive, got {cfg.data.subset}")
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        raise ConfigError(f"train.threads must be ≥ 1 (or null: auto), got {cfg.train.threads}")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps must be ≥ 0, got {cfg.train.max_steps}")
 

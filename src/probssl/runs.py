@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from probssl.checkpoint import CheckpointError, final_weights_intact, latest_checkpoint, load_model_state
-from probssl.config import ConfigError, RunConfig, config_from_dict, load_yaml, named_mappings
+from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, config_from_dict, load_yaml, named_mappings
 from probssl.data import DatasetError, DatasetInfo, default_data_dir, get_dataset_info, preset_for_dataset
 from probssl.data.resolve import is_path_dataset, open_source
 from probssl.io import read_json
@@ -115,7 +115,7 @@ def read_run_config(run_dir: str | Path, info: DatasetInfo | None = None) -> Run
     cfg = config_from_dict(stored)
     resolved = resolved_config(cfg, info or run_dataset_info(run_dir, cfg))
     normalised = named_mappings(stored)  # `method: {name: ..., ...}` read as method + method_args
-    gaps = _missing_keys(normalised, resolved.to_dict())
+    gaps = [key for key in _missing_keys(normalised, resolved.to_dict()) if key not in RUNTIME_KEYS]
     if normalised.get("backbone") == "auto":
         gaps.insert(0, f"backbone (auto → {resolved.backbone})")
     key = run_dir.resolve()

@@ -37,7 +37,7 @@ from probssl.checkpoint import (
     staging_dir,
     write_rng,
 )
-from probssl.config import ConfigError, RunConfig, save_config
+from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, save_config
 from probssl.data import (
     DatasetError,
     DatasetInfo,
@@ -79,25 +79,10 @@ from probssl.runs import (
     run_dataset_info,
     training_data_error,
 )
+from probssl.threads import auto_threads
 
-# Keys that may differ between a run and its resumption: they change how a run is watched or where
-# it stops, never what it computes.
-RESUMABLE_KEYS = {
-    "train.max_steps",
-    "train.progress",
-    "train.tensorboard",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "data.data_dir",
-    "data.download",
-    # where and how images are read, never which pixels: the data order and the pixels are the same
-    "data.workers",
-    "data.cache_dir",
-    "data.verify",
-    "data.pipeline",
-    "data.memory_limit_gb",
-}
+# Keys that may differ between a run and its resumption (probssl.config.RUNTIME_KEYS).
+RESUMABLE_KEYS = set(RUNTIME_KEYS)
 
 
 class TrainingError(RuntimeError):
@@ -234,6 +219,15 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     lock of a process that died (even by SIGKILL) is taken over.
     """
     out_dir = Path(out_dir)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(auto_threads(cfg.train.threads)[0])  # probssl.threads: why not torch's default
+    try:
+        return _locked_train(cfg, out_dir, resume)
+    finally:
+        torch.set_num_threads(previous_threads)  # a library call leaves the process as it found it
+
+
+def _locked_train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds the lock for the whole job
         return _train(cfg, out_dir, resume)
     created = not out_dir.exists()
@@ -468,6 +462,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
             "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
             "device": str(device),
             "precision": precision,  # what `auto` became (or, resumed, what the run started at)
+            "threads": torch.get_num_threads(),  # intra-op threads of this invocation (probssl.threads)
             "processor": processor_name(device),  # suites span sessions on changing machines
         }
         if not steps_run:  # nothing trained now (--resume rewriting a corrupt model.safetensors): keep
@@ -497,8 +492,8 @@ def start_line(
     stop = total if tc.max_steps is None else min(total, tc.max_steps)
     params = sum(p.numel() for p in method.parameters() if p.requires_grad)
     shape = f"{info.image_size}×{info.image_size}×{info.channels}"
-    threads = torch.get_num_threads()
-    where = f"{device}, {threads} thread{'s' if threads != 1 else ''}"
+    threads, why = torch.get_num_threads(), auto_threads(tc.threads)[1]
+    where = f"{device}, {threads} thread{'s' if threads != 1 else ''} ({why})"
     steps = f"{total:,} steps ({tc.epochs} epoch{'s' if tc.epochs != 1 else ''} of {steps_per_epoch})"
     if stop < total:
         steps += f", stopping at {stop:,} (train.max_steps)"

@@ -25,13 +25,7 @@ from typing import Any
 
 from probssl.bench import suites
 from probssl.config import ConfigError
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from probssl.threads import usable_cores
 
 
 def run_parallel_benchmark(

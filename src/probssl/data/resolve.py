@@ -136,9 +136,7 @@ def _list_tar(path: Path, cache_dir: PathLike | None) -> _Listing:
             f"names; re-create it from the folder, e.g. tar -cf images.tar -C PARENT FOLDER"
         ) from e
     except (tarfile.TarError, EOFError, OSError) as e:
-        # the reader may already say "damaged or truncated" (a compressed stream): say it once
-        detail = str(e) if "damaged or truncated" in str(e) else f"it is damaged or truncated ({e})"
-        raise DatasetError(f"cannot read {path} as a tar: {detail}") from e
+        raise DatasetError(f"cannot read {path} as a tar: it is damaged or truncated ({e})") from e
     images = [i for i, n in enumerate(index.names) if image_folder.is_image_name(n)]
     files = [index.names[i] for i in images]
     _, rel, dirs = image_folder.strip_single_top(files, index.dirs)
