@@ -84,7 +84,7 @@ def test_a_run_from_before_fills_its_gaps_from_todays_defaults_and_says_so_once(
     shutil.copytree(trained, old)
     stored = yaml.safe_load((old / "config.yaml").read_text())
     stored.update(backbone="auto", method_args={}, backbone_args={"width": 8})  # as runs were written
-    del stored["data"]["views"]
+    stored["data"]["views"] = None
     (old / "config.yaml").write_text(yaml.safe_dump(stored))
     monkeypatch.setattr(SimCLR, "config_class", dataclasses.make_dataclass(
         "Hotter", [("temperature", float, dataclasses.field(default=0.9))], bases=(SimCLRConfig,)
@@ -97,7 +97,7 @@ def test_a_run_from_before_fills_its_gaps_from_todays_defaults_and_says_so_once(
         "backbone (auto → convnet)",
         "method_args (all 3 keys)",
         "backbone_args.num_stages",
-        "data.views",
+        "data.views (the dataset's preset → digits)",
     ):
         assert gap in message
     assert run.method.cfg.temperature == 0.9  # today's default: the gap could not be filled otherwise

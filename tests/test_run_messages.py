@@ -81,6 +81,17 @@ def test_moved_photos_are_named_and_found_again_with_dataset(tmp_path, monkeypat
     assert "does not hold the run's training images: it has 3 classes" in capsys.readouterr().err
 
 
+def test_an_unfinished_run_whose_photos_moved_resumes_from_their_new_place(tmp_path, monkeypatch, capsys):
+    run = _train_photos(tmp_path, monkeypatch, "train.max_steps=1", "--epochs", "2")
+    moved = tmp_path / "pictures"
+    shutil.move(tmp_path / "work" / "pics", moved)
+    capsys.readouterr()
+    assert main(["train", "--resume", "--out", str(run), "--no-progress"]) == 2
+    assert "--dataset NEWPATH" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(run), "--no-progress", "--dataset", str(moved)]) == 0
+    assert (run / "model.safetensors").is_file()
+
+
 def test_dataset_points_only_own_images_elsewhere(tmp_path, capsys):
     cfg = build_config(
         method="simclr",

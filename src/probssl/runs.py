@@ -118,6 +118,8 @@ def read_run_config(run_dir: str | Path, info: DatasetInfo | None = None) -> Run
     gaps = [key for key in _missing_keys(normalised, resolved.to_dict()) if key not in RUNTIME_KEYS]
     if normalised.get("backbone") == "auto":
         gaps.insert(0, f"backbone (auto → {resolved.backbone})")
+    if (normalised.get("data") or {}).get("views", "") is None:
+        gaps.append(f"data.views (the dataset's preset → {resolved.data.views})")
     key = run_dir.resolve()
     if gaps and key not in _WARNED_GAPS:
         _WARNED_GAPS.add(key)

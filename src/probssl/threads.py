@@ -3,11 +3,14 @@
 Why this is not left to torch: torch starts one intra-op thread per core, and its OpenMP runtime
 (libgomp) lets a thread that waits for the others *spin*. On a shared or busy machine a spinning thread
 burns the time slice its partner needs, and a training step became 5–7× slower with two threads than
-with one (``OMP_WAIT_POLICY`` unset, 2-core AMD EPYC at load average 10–17, SimCLR steps interleaved in
-one process: ConvNet on 8 px digits 0.87 s vs 5.76 s, on 28 px 0.83 vs 5.47, ResNet-18 width 16
-5.1 vs 27.3, width 64 33.6 vs 50.0). With ``OMP_WAIT_POLICY=PASSIVE`` waiting threads sleep instead,
-and the same steps took 0.79 / 0.25 s (1 / 2 threads), 1.24 / 0.70, 6.2 / 3.5: two threads became the
-faster choice under load too, and one thread costs what it did. So:
+with one (``OMP_WAIT_POLICY`` unset, 2-core AMD EPYC at load average 10–25 from other users, SimCLR
+steps, 1 and 2 threads interleaved in one process, median of 5: ConvNet width 32 on 8 px digits at
+batch 256 0.87 s vs 5.76 s, on 28 px 0.83 vs 5.47, ResNet-18 width 16 at batch 128 5.1 vs 27.3,
+width 64 at batch 64 33.6 vs 50.0). With ``OMP_WAIT_POLICY=PASSIVE`` waiting threads sleep instead,
+and the same steps took 0.79 / 0.25 s (1 / 2 threads), 1.24 / 0.70, 6.2 / 3.5, 25.8 / 20.9: two
+threads became the faster choice under load too, and one thread costs what it did. (No idle machine
+was available to measure; there, more threads are the usual gain for the larger networks, and passive
+waiting adds a thread wake-up, microseconds, to each parallel region — not measured here.) So:
 
 - ``import probssl`` sets ``OMP_WAIT_POLICY=PASSIVE`` when it is unset and torch is not imported yet
   (the runtime reads it once, when torch loads it; the ``probssl`` command always qualifies);
