@@ -101,6 +101,36 @@ def test_the_lock_of_a_killed_trainer_is_taken_over(tmp_path):
     assert (out / "model.safetensors").is_file() and not (out / TRAIN_LOCK).exists()
 
 
+def test_a_killed_trainers_forked_workers_do_not_keep_its_lock(tmp_path):
+    """A streaming run's DataLoader workers are forked with the lock's descriptor: after kill -9 of the
+    trainer they live on for a while (or for good, orphaned), and must not keep the run locked."""
+    import signal
+
+    module = Path(__file__).parents[1] / "src" / "probssl" / "run_lock.py"
+    code = (  # the real module, loaded without the package (no torch import in the holder)
+        "import importlib.util, os, sys, time; from pathlib import Path\n"
+        "spec = importlib.util.spec_from_file_location('run_lock', sys.argv[1])\n"
+        "lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(lock)\n"
+        "with lock.run_lock(Path(sys.argv[2]), lock.TRAIN_LOCK):\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        time.sleep(60); os._exit(0)\n"
+        "    print(child, flush=True); time.sleep(60)"
+    )
+    run_dir = tmp_path / "run"
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", code, str(module), str(run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    worker = int(trainer.stdout.readline())
+    try:
+        trainer.kill()
+        trainer.wait()
+        with run_lock(run_dir, TRAIN_LOCK):  # taken over although the worker still lives
+            assert (run_dir / TRAIN_LOCK).read_text() == str(os.getpid())
+    finally:
+        os.kill(worker, signal.SIGKILL)
+
+
 def test_a_refused_config_leaves_no_empty_run_directory(tmp_path):
     from probssl.config import ConfigError
 

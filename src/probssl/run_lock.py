@@ -22,6 +22,28 @@ except ImportError:  # Windows: run_lock falls back to an exclusive-create lock 
     fcntl = None  # type: ignore[assignment]
 
 
+#: Descriptors of the lock files this process holds (see _forget_in_child).
+_HELD: set[int] = set()
+
+
+def _forget_in_child() -> None:
+    """In a forked child (a DataLoader worker), close the inherited lock descriptors.
+
+    An ``flock`` belongs to the open file, which a forked child shares: a streaming run's data workers
+    would keep the run locked after the trainer itself was killed (they notice a dead parent only after
+    a few seconds, or never if orphaned), and the ``--resume`` that follows would be refused. Closing
+    the child's copy leaves the parent's lock in place.
+    """
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows (no fork there)
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class RunBusy(Exception):
     """Another live process is training or evaluating this run (its lock file names the pid)."""
 
@@ -44,9 +66,11 @@ def run_lock(run_dir: Path, name: str = BENCH_LOCK):
     fd = _take_flock(lock) if fcntl is not None else _create_exclusive(lock)
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
+    _HELD.add(fd)
     try:
         yield
     finally:
+        _HELD.discard(fd)
         lock.unlink(missing_ok=True)  # before closing: nobody can flock the old file once it is gone
         os.close(fd)
 
