@@ -198,6 +198,11 @@ WORKER_SRC = textwrap.dedent(
 
         result["mean_of_rank"] = pd.all_reduce_mean(torch.tensor(rank))
         result["broadcast"] = pd.broadcast_from_main(torch.full((3,), rank + 1.0))
+        # Objects (what rank 0 alone reads from or writes to the run directory): pickled, tensors inside.
+        result["object_broadcast"] = pd.broadcast_object({"t": torch.full((2,), float(rank))})["t"]
+        objects = pd.gather_objects((rank, torch.arange(rank + 1)))
+        gathered_objects = [t + 10 * r for r, t in objects] if objects else [torch.tensor([-1])]
+        result["object_gather"] = torch.cat(gathered_objects)
 
         # cSGHMC under DDP: each rank sees other rows, but the all-reduced gradient and the noise
         # (same seed on every rank) are identical, so the replicas must stay bit-identical.
@@ -317,6 +322,15 @@ def test_all_reduce_mean_and_broadcast(ddp_run) -> None:
         torch.testing.assert_close(res["broadcast"], torch.ones(3))
 
 
+def test_objects_are_broadcast_from_and_gathered_on_rank_0(ddp_run) -> None:
+    out, _, _ = ddp_run
+    results = _rank_results(out)
+    for res in results:
+        torch.testing.assert_close(res["object_broadcast"], torch.zeros(2))  # rank 0's, everywhere
+    assert results[0]["object_gather"].tolist() == [0, 10, 11]  # rank 0: [0], rank 1: [0, 1] + 10
+    assert results[1]["object_gather"].tolist() == [-1]  # nothing on the other ranks
+
+
 def test_csghmc_noise_keeps_ddp_replicas_identical(ddp_run) -> None:
     out, worker, inputs = ddp_run
     ranks = _rank_results(out)
@@ -378,4 +392,5 @@ def test_single_process_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not pd.all_reduce_mean(x).requires_grad
     y = torch.randn(3)
     assert pd.broadcast_from_main(y) is y
+    assert pd.broadcast_object(y) is y and pd.gather_objects(y) == [y]
     pd.teardown_distributed(torch.nn.Linear(2, 2))  # no-op, must not raise

@@ -269,17 +269,18 @@ def test_partial_and_malformed_runs_do_not_crash(tmp_path: Path) -> None:
         "ranked_images": {"shape": [3, 2, 2], "most_certain": [[0] * 12], "uncertainty_most": []},
         "unknown_section": 42,
     }
-    only_details = _write_run(tmp_path / "no_eval", None, bad_details)
+    bad = _write_run(tmp_path / "bad_details", {"linear/top1": 0.25}, bad_details)
     broken = _write_run(tmp_path / "broken", None)
     (broken / "eval.json").write_text("{not json")
     lonely = _write_run(tmp_path / "lonely", {"linear/top1": 0.5, "seed": 3})
-    out = build_report([only_details, broken, lonely], tmp_path / "r.html")
+    with pytest.warns(UserWarning, match="could not read eval.json"):
+        out = build_report([bad, broken, lonely], tmp_path / "r.html")
     page = out.read_text(encoding="utf-8")
     assert "reliability data malformed" in page
-    assert "could not read eval.json" in page and "no eval.json" in page
+    assert "skipped" in page and "could not read eval.json" in page  # left out, and said why
     assert "lonely" in page and "0.5000" in page
     classes = re.findall(r'class="([^"]*)"', page)
-    assert not any("best" in c.split() for c in classes)  # one value per column: nothing to beat
+    assert sum("best" in c.split() for c in classes) == 1  # 0.5 beats 0.25; the broken run has no row
     with pytest.raises(FileNotFoundError):
         build_report([tmp_path / "missing"], tmp_path / "x.html")
     with pytest.raises(ValueError):
@@ -727,7 +728,7 @@ def test_bands_cut_long_headed_columns_into_parts_that_each_fit() -> None:
     """Seen in Chromium on the Fashion-MNIST suite: six Mahalanobis columns (headers that wrap only after
     each ``/``) were put in one band because a wide group was cut into parts of equal *count*, and the band
     overflowed the page by 87 px. Every part must fit; a header is as wide as its longest piece."""
-    from probssl.eval.report.tables import _TABLE_BUDGET_PX, _bands, _column_px, _cut
+    from probssl.eval.report.tables import _TABLE_BUDGET_PX, _bands, _column_label, _column_px, _cut
 
     assert _column_px("mahalanobis_unsup_bma/aurc") == _column_px("mahalanobis_unsup_bma/x")
     assert _column_px("mahalanobis_unsup_bma/aurc") > _column_px("knn1/aurc")
@@ -739,7 +740,8 @@ def test_bands_cut_long_headed_columns_into_parts_that_each_fit() -> None:
     bands = _bands(groups, seed_mean)
     assert [key for band in bands for _, columns, _ in band for key in columns] == groups[0][1]
     for band in bands:
-        width = sum(_column_px(key.split("/", 1)[1], seed_mean[key]) for _, cols, _ in band for key in cols)
+        keys = [key for _, cols, _ in band for key in cols]
+        width = sum(_column_px(_column_label(key, "sel"), seed_mean[key]) for key in keys)
         assert width <= _TABLE_BUDGET_PX
     rng = np.random.default_rng(0)
     for _ in range(300):  # against brute force over every way to cut (fewest parts, then narrowest widest)

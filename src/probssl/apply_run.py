@@ -102,7 +102,9 @@ def embed_images(
 ) -> dict[str, Any]:
     """Embed every image of ``source`` with the run in ``run_dir``.
 
-    Returns numpy arrays: ``embedding`` [N, D] (the mean embedding), ``uncertainty`` [N] (the
+    Returns numpy arrays: ``embedding`` [N, D] (``Embedding.mean``: the mean of the method's
+    embedding distribution as docs/methods.md defines it per method, e.g. the average over the
+    cSGHMC weight samples used, so it depends on ``samples``), ``uncertainty`` [N] (the
     method's own; zeros for deterministic methods), ``ood_score`` [N] (cosine distance to the k-th
     nearest training embedding; higher = more OOD), ``path`` [N] (file or tar member of each row), and
     ``samples`` [S, N, D] when ``samples`` is given and the method draws embeddings. With

@@ -134,10 +134,24 @@ def staging_dir(run_dir: str | Path, step: int) -> Path:
     return checkpoint_root(run_dir) / f".step_{step:08d}.partial"
 
 
-def write_rng(stage: Path, rank: int) -> None:
-    tensors, meta = capture_rng()
+def write_rng(
+    stage: Path, rank: int, state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+) -> None:
+    """Save rank ``rank``'s RNG state (``state`` as :func:`capture_rng` gave it on that rank, else
+    this process's own) into the staging directory of a checkpoint."""
+    tensors, meta = state if state is not None else capture_rng()
     save_tensors(stage / f"rng_rank{rank}.safetensors", tensors)
     atomic_write_json(stage / f"rng_rank{rank}.json", meta)
+
+
+def read_rng(path: str | Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """Rank ``rank``'s RNG state saved in checkpoint ``path``, or ``None`` when it holds none for that
+    rank (a checkpoint of a run with fewer processes)."""
+    path = Path(path)
+    rng_file = path / f"rng_rank{rank}.safetensors"
+    if not rng_file.is_file():
+        return None
+    return load_verified(rng_file, None), json.loads((path / f"rng_rank{rank}.json").read_text())
 
 
 def finalize_checkpoint(
@@ -193,11 +207,7 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
     tensors = load_verified(path / "state.safetensors", meta.get("sha256"))
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     optimizer_state = unflatten_optimizer_state(tensors, meta["optimizer"])
-    rng_file = path / f"rng_rank{rank}.safetensors"
-    rng = None
-    if rng_file.is_file():
-        rng = (load_verified(rng_file, None), json.loads((path / f"rng_rank{rank}.json").read_text()))
-    return {"model": model_state, "optimizer": optimizer_state, "meta": meta, "rng": rng}
+    return {"model": model_state, "optimizer": optimizer_state, "meta": meta, "rng": read_rng(path, rank)}
 
 
 def save_model(run_dir: str | Path, model_state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:

@@ -75,19 +75,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     import os
 
     from probssl.checkpoint import final_weights_intact, latest_checkpoint
-    from probssl.train import check_resumable_run, train
+    from probssl.train import train
 
     cfg = config_from_args(args)
     out = args.out or f"runs/{cfg.data.dataset}/{cfg.method}-s{cfg.train.seed}"
     main_rank = os.environ.get("RANK", "0") == "0"  # torchrun: one line per run, not per process
-    if args.resume and (Path(out) / "config.yaml").is_file():
-        check_resumable_run(out, cfg)  # a changed config is refused
-        if final_weights_intact(out):
-            if main_rank:
-                print(f"{out} is already finished; nothing to train (evaluate it: probssl eval {out})")
-            return 0
-        if latest_checkpoint(out) is None and main_rank:
-            print(f"note: {out} has no checkpoint yet; training it from step 0", file=sys.stderr)
+    if args.resume and _already_finished(out, cfg, main_rank):
+        return 0
     try:
         train(cfg, out, resume=args.resume)
     except KeyboardInterrupt:
@@ -111,6 +105,61 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif main_rank:
         print(f"trained {cfg.method} on {cfg.data.dataset}: {out}")
     return 0
+
+
+def _already_finished(out: str, cfg: RunConfig, main_rank: bool) -> bool:
+    """Before ``--resume``: whether the run in ``out`` is finished (nothing to train; said once).
+
+    Under torchrun only rank 0's machine needs the run directory, so rank 0 decides for every rank
+    (refusing a changed config on every rank, not on rank 0 alone while the others wait for it).
+    """
+    import socket
+
+    from probssl.distributed import broadcast_object, gather_objects, init_distributed, teardown_distributed
+
+    init_distributed()
+    holders = gather_objects((socket.gethostname(), (Path(out) / "config.yaml").is_file()))
+    finished = broadcast_object(_finished_before_resume(out, cfg, holders or []) if main_rank else None)
+    if isinstance(finished, Exception):
+        teardown_distributed()  # every rank has the verdict: leave the group cleanly, then say why
+        raise finished
+    if finished:
+        if main_rank:
+            print(f"{out} is already finished; nothing to train (evaluate it: probssl eval {out})")
+        teardown_distributed()
+    return bool(finished)
+
+
+def _finished_before_resume(out: str, cfg: RunConfig, holders: list[tuple[str, bool]]) -> bool | Exception:
+    """Rank 0's verdict on ``--resume --out OUT``: the refusal of a changed config, or whether the run
+    is finished already (nothing to train); a run without a checkpoint yet gets a note.
+
+    ``holders``: (host, whether it has ``OUT/config.yaml``) of every rank. A run directory on another
+    machine than rank 0's is refused: rank 0 would start the run afresh beside it.
+    """
+    from probssl.checkpoint import final_weights_intact, latest_checkpoint
+    from probssl.train import TrainingError, check_resumable_run
+
+    if not (Path(out) / "config.yaml").is_file():
+        elsewhere = [(rank, host) for rank, (host, has_run) in enumerate(holders) if has_run]
+        if not elsewhere:
+            return False
+        rank, host = elsewhere[0]
+        return TrainingError(
+            f"--resume: the run directory {out} is on {host} (rank {rank} of this job), but rank 0 "
+            f"runs on {holders[0][0]}, which has none; rank 0 must run where the run directory is "
+            "(torchrun --node-rank 0 --master-addr on that machine: the static rendezvous), or put "
+            "--out on a filesystem every machine mounts"
+        )
+    try:
+        check_resumable_run(out, cfg)  # both sides resolved (probssl.runs.resolved_config)
+    except Exception as err:  # raised by every rank, not by rank 0 alone
+        return err
+    if final_weights_intact(out):
+        return True
+    if latest_checkpoint(out) is None:
+        print(f"note: {out} has no checkpoint yet; training it from step 0", file=sys.stderr)
+    return False
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ from torch import Tensor
 __all__ = [
     "all_reduce_mean",
     "broadcast_from_main",
+    "broadcast_object",
+    "gather_objects",
     "gather_with_grad",
     "get_rank",
     "get_world_size",
@@ -172,3 +174,24 @@ def broadcast_from_main(x: Tensor) -> Tensor:
     if is_distributed():
         dist.broadcast(x, src=0)
     return x
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (any picklable object, tensors included) on every rank; identity when not
+    distributed. For what one rank reads from disk that the others may not have (their machine has no
+    copy of the run directory)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` in rank order on rank 0, ``None`` on the others; ``[obj]`` when not
+    distributed. For what only rank 0 writes (every rank's RNG state in a checkpoint)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, out, dst=0)
+    return out

@@ -31,12 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from probssl.checkpoint import (
     finalize_checkpoint,
     latest_checkpoint,
-    load_checkpoint,
     restore_rng,
     save_model,
     staging_dir,
-    write_rng,
 )
+from probssl.checkpoint_ranks import resume_checkpoint, save_rng_states
 from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, save_config
 from probssl.data import (
     DatasetError,
@@ -57,6 +56,7 @@ from probssl.data.sources import ImageSource
 from probssl.data.views import PRESETS
 from probssl.distributed import (
     all_reduce_mean,
+    broadcast_object,
     get_rank,
     get_world_size,
     init_distributed,
@@ -254,7 +254,8 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
 
     # ---- data ---------------------------------------------------------------------------------
     data = open_training_data(cfg, out_dir, resume)
-    info, dataset = data.info, data.items
+    # Rank 0's: a resumed run's stored DatasetInfo is in the run directory, on rank 0's machine only.
+    info, dataset = broadcast_object(data.info), data.items
     cfg = resolved_config(cfg, info)  # every default written out: what config.yaml stores
     if len(dataset) == 0:
         raise TrainingError(f"dataset '{cfg.data.dataset}' (train split) is empty")
@@ -305,28 +306,28 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
     start_step = 0
     precision = resolve_precision(tc.precision, device)  # what `auto` becomes here (a resume may pin it)
     if resume:
-        if not (out_dir / "config.yaml").is_file():
-            raise TrainingError(f"--resume: {out_dir} has no config.yaml; there is no run to resume there")
-        check_resumable(read_run_config(out_dir, info), cfg)
-        latest = latest_checkpoint(out_dir)
-        if latest is not None:
-            ckpt = load_checkpoint(latest, rank)
+
+        def check_run() -> None:  # on rank 0, the one machine that holds the run directory
+            if not (out_dir / "config.yaml").is_file():
+                raise TrainingError(f"--resume: {out_dir} has no config.yaml; there is no run to resume")
+            check_resumable(read_run_config(out_dir, info), cfg)
+
+        ckpt = resume_checkpoint(out_dir, check_run)
+        if ckpt is not None:
             method.load_state_dict(ckpt["model"])
             if optimizer is not None:
                 optimizer.load_state_dict(ckpt["optimizer"])
-            if ckpt["rng"] is None:
-                raise TrainingError(
-                    f"{latest} holds no RNG state for rank {rank}: it was written by a run with "
-                    f"a different number of processes ({ckpt['meta'].get('world_size')})"
-                )
             restore_rng(*ckpt["rng"])
             start_step = int(ckpt["meta"]["step"])
             precision = _resumed_precision(ckpt["meta"].get("precision"), precision, tc.precision)
+    # rank 0 looks (only its machine need hold the run directory) and every rank obeys
+    elif broadcast_object(
+        is_main and (out_dir / "config.yaml").is_file() and latest_checkpoint(out_dir) is not None
+    ):
+        raise TrainingError(
+            f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
+        )
     elif is_main:
-        if (out_dir / "config.yaml").is_file() and latest_checkpoint(out_dir) is not None:
-            raise TrainingError(
-                f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
-            )
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")
         atomic_write_json(out_dir / DATASET_INFO_FILE, dataclasses.asdict(info))
@@ -353,9 +354,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
         stage = staging_dir(out_dir, step)
         if is_main:
             stage.mkdir(parents=True, exist_ok=True)
-        _barrier()
-        write_rng(stage, rank)
-        _barrier()
+        save_rng_states(stage)  # every rank's, written by rank 0: the run directory is on its machine
         path = None
         if is_main:
             meta = {

@@ -273,25 +273,68 @@ def _ood_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, dict
         return _png(fig)
 
 
+#: A score whose values all lie within this fraction of their size is shown as its range, not drawn:
+#: a histogram stretches any range to the panel's width, so 0.9140–0.9148 looked like a real spread.
+NEARLY_CONSTANT = 0.01
+
+
+def nearly_constant(values: np.ndarray) -> bool:
+    """Whether every value lies within ``NEARLY_CONSTANT`` of the largest magnitude (or all are equal)."""
+    lo, hi = float(values.min()), float(values.max())
+    return hi - lo <= NEARLY_CONSTANT * max(abs(lo), abs(hi))
+
+
+def range_statement(score_in: np.ndarray, score_out: np.ndarray) -> str:
+    """The range of a nearly constant score in words: bounds with the digits that tell them apart, the
+    range as a share of the value, and each set's median (where inside the range the two sets sit)."""
+    both = np.concatenate([score_in, score_out])
+    lo, hi = float(both.min()), float(both.max())
+    medians = float(np.median(score_in)), float(np.median(score_out))
+    digits = significant_digits([lo, hi, *medians])
+
+    def shown(value: float) -> str:
+        return f"{value:.{digits}g}"
+
+    if hi == lo:
+        return f"constant: every value is {shown(lo)}"
+    share = (hi - lo) / max(abs(lo), abs(hi))
+    return "\n".join(
+        [
+            "nearly constant: every value in",
+            f"{shown(lo)} – {shown(hi)}",
+            f"(a range of {hi - lo:.2g}, {100 * share:.2g}% of the value)",
+            f"median: test {shown(medians[0])}",
+            f"median: OOD {shown(medians[1])}",
+        ]
+    )
+
+
 def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
     both = np.concatenate([d["in"], d["out"]])
-    lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) > 20 else (both.min(), both.max())
-    if hi <= lo:
-        lo, hi = lo - 0.5, hi + 0.5
-    bins = np.linspace(lo, hi, 41)
-    for scores, colour in ((d["in"], _IN_COLOUR), (d["out"], _OUT_COLOUR)):
-        clipped = np.clip(scores, lo, hi)
-        ax.hist(clipped, bins=bins, density=True, color=colour, alpha=0.3)
-        ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
     score = d["criterion"] or "score"
     name = _OOD_SCORE_NAMES.get(score, score)
     # Three lines in every panel (a long set name wrapped "vs <set> · <score>" onto a fourth in some).
     title = _wrapped(run.name, f"vs {set_name}", f"{name} · AUROC({score}) = {d['auroc']:.3f}", width=34)
     ax.set_title(title, loc="left")
-    ax.set(xlabel=_wrapped(f"OOD score: {score} (higher = more OOD)", width=40), ylabel="density")
-    ax.xaxis.set_major_locator(MaxNLocator(5))  # knn1's cosines (−0.975 …) ran into each other at 8 ticks
     ax.spines["left"].set_color(run.colour)
     ax.spines["left"].set_linewidth(2.5)
+    xlabel = _wrapped(f"OOD score: {score} (higher = more OOD)", width=40)
+    if nearly_constant(both):
+        ax.set(xticks=[], yticks=[], xlabel=xlabel)
+        ax.grid(False)
+        statement = range_statement(d["in"], d["out"])
+        ax.text(0.5, 0.5, statement, ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        return
+    lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) > 20 else (both.min(), both.max())
+    if hi <= lo:  # a few outliers hold the spread: draw all of it
+        lo, hi = both.min(), both.max()
+    bins = np.linspace(lo, hi, 41)
+    for scores, colour in ((d["in"], _IN_COLOUR), (d["out"], _OUT_COLOUR)):
+        clipped = np.clip(scores, lo, hi)
+        ax.hist(clipped, bins=bins, density=True, color=colour, alpha=0.3)
+        ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
+    ax.set(xlabel=xlabel, ylabel="density")
+    ax.xaxis.set_major_locator(MaxNLocator(5))  # knn1's cosines (−0.975 …) ran into each other at 8 ticks
 
 
 def _shift_data(run: Run) -> dict[str, dict[str, dict[int, float]]] | None:

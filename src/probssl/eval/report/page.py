@@ -13,12 +13,14 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from probssl.eval.report.figures import (
+    NEARLY_CONSTANT,
     _draw_per_run,
     _ood_data,
     _ood_figure,
@@ -32,7 +34,7 @@ from probssl.eval.report.figures import (
     _sparsification_data,
     _sparsification_figure,
 )
-from probssl.eval.report.runs import Run, label_runs, load_run
+from probssl.eval.report.runs import Run, label_runs, load_run, split_evaluated
 from probssl.eval.report.tables import (
     _e,
     _overview_table,
@@ -142,7 +144,9 @@ _CAPTIONS = {
         "One row per OOD set, one column per score: the probe's entropy, <code>knn1</code> (distance to "
         "the nearest training feature, the pre-declared deterministic reference) and, where the method "
         "has one, its own uncertainty — the question is whether the own score separates as well as "
-        "<code>knn1</code>."
+        f"<code>knn1</code>. A score whose values all lie within {NEARLY_CONSTANT:.0%} of their size is "
+        "stated as its range (and each set's median) instead: a histogram would stretch that sliver "
+        "over the whole axis."
     ),
     "shift": (
         "<b>How to read:</b> accuracy on corrupted copies of the test set as the corruption gets stronger"
@@ -283,7 +287,7 @@ def _figure_sections(runs: Sequence[Run], failures: list[str]) -> list[tuple[str
     return out
 
 
-def _page(title: str, runs: Sequence[Run]) -> str:
+def _page(title: str, runs: Sequence[Run], skipped: Sequence[str] = ()) -> str:
     generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z").strip()
     failures: list[str] = []
     rows = [_table_metrics(run.metrics) for run in runs]
@@ -307,6 +311,7 @@ def _page(title: str, runs: Sequence[Run]) -> str:
     nav_items = [("runs", "Runs"), ("metrics", "Metrics")] + [(a, label) for a, label, _ in figures]
     nav = "".join(f'<a href="#{a}">{_e(label)}</a>' for a, label in nav_items)
     failure_html = "".join(f'<p class="note">⚠ {_e(f)}</p>' for f in failures)
+    failure_html += "".join(f'<p class="note">{_e(note)}</p>' for note in skipped)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -359,15 +364,21 @@ def _write_atomic(path: Path, text: str) -> None:
 def build_report(run_dirs: Sequence[str | Path], out: str | Path, title: str = "probssl report") -> Path:
     """Write a self-contained HTML report comparing ``run_dirs`` to ``out`` and return its path.
 
-    Each directory needs ``eval.json`` for the table (a missing one gives an empty row and a warning) and
-    optionally ``eval_details.json`` for the figures; sections missing from a run are skipped for that run.
+    Each directory needs ``eval.json`` for the table and optionally ``eval_details.json`` for the
+    figures; sections missing from a run are skipped for that run. A run without a readable
+    ``eval.json`` is left out, with a warning and a note on the page; none left is an error.
     """
     if isinstance(run_dirs, str | Path):
         run_dirs = [run_dirs]
     if not run_dirs:
         raise ValueError("build_report needs at least one run directory")
-    runs = [load_run(d) for d in run_dirs]
+    runs, skipped = split_evaluated([load_run(d) for d in run_dirs])
+    for note in skipped:
+        warnings.warn(note, stacklevel=2)
+    if not runs:
+        given = ", ".join(str(d) for d in run_dirs[:4]) + (" ..." if len(run_dirs) > 4 else "")
+        raise FileNotFoundError(f"none of {given} is an evaluated run; run `probssl eval RUN` on each first")
     label_runs(runs)
     path = Path(out)
-    _write_atomic(path, _page(title, runs))
+    _write_atomic(path, _page(title, runs, skipped))
     return path

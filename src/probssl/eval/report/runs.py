@@ -63,6 +63,27 @@ def load_run(run_dir: str | Path) -> Run:
     return Run(name=path.name, path=path, metrics=metrics, details=details, notes=notes)
 
 
+def split_evaluated(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
+    """The runs that have metrics to show, and one note per run left out and why.
+
+    A run directory without ``eval.json`` (still training, or never evaluated) or with an unreadable
+    or empty one would be a row of n/a in every column and a gap in every figure: it is left out and
+    named instead, as ``probssl table`` does.
+    """
+    kept: list[Run] = []
+    notes: list[str] = []
+    for run in runs:
+        if run.metrics:
+            kept.append(run)
+        elif not (run.path / "eval.json").is_file():
+            notes.append(f"skipped {run.path}: not evaluated yet (run `probssl eval {run.path}`)")
+        else:
+            why = [note for note in run.notes if "eval.json" in note and "eval_details" not in note]
+            reason = "; ".join(why) or "eval.json holds no metrics"
+            notes.append(f"skipped {run.path}: {reason} (run `probssl eval {run.path}` again)")
+    return kept, notes
+
+
 def _seed_and_method(run: Run) -> tuple[Any, str | None]:
     method = run.metrics.get("config/method", run.metrics.get("meta/method"))
     seed = run.metrics.get("seed", run.metrics.get("config/seed"))

@@ -17,8 +17,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from probssl.eval.ood_groups import ood_group
+from probssl.eval.report.names import readable_label
 from probssl.eval.report.runs import Run
-from probssl.eval.summary import NOT_AVAILABLE, best_feature_detector, ood_sets
+from probssl.eval.summary import GROUP_NAMES, NOT_AVAILABLE, best_feature_detector, ood_sets
 
 # Metric groups in display order: (key prefix, heading).
 GROUPS: tuple[tuple[str, str], ...] = (
@@ -116,12 +118,29 @@ def shift_summary(metrics: Mapping[str, Any]) -> dict[str, float]:
 _OOD_ALIAS_KEY = re.compile(r"ood/(?P<set>[^/]+)/(auroc|aupr_in|aupr_out|fpr95)")
 
 
+def ood_group_sizes(metrics: Mapping[str, Any]) -> dict[str, int]:
+    """How many OOD sets each near / far group mean of a run averages: from ``ood/<group>/sets`` (the
+    sets eval.json says it averaged), else (an evaluation from before that key) the run's OOD sets that
+    :func:`probssl.eval.ood_groups.ood_group` puts in the group."""
+    dataset = metrics.get("config/data.dataset", metrics.get("meta/dataset"))
+    sizes = {}
+    for group in sorted(GROUP_NAMES):
+        named = metrics.get(f"ood/{group}/sets")
+        if isinstance(named, str):
+            sizes[group] = len([name for name in named.split(",") if name.strip()])
+        elif isinstance(dataset, str):
+            sizes[group] = sum(ood_group(dataset, name) == group for name in ood_sets(metrics))
+    return sizes
+
+
 def _table_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The numeric metrics shown in the main table: per-severity shift keys become their means.
 
     OOD columns always name their score: ``ood/<set>/auroc`` (an alias of the MSP criterion) is left
     out when the per-score keys are there, so a table AUROC and a histogram's AUROC of the same name
     are the same number; ``ood/<set>/best_feature/auroc`` is the pre-declared feature-space detector's.
+    A near / far group mean over a single OOD set is left out too: it repeats that set's columns (the
+    bench tables show a group only when it holds two or more sets, for the same reason).
     """
     summary = shift_summary(metrics)
     table = {k: float(v) for k, v in metrics.items() if _is_metric(k, v) and not _SHIFT_KEY.fullmatch(k)}
@@ -129,6 +148,10 @@ def _table_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
         alias = _OOD_ALIAS_KEY.fullmatch(key)
         if alias and f"ood/{alias['set']}/msp/auroc" in metrics:
             del table[key]
+    for group, size in ood_group_sizes(metrics).items():
+        if size < 2:
+            for key in [k for k in table if k.startswith(f"ood/{group}/")]:
+                del table[key]
     for name in ood_sets(metrics):
         best = best_feature_detector(metrics, name)
         if best is not None:
@@ -246,7 +269,8 @@ _CELL_PADDING_PX = 20
 
 
 def _column_label(key: str, group: str) -> str:
-    return key.split("/", 1)[1] if group != _OTHER_GROUP[0] and "/" in key else key
+    """The readable header of column ``key`` under its group's heading (the key is its tooltip)."""
+    return readable_label(key.split("/", 1)[1] if group != _OTHER_GROUP[0] and "/" in key else key)
 
 
 def _header_pieces(label: str) -> list[str]:
