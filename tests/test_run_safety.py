@@ -40,7 +40,11 @@ def _cfg(**train_args):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train(_cfg(), tmp_path_factory.mktemp("runs") / "simclr")
+    from probssl.eval.evaluate import evaluate_run
+
+    run_dir = train(_cfg(), tmp_path_factory.mktemp("runs") / "simclr")
+    evaluate_run(run_dir, progress=False, suite_name="basic")  # report leaves unevaluated runs out
+    return run_dir
 
 
 def _digest(path: Path) -> str:
