@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from probssl.bench import run_lock, suites, tables
+from probssl import run_lock
+from probssl.bench import suites, tables
 from probssl.bench.sections import SectionError, check_markers, read_section, replace_section
 from probssl.bench.speed import Arm, run_speed_benchmark, speed_markdown
 from probssl.cli import main
@@ -359,7 +360,7 @@ def _hold_lock(run_dir):
     import sys
 
     code = (
-        "import sys, time; from pathlib import Path; from probssl.bench import run_lock\n"
+        "import sys, time; from pathlib import Path; from probssl import run_lock\n"
         "with run_lock.run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)"
     )
     owner = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True)

@@ -65,7 +65,8 @@ def test_cli_resume_continues_and_refuses_a_changed_config(tmp_path, capsys):
     ]
     assert main([*base, "train.max_steps=1"]) == 0
     assert not (tmp_path / "run" / "model.safetensors").exists()
-    assert capsys.readouterr().out.startswith("stopped simclr on digits at step 1 of 4 (train.max_steps)")
+    said = capsys.readouterr().out.splitlines()  # the start line, then the result
+    assert said[-1].startswith("stopped simclr on digits at step 1 of 4 (train.max_steps)")
     assert main(["train", "--resume", "--out", out, "--no-progress", "optim.lr=0.5"]) == 2
     assert "optim.lr" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", out, "--no-progress"]) == 0

@@ -33,7 +33,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from probssl.embedding import Embedding
+from probssl.threads import prefer_passive_waiting
+
+prefer_passive_waiting()  # before anything imports torch: OpenMP reads it once (probssl/threads.py)
+
+from probssl.embedding import Embedding  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from probssl.config import ConfigError
 from probssl.data import DatasetError, open_source, skipped_items, to_float
 from probssl.data.pipeline import sequential_batches
 from probssl.data.shift_sets import conform
@@ -31,7 +32,7 @@ from probssl.data.sources import ImageSource
 from probssl.io import atomic_write_text
 from probssl.runs import load_run
 
-__all__ = ["embed_images", "knn_cosine_distance", "open_images", "write_embeddings"]
+__all__ = ["embed_images", "embedding_paths", "knn_cosine_distance", "open_images", "write_embeddings"]
 
 
 def open_images(
@@ -74,6 +75,17 @@ def knn_cosine_distance(
     return 1.0 - top_similarities(reference.float(), queries.float(), k, chunk)[:, k - 1]
 
 
+def check_samples(samples: int | None, available: int | None = None, run_dir: object = "the run") -> None:
+    """``samples``: None, or a positive integer no larger than the ``available`` draws (None: any)."""
+    if samples is None:
+        return
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ConfigError(f"--samples must be a positive integer (posterior draws per image), got {samples}")
+    if available is not None and samples > available:
+        can = f"ask for 1 to {available}" if available else "drop --samples (its embedding is a point)"
+        raise ConfigError(f"--samples {samples}: {run_dir} has {available} posterior draws; {can}")
+
+
 def embed_images(
     run_dir: str | os.PathLike[str],
     source: str | os.PathLike[str] | ImageSource,
@@ -86,6 +98,7 @@ def embed_images(
     device: str | torch.device | None = None,
     progress: bool = False,
     skip_corrupt: bool = False,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Embed every image of ``source`` with the run in ``run_dir``.
 
@@ -96,12 +109,17 @@ def embed_images(
     nearest training embedding; higher = more OOD), ``path`` [N] (file or tar member of each row), and
     ``samples`` [S, N, D] when ``samples`` is given and the method draws embeddings. With
     ``skip_corrupt``, unreadable images are left out and named in ``skipped`` (one path each).
+    ``samples`` must be a positive integer, at most the run's posterior draws where it has a fixed
+    number (cSGHMC's weight samples, an ensemble's members). ``data_dir`` / ``dataset``: where the
+    run's training data is now, if it moved (the OOD reference embeds it).
     """
     from probssl.eval.evaluate import Evaluator  # heavy; keeps `import probssl.apply_run` light
 
+    check_samples(samples)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, data_dir=data_dir, dataset=dataset)
     cfg, info, method = run.config, run.info, run.method
+    check_samples(samples, method.available_draws(), run_dir)
     images = open_images(source, info.image_size, skip_corrupt)
     if len(images) == 0:
         raise DatasetError(f"{source} holds no images")
@@ -140,12 +158,18 @@ def embed_images(
     return result
 
 
-def write_embeddings(result: dict[str, Any], out: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``out`` (.npz with every array) and ``out`` with .csv: one row per image, most uncertain first
-    (then highest OOD score first)."""
+def embedding_paths(out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The .npz ``embed --out`` writes (``.npz`` appended unless given) and the .csv beside it."""
     out = Path(out)
     if out.suffix != ".npz":
         out = out.with_name(out.name + ".npz")
+    return out, out.with_suffix(".csv")
+
+
+def write_embeddings(result: dict[str, Any], out: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``out`` (.npz with every array) and ``out`` with .csv: one row per image, most uncertain first
+    (then highest OOD score first)."""
+    out, table = embedding_paths(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.stem}.partial.npz")  # atomic: a killed write leaves no half file
     np.savez(partial, **result)
@@ -162,7 +186,6 @@ def write_embeddings(result: dict[str, Any], out: str | os.PathLike[str]) -> tup
                 repr(float(result["ood_score"][i])),
             ]
         )
-    table = out.with_suffix(".csv")
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)
     atomic_write_text(table, buffer.getvalue())

@@ -145,7 +145,7 @@ def _finished_before_resume(out: str, cfg: RunConfig, holders: list[tuple[str, b
     machine than rank 0's is refused: rank 0 would start the run afresh beside it.
     """
     from probssl.checkpoint import final_weights_intact, latest_checkpoint
-    from probssl.train import TrainingError, check_resumable
+    from probssl.train import TrainingError, check_resumable_run
 
     if not (Path(out) / "config.yaml").is_file():
         elsewhere = [(rank, host) for rank, (host, has_run) in enumerate(holders) if has_run]
@@ -159,7 +159,7 @@ def _finished_before_resume(out: str, cfg: RunConfig, holders: list[tuple[str, b
             "--out on a filesystem every machine mounts"
         )
     try:
-        check_resumable(config_from_dict(load_yaml(Path(out) / "config.yaml")), cfg)
+        check_resumable_run(out, cfg)  # both sides resolved (probssl.runs.resolved_config)
     except Exception as err:  # raised by every rank, not by rank 0 alone
         return err
     if final_weights_intact(out):
@@ -170,12 +170,15 @@ def _finished_before_resume(out: str, cfg: RunConfig, holders: list[tuple[str, b
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from probssl.apply_run import check_samples
     from probssl.eval.evaluate import evaluate_run
     from probssl.eval.summary import format_summary
 
+    check_samples(args.samples)
     results = evaluate_run(
         args.run_dir,
         data_dir=args.data_dir,
+        dataset=args.dataset,
         samples=args.samples,
         device=args.device,
         progress=not args.no_progress,
@@ -190,9 +193,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from probssl.apply_run import embed_images, write_embeddings
+    from probssl.apply_run import check_samples, embed_images, embedding_paths, write_embeddings
     from probssl.data.file_source import SKIP_HINT, CorruptImageError
+    from probssl.output_files import is_embedding_file, refuse_foreign_output
 
+    for path in embedding_paths(args.out):  # before any work: a refusal must cost nothing
+        refuse_foreign_output(path, "--out", "embed", is_embedding_file)
+    check_samples(args.samples)
     try:
         result = embed_images(
             args.run_dir,
@@ -205,13 +212,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
             device=args.device,
             progress=not args.no_progress,
             skip_corrupt=args.skip_corrupt,
+            dataset=args.dataset,
         )
     except CorruptImageError as error:  # the training hint names a config key; here it is a flag
         hint = "fix or remove this file, or pass --skip-corrupt to embed the readable images"
         raise DatasetError(str(error).replace(SKIP_HINT, hint)) from error
     npz, table = write_embeddings(result, args.out)
     n, d = result["embedding"].shape
-    print(f"embedded {n} images ({d} dimensions): {npz}, ranked by uncertainty in {table}")
+    images = "1 image" if n == 1 else f"{n} images"
+    print(f"embedded {images} ({d} dimensions): {npz}, ranked by uncertainty in {table}")
     if len(result.get("skipped", ())):
         print(f"skipped {len(result['skipped'])} unreadable image(s), named in {npz} under 'skipped'")
     return 0
@@ -236,6 +245,10 @@ def cmd_table(args: argparse.Namespace) -> int:
         select_runs,
     )
 
+    if args.update:
+        from probssl.output_files import is_text_for_tables, refuse_foreign_output
+
+        refuse_foreign_output(args.update, "--update", "table", is_text_for_tables)
     run_dirs, notes = select_runs(args.run_dirs)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
@@ -261,11 +274,16 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from probssl.eval.report import build_report
+    from probssl.output_files import is_report, refuse_foreign_output
+    from probssl.runs import warn_partial_results
     from probssl.tables import select_runs
 
+    refuse_foreign_output(args.out, "--out", "report", is_report)
     run_dirs, notes = select_runs(args.run_dirs, need_eval=False)  # report notes a missing eval.json itself
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    for run_dir in run_dirs:
+        warn_partial_results(run_dir)
     path = build_report(run_dirs, args.out, title=args.title)
     print(f"wrote {path}")
     return 0
@@ -423,6 +441,9 @@ def _size_pair(text: str) -> tuple[int, int]:
     return n, s
 
 
+_MOVED_DATASET_HELP = "where the run's own training images (folder or .tar) are now, if they moved"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="probssl", description="Probabilistic self-supervised learning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -440,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         "full: + corruptions, low-shot, transfer, retrieval",
     )
     p.add_argument("--step", type=int, help="evaluate the kept checkpoint at this step (eval_step<N>.json)")
+    p.add_argument("--dataset", help=_MOVED_DATASET_HELP)
     p.add_argument(
         "--download",
         action="store_true",
@@ -464,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave unreadable images out (named in the .npz) instead of stopping",
     )
     p.add_argument("--data-dir", help="where the run's training data lives (for the OOD reference)")
+    p.add_argument("--dataset", help=_MOVED_DATASET_HELP)
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser(

@@ -77,6 +77,7 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     freeze_backbone: bool = False  # train only the method's heads on a fixed (eval-mode) backbone
+    threads: int | None = None  # intra-op CPU threads; None: auto (probssl/threads.py, README "Threads")
 
 
 @dataclass
@@ -117,6 +118,29 @@ class RunConfig:
                 out[key] = value
         return out
 
+
+#: Keys that change how a run is watched, where it stops, where its data is read from or how many
+#: threads compute it, never what it computes (thread counts aside, which move float rounding): a
+#: ``--resume`` may change them, and a run written before one of them existed has no gap worth a warning.
+RUNTIME_KEYS = frozenset(
+    {
+        "train.max_steps",
+        "train.progress",
+        "train.tensorboard",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.threads",
+        "data.data_dir",
+        "data.download",
+        # where and how images are read, never which pixels: the data order and the pixels are the same
+        "data.workers",
+        "data.cache_dir",
+        "data.verify",
+        "data.pipeline",
+        "data.memory_limit_gb",
+    }
+)
 
 # Override aliases: `method.temperature=0.3` reads better than `method_args.temperature=0.3`.
 _ALIASES = {"method": "method_args", "backbone": "backbone_args"}
@@ -170,7 +194,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _named_mappings(mapping: dict[str, Any]) -> dict[str, Any]:
+def named_mappings(mapping: dict[str, Any]) -> dict[str, Any]:
     """``method: {name: simclr, temperature: 0.3}`` → ``method: simclr`` + ``method_args: {temperature:
     0.3}`` (and the same for ``backbone``): the nested form reads naturally in YAML, so accept it."""
     mapping = dict(mapping)
@@ -198,7 +222,7 @@ def _named_mappings(mapping: dict[str, Any]) -> dict[str, Any]:
 def apply_mapping(obj: Any, mapping: dict[str, Any], prefix: str = "") -> None:
     """Set the fields of dataclass ``obj`` from a nested mapping, validating keys and types."""
     if isinstance(obj, RunConfig):
-        mapping = _named_mappings(mapping)
+        mapping = named_mappings(mapping)
     hints = typing.get_type_hints(type(obj))
     valid = [f.name for f in dataclasses.fields(obj)]
     for key, value in mapping.items():
@@ -344,6 +368,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.workers must be ≥ 0, got {cfg.data.workers}")
     if cfg.data.subset is not None and cfg.data.subset <= 0:
         raise ConfigError(f"data.subset must be positive, got {cfg.data.subset}")
+    if cfg.train.threads is not None and cfg.train.threads < 1:
+        raise ConfigError(f"train.threads must be ≥ 1 (or null: auto), got {cfg.train.threads}")
     if cfg.train.max_steps is not None and cfg.train.max_steps < 0:
         raise ConfigError(f"train.max_steps must be ≥ 0, got {cfg.train.max_steps}")
     if cfg.optim.weight_decay_end is not None and cfg.optim.weight_decay_end < 0:
@@ -357,14 +383,20 @@ def config_from_dict(content: dict[str, Any]) -> RunConfig:
     return cfg
 
 
+def yaml_safe(value: Any) -> Any:
+    """``value`` with every tuple, at any depth, a list: YAML's safe dumper writes lists, not tuples
+    (the dataclasses turn them back into tuples when the file is read)."""
+    if isinstance(value, dict):
+        return {k: yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [yaml_safe(v) for v in value]
+    return value
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     from probssl.io import atomic_write_text
 
-    data = cfg.to_dict()
-    for section in data.values():  # YAML's safe dumper writes lists, not tuples
-        if isinstance(section, dict):
-            section.update({k: list(v) for k, v in section.items() if isinstance(v, tuple)})
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(yaml_safe(cfg.to_dict()), sort_keys=False))
 
 
 def method_config(config_class: type, args: dict[str, Any], method: str) -> Any:

@@ -39,7 +39,7 @@ DEMO_COLUMNS = (
 
 def demo_config(method: str, epochs: int | None = None, progress: bool = True) -> RunConfig:
     """The bundled digits config with ``method`` (and, for a quick try, fewer ``epochs``)."""
-    train_args: dict = {"progress": progress}
+    train_args: dict = {"progress": progress, "threads": DEMO_THREADS}
     if epochs is not None:
         train_args["epochs"] = epochs
     return build_config(DEMO_CONFIG, method=method, train=train_args)

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import gc
 import math
+import os
 import random
 import time
 import warnings
@@ -26,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from probssl.backbone_choice import write_backbone_record
 from probssl.checkpoint import (
@@ -37,12 +37,14 @@ from probssl.checkpoint import (
     staging_dir,
 )
 from probssl.checkpoint_ranks import resume_checkpoint, save_rng_states
-from probssl.config import ConfigError, RunConfig, config_from_dict, load_yaml, save_config
+from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, save_config
 from probssl.data import (
+    DatasetError,
     DatasetInfo,
     ImageDataset,
     MultiViewAugment,
     decoded_nbytes,
+    get_dataset_info,
     load_source,
     open_source,
     preset_for_dataset,
@@ -50,6 +52,7 @@ from probssl.data import (
     skipped_items,
 )
 from probssl.data.pipeline import BatchPlan, SubsetSource, build_pipeline, choose_pipeline
+from probssl.data.resolve import is_path_dataset
 from probssl.data.sources import ImageSource
 from probssl.data.views import PRESETS
 from probssl.distributed import (
@@ -67,28 +70,25 @@ from probssl.methods import TrainContext
 from probssl.nn.backbones import check_backbone_options
 from probssl.optim import build_optimizer, set_weight_decay, warmup_cosine
 from probssl.precision import resolve_precision
+from probssl.progress import StageProgress
+from probssl.run_lock import TRAIN_LOCK, RunBusy, run_lock
 from probssl.run_log import MetricLogger
-from probssl.runs import DATASET_INFO_FILE, build_model, build_run_backbone, dataset_info_from_json
+from probssl.runs import (
+    DATASET_INFO_FILE,
+    build_model,
+    build_run_backbone,
+    dataset_info_from_json,
+    read_run_config,
+    resolved_config,
+    resume_resolved_config,
+    run_dataset_info,
+    training_data_error,
+)
 from probssl.step_clock import StepClock
+from probssl.threads import auto_threads
 
-# Keys that may differ between a run and its resumption: they change how a run is watched or where
-# it stops, never what it computes.
-RESUMABLE_KEYS = {
-    "train.max_steps",
-    "train.progress",
-    "train.tensorboard",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "data.data_dir",
-    "data.download",
-    # where and how images are read, never which pixels: the data order and the pixels are the same
-    "data.workers",
-    "data.cache_dir",
-    "data.verify",
-    "data.pipeline",
-    "data.memory_limit_gb",
-}
+# Keys that may differ between a run and its resumption (probssl.config.RUNTIME_KEYS).
+RESUMABLE_KEYS = set(RUNTIME_KEYS)
 
 
 class TrainingError(RuntimeError):
@@ -141,7 +141,11 @@ def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingD
     """
     dc = cfg.data
     options = {"data_dir": dc.data_dir, **dc.reader_options()}
-    source = open_source(dc.dataset, "train", download=dc.download, **options)
+    refuse_evaluation_only(dc.dataset)
+    try:
+        source = open_source(dc.dataset, "train", download=dc.download, **options)
+    except DatasetError as error:
+        raise (training_data_error(cfg, error) if resume else error) from error
     stored = out_dir / DATASET_INFO_FILE
     if resume and stored.is_file():
         info = dataset_info_from_json(stored)
@@ -160,6 +164,20 @@ def open_training_data(cfg: RunConfig, out_dir: Path, resume: bool) -> TrainingD
     return TrainingData(info, dataset, kind, skipped)
 
 
+def refuse_evaluation_only(dataset: str) -> None:
+    """A registered set without a training split (``tiny_imagenet_val``: split ``test`` only) is for
+    evaluation; say so instead of "unknown split 'train'"."""
+    if is_path_dataset(dataset):
+        return
+    info = get_dataset_info(dataset)
+    if "train" not in info.splits:
+        raise ConfigError(
+            f"'{info.name}' is an evaluation-only set (split {', '.join(info.splits)} only): use it as an "
+            f"OOD or transfer set (eval.ood_sets=[{info.name}]), and train on a dataset with a training "
+            "split (probssl list) or a folder of your own images"
+        )
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -167,8 +185,13 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def check_resumable(saved: RunConfig, new: RunConfig) -> None:
+    """Refuse a resume whose config would compute something else (both sides resolved, so ``auto``
+    and an omitted default compare equal to the values they stand for). Own images that moved are
+    the same run: ``data.dataset`` may change from one path to another."""
     old_flat, new_flat = saved.flat(), new.flat()
-    changed = [k for k in old_flat if k not in RESUMABLE_KEYS and old_flat[k] != new_flat.get(k)]
+    moved = is_path_dataset(saved.data.dataset) and is_path_dataset(new.data.dataset)
+    resumable = RESUMABLE_KEYS | ({"data.dataset"} if moved else set())
+    changed = [k for k in old_flat if k not in resumable and old_flat[k] != new_flat.get(k)]
     if changed:
         details = ", ".join(f"{k}: {old_flat[k]!r} → {new_flat.get(k)!r}" for k in changed)
         raise ConfigError(
@@ -177,14 +200,57 @@ def check_resumable(saved: RunConfig, new: RunConfig) -> None:
         )
 
 
+def check_resumable_run(out_dir: str | Path, cfg: RunConfig) -> None:
+    """:func:`check_resumable` against the run in ``out_dir`` before any data is read (``probssl train
+    --resume`` on a finished run must still refuse a changed config), both sides resolved with the
+    DatasetInfo stored in the run; a run that has none is checked by :func:`train` once its data is open."""
+    try:
+        info = run_dataset_info(out_dir, cfg)
+    except DatasetError:
+        return
+    check_resumable(read_run_config(out_dir, info), resume_resolved_config(out_dir, cfg, info))
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
 
 
 def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
-    """Train ``cfg.method`` and write the run directory; returns it. Works under ``torchrun``."""
+    """Train ``cfg.method`` and write the run directory; returns it. Works under ``torchrun``.
+
+    One process trains a run directory at a time: the main process holds ``RUN/.train.lock``
+    (:mod:`probssl.run_lock`) from before anything is read or written until the run is saved, so a
+    second ``probssl train`` into the same ``--out`` is refused naming the first one's pid, and the
+    lock of a process that died (even by SIGKILL) is taken over.
+    """
     out_dir = Path(out_dir)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(auto_threads(cfg.train.threads)[0])  # probssl.threads: why not torch's default
+    try:
+        return _locked_train(cfg, out_dir, resume)
+    finally:
+        torch.set_num_threads(previous_threads)  # a library call leaves the process as it found it
+
+
+def _locked_train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 holds the lock for the whole job
+        return _train(cfg, out_dir, resume)
+    created = not out_dir.exists()
+    try:
+        with run_lock(out_dir, TRAIN_LOCK):
+            return _train(cfg, out_dir, resume)
+    except RunBusy as busy:
+        raise TrainingError(
+            f"{busy}: another training is writing this run; wait for it to finish (then --resume if "
+            "needed) or choose another --out"
+        ) from None
+    finally:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # refused before writing anything (a bad config): leave no empty run behind
+
+
+def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
     device = init_distributed()
     rank, world = get_rank(), get_world_size()
     is_main = rank == 0
@@ -198,6 +264,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     data = open_training_data(cfg, out_dir, resume)
     # Rank 0's: a resumed run's stored DatasetInfo is in the run directory, on rank 0's machine only.
     info, dataset = broadcast_object(data.info), data.items
+    # every default written out (what config.yaml stores), as rank 0 resolves it: only its machine need
+    # hold a resumed run's directory, and every rank must build the same encoder
+    resolved = (
+        resume_resolved_config(out_dir, cfg, info, device) if resume else resolved_config(cfg, info, device)
+    )
+    cfg = broadcast_object(resolved)
     if len(dataset) == 0:
         raise TrainingError(f"dataset '{cfg.data.dataset}' (train split) is empty")
     if tc.batch_size % world:
@@ -257,7 +329,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         def check_run() -> None:  # on rank 0, the one machine that holds the run directory
             if not (out_dir / "config.yaml").is_file():
                 raise TrainingError(f"--resume: {out_dir} has no config.yaml; there is no run to resume")
-            check_resumable(config_from_dict(load_yaml(out_dir / "config.yaml")), cfg)
+            check_resumable(read_run_config(out_dir, info), cfg)
 
         ckpt = resume_checkpoint(out_dir, check_run)
         if ckpt is not None:
@@ -282,8 +354,19 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         if cfg.data.skip_corrupt:
             atomic_write_text(out_dir / SKIPPED_FILE, "".join(f"{item}\n" for item in data.skipped))
 
+    if is_main:
+        print(
+            start_line(cfg, info, len(dataset), method, precision, device, steps_per_epoch, start_step),
+            flush=True,
+        )
+        if data.skipped:
+            print(
+                f"skipped {len(data.skipped):,} unreadable image{'s' if len(data.skipped) != 1 else ''} "
+                f"(data.skip_corrupt), listed in {out_dir / SKIPPED_FILE}",
+                flush=True,
+            )
     model = DistributedDataParallel(method) if world > 1 and method.trainable else method
-    logger = MetricLogger(out_dir, tensorboard=tc.tensorboard, enabled=is_main)
+    logger = MetricLogger(out_dir, tensorboard=tc.tensorboard, enabled=is_main, start_step=start_step)
     stop_step = total_steps if tc.max_steps is None else min(total_steps, tc.max_steps)
     checkpoint_every = tc.checkpoint_every or steps_per_epoch
 
@@ -308,13 +391,12 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
         return path
 
     # ---- the loop -----------------------------------------------------------------------------
-    bar = tqdm(
+    bar = StageProgress(
+        cfg.method,
+        "step",
         total=stop_step,
         initial=start_step,
-        disable=not (is_main and tc.progress and method.trainable),  # nothing to count for raw pixels
-        desc=cfg.method,
-        unit="step",
-        dynamic_ncols=True,
+        enabled=is_main and tc.progress and method.trainable,  # nothing to count for raw pixels
     )
     interruptible_backward(method)  # Ctrl-C acts between blocks of a long backward pass
     clock = StepClock(stop_step - start_step, steps_per_epoch, enabled=is_main and method.trainable)
@@ -404,6 +486,7 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
             "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
             "device": str(device),
             "precision": precision,  # what `auto` became (or, resumed, what the run started at)
+            "threads": torch.get_num_threads(),  # intra-op threads of this invocation (probssl.threads)
             "processor": processor_name(device),  # suites span sessions on changing machines
         }
         if not steps_run:  # nothing trained now (--resume rewriting a corrupt model.safetensors): keep
@@ -414,6 +497,37 @@ def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
     gc.collect()
     teardown_distributed()
     return out_dir
+
+
+def start_line(
+    cfg: RunConfig,
+    info: DatasetInfo,
+    images: int,
+    method: torch.nn.Module,
+    precision: str,
+    device: torch.device,
+    steps_per_epoch: int,
+    start_step: int,
+) -> str:
+    """What a training is about to do, in one line: a wrong dataset, backbone or thread count shows
+    before the first step, not in a table hours later."""
+    tc = cfg.train
+    total = tc.epochs * steps_per_epoch
+    stop = total if tc.max_steps is None else min(total, tc.max_steps)
+    params = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    shape = f"{info.image_size}×{info.image_size}×{info.channels}"
+    threads, why = torch.get_num_threads(), auto_threads(tc.threads)[1]
+    where = f"{device}, {threads} thread{'s' if threads != 1 else ''} ({why})"
+    steps = f"{total:,} steps ({tc.epochs} epoch{'s' if tc.epochs != 1 else ''} of {steps_per_epoch})"
+    if stop < total:
+        steps += f", stopping at {stop:,} (train.max_steps)"
+    head = f"resumed at step {start_step:,} of {total:,}: " if start_step else ""
+    dataset = Path(cfg.data.dataset).name if is_path_dataset(cfg.data.dataset) else cfg.data.dataset
+    return (
+        f"{head}{cfg.method} on {dataset}: {images:,} images of {shape}, batch {tc.batch_size}, "
+        f"backbone {cfg.backbone} ({params / 1e6:.2f}M trainable parameters in all), {precision} on {where}; "
+        f"{steps}"
+    )
 
 
 def _resumed_precision(saved: str | None, resolved: str, requested: str) -> str:

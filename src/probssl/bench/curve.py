@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from probssl.bench.provenance import provenance
-from probssl.bench.run_lock import run_lock
 from probssl.bench.sections import replace_section
 from probssl.bench.suites import SUITES, QualityArm, Suite, _arm_config, resolve_arms
 from probssl.config import ConfigError
 from probssl.io import atomic_write_json, atomic_write_text
+from probssl.run_lock import run_lock
 
 #: The field's figures for SimCLR with a ResNet-18 on the official CIFAR-10 files, as issue 21 quotes
 #: them: the yardstick for the CIFAR-10 suites' curve (not comparable digit for digit with the JPEG copy).

@@ -7,7 +7,7 @@ multi-threaded processes on the same cores slow each other down. So each worker 
 ``cores // N`` threads.
 
 How they share: every worker walks the same list of runs; a run is locked while it trains
-(:mod:`probssl.bench.run_lock`), so a worker skips what another one holds and takes the next. Each worker
+(:mod:`probssl.run_lock`), so a worker skips what another one holds and takes the next. Each worker
 writes its failures and timings to ``OUT/SUITE/.workers/<k>.json``; the parent then builds the
 table, report and BENCHMARKS.md section once, from every finished run.
 """
@@ -25,13 +25,7 @@ from typing import Any
 
 from probssl.bench import suites
 from probssl.config import ConfigError
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from probssl.threads import usable_cores
 
 
 def run_parallel_benchmark(

@@ -4,7 +4,7 @@ A quality suite is a day of CPU time finished over several sessions, so the firs
 session is what is done, what a worker is on right now (training step k of N, or evaluating), what
 was interrupted and resumes, and roughly how long the rest takes. This reads the run directories
 only: finished runs (``eval.json``), checkpoints (``checkpoints/latest`` → its ``meta.json``), the
-final weights, and whether a live process holds the run's lock (:mod:`probssl.bench.run_lock`).
+final weights, and whether a live process holds the run's lock (:mod:`probssl.run_lock`).
 
 The estimate is deliberately plain: each unfinished run is expected to cost what the finished seeds
 of its arm cost (training wall × the share of steps left, plus evaluation), an arm with no finished
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from probssl.bench import suites
-from probssl.bench.run_lock import lock_is_held
 from probssl.checkpoint import latest_checkpoint
 from probssl.config import ConfigError
 from probssl.io import read_json
+from probssl.run_lock import lock_is_held
 
 
 @dataclass

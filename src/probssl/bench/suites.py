@@ -11,7 +11,7 @@ question (``Suite.tables``: accuracy, uncertainty, OOD detection) so each stays 
 may be capped at fewer seeds (``Suite.max_seeds``: the 5-member LAM ensemble on CIFAR-10).
 ``probssl bench SUITE --curve`` (:mod:`probssl.bench.curve`) is one arm's learning curve. The tables
 are built from the finished runs by :mod:`probssl.bench.tables`; one process per run is ensured by
-:mod:`probssl.bench.run_lock`; ``--status`` (:mod:`probssl.bench.status`) reads where a suite stands.
+:mod:`probssl.run_lock`; ``--status`` (:mod:`probssl.bench.status`) reads where a suite stands.
 
 The budgets live here, not in the repository's ``configs/``, so an installed package can run them;
 ``tests/test_bench.py`` checks they match the YAML files that document them.
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from probssl.bench.provenance import provenance
-from probssl.bench.run_lock import RunBusy, run_lock
 from probssl.bench.sections import replace_section
 from probssl.bench.tables import (
     AGAINST_BASE,
@@ -41,6 +40,7 @@ from probssl.bench.tables import (
 )
 from probssl.config import ConfigError, build_config
 from probssl.io import atomic_write_json, atomic_write_text
+from probssl.run_lock import RunBusy, run_lock
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,8 @@ def plain_tar(path: Path, cache_dir: Path | None = None) -> Path:
                 try:
                     chunk = src.read(1 << 20)
                 except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:  # reading: a damaged stream
-                    raise tarfile.ReadError(f"the compressed stream is damaged or truncated ({e})") from e
+                    # the caller says "damaged or truncated"; this says where
+                    raise tarfile.ReadError(f"compressed stream: {e}") from e
                 if not chunk:
                     return
                 dst.write(chunk)  # writing: an OSError here is the cache's problem, reported as such

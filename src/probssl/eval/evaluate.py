@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from probssl.data import DatasetError, ImageDataset, load_dataset, to_float
 from probssl.data.corruptions import corrupt, corruption_names
@@ -40,7 +39,8 @@ from probssl.eval.features import FeatureBank, cached_features, content_key, ext
 from probssl.eval.knn import NeighbourCache, knn_predict_marginal_many
 from probssl.eval.metrics import nll, top1
 from probssl.io import atomic_write_json, read_json
-from probssl.runs import LoadedRun, load_run
+from probssl.progress import StageProgress
+from probssl.runs import LoadedRun, load_run, training_data_error
 
 SUITES = ("basic", "uncertainty", "full")
 #: eval.json keys that measure time, not the run: two evaluations of the same run differ only here.
@@ -78,15 +78,15 @@ class Evaluator:
         self.reuse = reuse
         self._banks: dict[tuple[Callable | None, str], FeatureBank] = {}
         self._shift_sets: dict[tuple[str, int | None, bool], ImageDataset] = {}
-        self._bar: tqdm | None = None
+        self._bar: StageProgress | None = None
         self.seconds: dict[str, float] = {}
         self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
-    def stage(self, name: str, unit: str = "img", total: int | None = None) -> Iterator[tqdm]:
+    def stage(self, name: str, unit: str = "img", total: int | None = None) -> Iterator[StageProgress]:
         """One progress bar and one timer for a stage; embedding inside it advances the bar."""
-        bar = tqdm(total=total, desc=name, unit=unit, disable=not self.progress)
-        # Without a known total, each image set embedded in the stage adds its size when it starts.
+        bar = StageProgress(name, unit, total, enabled=self.progress)
+        # Without a known total, the bar counts the images embedded in the stage (cached: none, no bar).
         self._bar = bar if total is None else None
         started, cpu_started = time.perf_counter(), time.process_time()
         try:
@@ -99,21 +99,22 @@ class Evaluator:
             bar.close()
 
     def _count(self, images: int) -> Callable[[int], None] | None:
-        """Add ``images`` to the current stage bar's total; the returned callback advances it."""
+        """The callback that advances the current stage's count by each batch of ``images``."""
         bar = self._bar
-        if bar is None or bar.disable:
+        if bar is None or not bar.enabled:
             return None
-        bar.total = (bar.total or 0) + images
-        bar.refresh()
         return bar.update
 
     def dataset(self, split: str) -> ImageDataset:
         """One split of the run's own dataset, read (and checksummed) once per evaluation."""
         if split not in self._datasets:
             cfg = self.cfg.data
-            self._datasets[split] = load_dataset(
-                cfg.dataset, split, self.data_dir, cfg.download, **cfg.reader_options()
-            )
+            try:
+                self._datasets[split] = load_dataset(
+                    cfg.dataset, split, self.data_dir, cfg.download, **cfg.reader_options()
+                )
+            except DatasetError as error:  # moved since training: say so, and how to point at it
+                raise training_data_error(self.cfg, error) from error
         return self._datasets[split]
 
     def embed(
@@ -234,8 +235,12 @@ def evaluate_run(
     suite_name: str = "full",
     reuse: bool = True,
     download: bool = False,
+    dataset: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint).
+
+    ``data_dir`` / ``dataset``: where the run's training data is now, if it moved since training
+    (the registered sets' directory / the run's own image folder or tar; :func:`probssl.runs.point_at_data`).
 
     ``reuse=False`` turns off every shortcut that shares work between stages (see
     :class:`Evaluator`; kNN then runs once per k): same numbers, more time.
@@ -247,7 +252,7 @@ def evaluate_run(
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite '{suite_name}'; valid suites: {', '.join(SUITES)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run = load_run(run_dir, device, step=step)
+    run = load_run(run_dir, device, step=step, data_dir=data_dir, dataset=dataset)
     cfg = run.config
     if cfg.train.channels_last:
         # The memory format the run trained in: 25–35% faster convolutions on CPU (bench speed), and
@@ -411,7 +416,9 @@ def evaluate_run(
     results["meta/samples"] = int(test.num_samples)
     results["meta/skipped"] = "; ".join(skipped)
     results["meta/partial_training"] = bool(run.weights_meta.get("partial", False))
-    results["meta/step"] = step if step is not None else run.weights_meta.get("steps")
+    weights = run.weights_meta  # model.json ("steps") or, for an unfinished run, a checkpoint's meta
+    results["meta/step"] = step if step is not None else weights.get("steps", weights.get("step"))
+    results["meta/total_steps"] = weights.get("total_steps", weights.get("steps"))
     results["meta/eval_seconds"] = time.perf_counter() - started
     train_seconds = training_seconds(run.run_dir, cfg.train.epochs) if step is None else None
     if train_seconds is not None:

@@ -16,6 +16,7 @@ it is running.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable, Iterable
@@ -26,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from probssl.config import method_config, yaml_safe
 from probssl.embedding import Embedding
 
 _WARNED_NO_SAMPLES: set[str] = set()
@@ -125,6 +127,16 @@ class SSLMethod(nn.Module):
         self.backbone = backbone
         self.cfg = cfg
 
+    @classmethod
+    def resolved_args(cls, args: dict[str, Any], name: str) -> dict[str, Any]:
+        """Every hyper-parameter of this method: ``args`` validated, each default filled in.
+
+        Why: a run stores these in its ``config.yaml``, so a default changed later cannot change what
+        an old run reloads as. Methods that wrap another registered method (its name and arguments in
+        their own config) override this to fill the wrapped method's arguments too.
+        """
+        return yaml_safe(dataclasses.asdict(method_config(cls.config_class, args, name)))
+
     def loss(self, views: list[Tensor]) -> Tensor:
         raise NotImplementedError
 
@@ -197,6 +209,12 @@ class SSLMethod(nn.Module):
     def model_metrics(self, image_shape: tuple[int, int, int]) -> dict[str, float]:
         """Numbers about the model rather than its embeddings (e.g. code bits, compression ratio)."""
         return {}
+
+    def available_draws(self) -> int | None:
+        """How many distinct posterior draws ``embed`` can return, or None when it samples as many as
+        asked (a parametric posterior) or has none (a point embedding). A bank of stored weight
+        samples or an ensemble's members override it, so ``embed --samples`` can refuse more."""
+        return None
 
     def cache_tag(self) -> str:
         """Extra identity for cached features beyond the weights' checksum (e.g. the sample bank)."""

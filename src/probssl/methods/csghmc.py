@@ -118,6 +118,15 @@ class CyclicalSGHMCSSL(SSLMethod):
         "most 1"
     )
 
+    @classmethod
+    def resolved_args(cls, args: dict[str, Any], name: str) -> dict[str, Any]:
+        """The sampler's own arguments and, filled in the same way, those of the objective it wraps."""
+        resolved = super().resolved_args(args, name)
+        name, objective = resolved["objective"], METHODS.get(resolved["objective"])
+        if objective is not cls:  # wrapping itself is refused by the constructor, with its own message
+            resolved["objective_args"] = objective.resolved_args(resolved["objective_args"], name)
+        return resolved
+
     def __init__(self, backbone: nn.Module, cfg: CSGHMCConfig) -> None:
         nn.Module.__init__(self)  # the backbone lives inside the objective, registered once
         self.cfg = cfg
@@ -240,6 +249,10 @@ class CyclicalSGHMCSSL(SSLMethod):
                 return  # no BatchNorm in this backbone: nothing to re-estimate
             self._samples[i] = {k: v.detach().clone() for k, v in scratch.state_dict().items()}
         self._samples_fingerprint += "-bn"
+
+    def available_draws(self) -> int | None:
+        """The weight samples collected (0 before the first: then ``embed`` is a point embedding)."""
+        return self.num_posterior_samples
 
     def cache_tag(self) -> str:
         return self._samples_fingerprint

@@ -65,6 +65,15 @@ class DeepEnsemble(SSLMethod):
     draws_fixed_by_model = True  # M members = M draws, whatever ``samples`` asks for
     export_note = "the mean of the members' point embeddings (L2-normalised when they are unit vectors)"
 
+    @classmethod
+    def resolved_args(cls, args: dict[str, Any], name: str) -> dict[str, Any]:
+        """The ensemble's own arguments and, filled in the same way, those of its member method."""
+        resolved = super().resolved_args(args, name)
+        member = METHODS.get(resolved["member"])
+        if member is not cls:  # wrapping itself is refused by the constructor, with its own message
+            resolved["member_args"] = member.resolved_args(resolved["member_args"], resolved["member"])
+        return resolved
+
     def __init__(self, backbone: nn.Module, cfg: EnsembleConfig) -> None:
         nn.Module.__init__(self)  # the backbones live inside the members, registered once
         self.cfg = cfg
@@ -125,6 +134,9 @@ class DeepEnsemble(SSLMethod):
     def prepare_for_evaluation(self, train_batches: Callable[[], Iterable[Tensor]]) -> None:
         for member in self.members:
             member.prepare_for_evaluation(train_batches)
+
+    def available_draws(self) -> int | None:
+        return len(self.members)
 
     @torch.no_grad()
     def embed(self, x: Tensor, samples: int | None = None) -> Embedding:

@@ -173,7 +173,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(in_channels, dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid * self.grid, dim))
-        rates = torch.linspace(0, drop_path, depth).tolist()
+        rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()  # plain numbers, on any device
         self.blocks = nn.Sequential(*(Block(dim, num_heads, mlp_ratio, rate) for rate in rates))
         self.norm = nn.LayerNorm(dim, eps=1e-6) if pool == "cls" else nn.Identity()
         self.fc_norm = nn.LayerNorm(dim, eps=1e-6) if pool == "mean" else nn.Identity()
