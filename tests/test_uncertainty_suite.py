@@ -212,7 +212,8 @@ def test_uncertainty_suite_end_to_end_writes_only_defined_metrics(method: str, t
     assert sampled == (method == "ensemble")
     for key in (
         "ood/noise/knn1/auroc",
-        "ood/noise/mahalanobis_unsup/auroc",
+        "ood/noise/mahalanobis_kmeans/auroc",
+        "ood/noise/ssd/auroc",
         "ood/noise/energy/auroc",
         "ret/r_auroc",
     ):

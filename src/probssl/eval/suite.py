@@ -33,11 +33,13 @@ from torch import Tensor
 from probssl.eval.calibration import calibration_metrics, reliability_diagram
 from probssl.eval.crop_test import CROP_AREA, crop_up_share, random_crops
 from probssl.eval.feature_ood import (
+    SSD_CLUSTERS,
     GaussianDetector,
     energy_score,
     kmeans_clusters,
     knn_scores,
     max_logit_score,
+    ssd_detector,
 )
 from probssl.eval.features import FeatureBank
 from probssl.eval.knn import NeighbourCache
@@ -117,16 +119,16 @@ class FeatureDetectors:
 
     On the point estimate (``bank.mean``; for the logit scores draw 0 through its probe, since the
     probe is fitted per draw and an ensemble's mean, say, lies in no member's feature space):
-    ``knn1``, ``knn50`` (−cos to the k-th nearest training feature), ``mahalanobis`` (class
+    ``knn1``, ``knn50`` (1 − cos to the k-th nearest training feature), ``mahalanobis`` (class
     Gaussians with a tied covariance, Lee et al. 2018, on L2-normalised features),
-    ``mahalanobis_unsup`` (the same with k-means clusters, as many as classes, instead of labels:
-    SSD, Sehwag et al. 2021), ``mahalanobis_raw`` (Lee et al.'s original, on raw features),
-    ``energy`` (−logsumexp of the probe's logits) and ``maxlogit`` (−max logit). The normalised
-    features are the geometry the SSL losses and the kNN detector use, and with them ``mahalanobis``
-    and ``mahalanobis_unsup`` differ only in labels vs clusters. With posterior draws (S > 1)
-    also ``<name>_bma``: the same detector run on each draw (training draw s against query draw s,
-    Gaussians and probe of draw s), its score averaged over draws (``BMA_MAX_DRAWS``) — does the
-    posterior help a strong detector?
+    ``mahalanobis_kmeans`` (the same tied covariance with k-means clusters, as many as classes,
+    instead of labels), ``ssd`` (SSD as published, Sehwag et al. 2021: ``SSD_CLUSTERS`` k-means
+    clusters of normalised features, one covariance per cluster), ``mahalanobis_raw`` (Lee et al.'s
+    original, on raw features), ``energy`` (−logsumexp of the probe's logits) and ``maxlogit`` (−max
+    logit). The normalised features are the geometry the SSL losses and the kNN detector use.
+    With posterior draws (S > 1) also ``<name>_bma``: the same detector run on each draw (training
+    draw s against query draw s, Gaussians and probe of draw s), its score averaged over draws
+    (``BMA_MAX_DRAWS``) — does the posterior help a strong detector?
     """
 
     train: FeatureBank
@@ -153,9 +155,10 @@ class FeatureDetectors:
             {
                 "mahalanobis": GaussianDetector.fit(x, train.labels, normalise=True),
                 "mahalanobis_raw": GaussianDetector.fit(x, train.labels),
-                "mahalanobis_unsup": GaussianDetector.fit(
+                "mahalanobis_kmeans": GaussianDetector.fit(
                     x, kmeans_clusters(x, min(num_classes, train.num_items), seed), normalise=True
                 ),
+                "ssd": ssd_detector(x, min(SSD_CLUSTERS, train.num_items), seed),
             }
             for x in sources
         ]
