@@ -220,6 +220,21 @@ def test_uncertainty_suite_end_to_end_writes_only_defined_metrics(method: str, t
         assert 0.0 <= results[key] <= 1.0
     assert results["ood/noise/best_feature/auroc"] == results["ood/noise/knn1/auroc"]
     assert results["ood/far/knn1/auroc"] == results["ood/noise/knn1/auroc"]  # noise is far-OOD
+    # The combined detector (docs/methods.md §5) on the scored half of the test split.
+    for key in (
+        "ood/noise/combined/auroc",
+        "ood/noise/combined/tpr@0.05",
+        "ood/noise/combined_features/auroc",
+        "ood/id/combined/fpr@0.01",
+        "ood/id/combined/fpr@0.05",
+        "ood/id/combined/fpr@0.1",
+        "sel/reliability/ece",
+    ):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert results["ood/id/scored_items"] + results["ood/id/calibration_items"] == 540  # digits' test split
+    assert "scored half" in results["meta/ood_protocol"]
+    combined_same = results["ood/noise/combined/auroc"] == results["ood/noise/combined_features/auroc"]
+    assert combined_same or not deterministic  # without an own uncertainty the two are one rule
     assert ("ood/noise/emb/auroc" in results) == (not deterministic)
     assert ("sel/emb/err_auroc" in results) == (not deterministic)
     assert ("sel/crop_up" in results) == (not deterministic)

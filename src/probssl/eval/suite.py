@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probssl.eval.calibration import calibration_metrics, reliability_diagram
+from probssl.eval.calibration import binned_ece, calibration_metrics, reliability_diagram
+from probssl.eval.conformal import ALPHAS, DEFAULT_ALPHA, CalibrationSplit, flagged_fraction
 from probssl.eval.crop_test import CROP_AREA, crop_up_share, random_crops
 from probssl.eval.feature_ood import (
     SSD_CLUSTERS,
@@ -47,6 +48,7 @@ from probssl.eval.linear import LinearProbe
 from probssl.eval.metrics import top1
 from probssl.eval.ood import entropy_score, msp_score, mutual_information_score, ood_metrics
 from probssl.eval.ood_groups import GROUPS, ood_group
+from probssl.eval.reliability import Reliability, top_vote
 from probssl.eval.retrieval import first_relevant_rank, retrieval_ece, retrieval_metrics, sparsification
 from probssl.eval.selective import aurc, error_auroc, selective_metrics
 from probssl.eval.splits import class_balanced_subset, stratified_split
@@ -283,6 +285,61 @@ def ood_suite(name: str, scores_in: dict[str, Tensor], scores_out: dict[str, Ten
         },
     }
     return out, details
+
+
+OOD_PROTOCOL = (
+    "ood/<set>/... and ood/id/... use the scored half of the test split (ood/id/scored_items images) "
+    "against the whole OOD set; the other, class-stratified half (seeded by the run's seed) calibrates "
+    "the conformal p-values, cut into folds A and B (docs/methods.md section 5)"
+)
+"""``meta/ood_protocol`` in eval.json: which images the OOD metrics are computed on."""
+
+
+def pvalue_scores(pvalues: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Conformal p-values as detector scores, 1 − p (higher = more OOD), for the ranking metrics."""
+    return {name: 1.0 - p for name, p in pvalues.items()}
+
+
+def conformal_id_suite(pvalues: dict[str, Tensor], split: CalibrationSplit) -> Metrics:
+    """``ood/id/<detector>/fpr@<α>``: the realized false-positive rate of flagging p < α on the
+    scored in-distribution half (valid p-values keep it ≤ α up to sampling error), and the sizes."""
+    out: Metrics = {
+        "ood/id/scored_items": int(split.rest.numel()),
+        "ood/id/calibration_items": int(split.fold_a.numel() + split.fold_b.numel()),
+        "ood/id/fold_b_items": int(split.fold_b.numel()),
+    }
+    for name, p in pvalues.items():
+        for alpha in ALPHAS:
+            out[f"ood/id/{name}/fpr@{alpha:g}"] = flagged_fraction(p, alpha)
+    return out
+
+
+def conformal_ood_suite(name: str, pvalues: dict[str, Tensor]) -> Metrics:
+    """``ood/<set>/<detector>/tpr@0.05``: the share of OOD images flagged at α = 0.05."""
+    return {
+        f"ood/{name}/{key}/tpr@{DEFAULT_ALPHA:g}": flagged_fraction(p, DEFAULT_ALPHA)
+        for key, p in pvalues.items()
+    }
+
+
+def reliability_suite(knn_probs: Tensor, labels: Tensor, split: CalibrationSplit) -> Metrics:
+    """``sel/reliability/``: the isotonic map of the kNN top vote share to P(correct), fitted on
+    the calibration half and judged on the scored half — ``ece`` (15 equal-width bins, the
+    probability of being right against being right) and ``err_auroc`` (1 − reliability ranking
+    the kNN's errors)."""
+    share, prediction = top_vote(knn_probs)
+    correct = prediction.cpu() == labels.cpu()
+    calibration, scored = split.calibration, split.rest
+    model = Reliability.fit(share[calibration], correct[calibration])
+    reliability = model.predict(share[scored])
+    out: Metrics = {
+        "sel/reliability/ece": binned_ece(reliability, correct[scored]),
+        "sel/reliability/items": int(scored.numel()),
+    }
+    right = correct[scored]
+    if bool(right.any()) and not bool(right.all()):
+        out["sel/reliability/err_auroc"] = error_auroc(1.0 - reliability, right)
+    return out
 
 
 def ood_group_means(results: Metrics, dataset: str, ood_sets: Sequence[str]) -> Metrics:
