@@ -86,21 +86,24 @@ class OODReference:
             "ssd": ssd_detector(reference, min(SSD_CLUSTERS, reference.shape[0]), seed),
         }
         own = bool(bank.uncertainty.abs().sum() > 0)
-
-        def fold_scores(fold: Tensor) -> dict[str, Tensor]:
-            features = bank.mean[fold]
-            knn1 = knn_scores(reference, features, (1,))[1]
-            return _member_scores(knn1, gaussians, features, bank.uncertainty[fold] if own else None)
-
-        fold_a, fold_b = fold_scores(split.fold_a), fold_scores(split.fold_b)
-        combined = ConformalDetector.fit(fold_a, fold_b, combined_members(list(fold_a)))
         num_classes = int(bank.labels.max()) + 1 if labelled else 0
-        fitted = cls(reference, labels, gaussians, combined, None, num_classes, temperature)
+        # One neighbour pass over the calibration slice serves the kNN distances and the kNN vote.
+        calibration = split.calibration
+        features = bank.mean[calibration]
+        cache = NeighbourCache(keep=RELIABILITY_K) if labelled else None
+        reliability = None
         if labelled:
-            calibration = split.calibration
-            share, prediction = fitted.knn_vote(bank.mean[calibration])
-            fitted.reliability = Reliability.fit(share, prediction == bank.labels[calibration])
-        return fitted
+            share, prediction = _knn_vote(reference, labels, num_classes, temperature, features, cache)
+            reliability = Reliability.fit(share, prediction == bank.labels[calibration])
+        knn1 = knn_scores(reference, features, (1,), cache=cache)[1]
+        scores = _member_scores(knn1, gaussians, features, bank.uncertainty[calibration] if own else None)
+        fold_a, fold_b = (torch.searchsorted(calibration, fold) for fold in (split.fold_a, split.fold_b))
+        combined = ConformalDetector.fit(
+            {name: value[fold_a] for name, value in scores.items()},
+            {name: value[fold_b] for name, value in scores.items()},
+            combined_members(list(scores)),
+        )
+        return cls(reference, labels, gaussians, combined, reliability, num_classes, temperature)
 
     @property
     def members(self) -> tuple[str, ...]:
@@ -113,16 +116,7 @@ class OODReference:
 
     def knn_vote(self, features: Tensor, cache: NeighbourCache | None = None) -> tuple[Tensor, Tensor]:
         """(top vote share, predicted class) of the k = ``RELIABILITY_K`` weighted kNN vote."""
-        probs = knn_predict_many(
-            self.reference,
-            self.labels,
-            features,
-            self.num_classes,
-            (RELIABILITY_K,),
-            self.temperature,
-            cache=cache,
-        )[RELIABILITY_K]
-        return top_vote(probs)
+        return _knn_vote(self.reference, self.labels, self.num_classes, self.temperature, features, cache)
 
     def apply(self, features: Tensor, uncertainty: Tensor, k: int = 1) -> dict[str, Tensor]:
         """Everything ``embed`` reports for query features [M, D] and their own uncertainty [M]:
@@ -183,6 +177,20 @@ class OODReference:
             int(meta["num_classes"]),
             float(meta["temperature"]),
         )
+
+
+def _knn_vote(
+    reference: Tensor,
+    labels: Tensor,
+    num_classes: int,
+    temperature: float,
+    features: Tensor,
+    cache: NeighbourCache | None,
+) -> tuple[Tensor, Tensor]:
+    probs = knn_predict_many(
+        reference, labels, features, num_classes, (RELIABILITY_K,), temperature, cache=cache
+    )[RELIABILITY_K]
+    return top_vote(probs)
 
 
 def _member_scores(
