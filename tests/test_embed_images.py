@@ -204,3 +204,28 @@ def test_a_calibration_slice_too_small_for_alpha_warns_with_the_smallest_p_value
         probssl.embed_images(simclr_run, _test_images(5), alpha=0.05)
     with pytest.raises(ValueError, match="strictly between 0 and 1"):
         probssl.embed_images(simclr_run, _test_images(5), alpha=1.5)
+
+
+def test_a_run_trained_on_unlabelled_images_has_no_reliability_and_says_why(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    digits = load_dataset("digits", "train").images[:80, 0].numpy()
+    for i, image in enumerate(digits):  # a flat folder: no class folders, labels -1
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    cfg = build_config(
+        method="simclr",
+        backbone="convnet",
+        backbone_args={"width": 8},
+        data={"dataset": str(folder)},
+        train={"epochs": 1, "batch_size": 32, "progress": False, "tensorboard": False},
+    )
+    run = train(cfg, tmp_path / "run")
+    with pytest.warns(UserWarning, match="no `reliability`: the run's training images have no labels"):
+        found = probssl.embed_images(run, _test_images(6), alpha=0.5)
+    assert "reliability" not in found and "knn_prediction" not in found
+    assert found["ood_pvalue"].shape == (6,) and "pvalue/mahalanobis_raw" in found
+    npz, table = write_embeddings(found, tmp_path / "found.npz")
+    assert "reliability" not in table.read_text().splitlines()[0]
