@@ -337,6 +337,7 @@ def evaluate_run(
             scored = {name: score[split.rest] for name, score in scores.items()}
             scored_pvalues = {name: detector.pvalue(scored) for name, detector in combined.items()}
             results.update(suite.conformal_id_suite(scored_pvalues, split))
+            results.update(suite.member_fpr_suite(scores, split))
             if test.num_samples == 1:
                 knn_mean = knn[RELIABILITY_K]  # the single draw is the mean
             else:  # `reliability` calibrates the kNN of the mean embedding, the one `embed` predicts with

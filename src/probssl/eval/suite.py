@@ -31,7 +31,14 @@ import torch
 from torch import Tensor
 
 from probssl.eval.calibration import binned_ece, calibration_metrics, reliability_diagram
-from probssl.eval.conformal import ALPHAS, DEFAULT_ALPHA, CalibrationSplit, flagged_fraction
+from probssl.eval.conformal import (
+    ALPHAS,
+    DEFAULT_ALPHA,
+    CalibrationSplit,
+    combined_members,
+    conformal_pvalues,
+    flagged_fraction,
+)
 from probssl.eval.crop_test import CROP_AREA, crop_up_share, random_crops
 from probssl.eval.feature_ood import (
     SSD_CLUSTERS,
@@ -311,6 +318,19 @@ def conformal_id_suite(pvalues: dict[str, Tensor], split: CalibrationSplit) -> M
     for name, p in pvalues.items():
         for alpha in ALPHAS:
             out[f"ood/id/{name}/fpr@{alpha:g}"] = flagged_fraction(p, alpha)
+    return out
+
+
+def member_fpr_suite(scores: dict[str, Tensor], split: CalibrationSplit) -> Metrics:
+    """``ood/id/<detector>/fpr@0.05`` for each single detector of docs/methods.md §5 (the combined
+    rule's members and the probe's ``entropy`` / ``mi``): its own conformal p-value against the whole
+    calibration half (folds A ∪ B), and the share of the scored half it flags."""
+    calibration = split.calibration
+    out: Metrics = {}
+    for name in (*combined_members(list(scores)), "entropy", "mi"):
+        if name in scores:
+            p = conformal_pvalues(scores[name][calibration], scores[name][split.rest])
+            out[f"ood/id/{name}/fpr@{DEFAULT_ALPHA:g}"] = flagged_fraction(p, DEFAULT_ALPHA)
     return out
 
 
