@@ -229,3 +229,24 @@ def test_a_run_trained_on_unlabelled_images_has_no_reliability_and_says_why(tmp_
     assert found["ood_pvalue"].shape == (6,) and "pvalue/mahalanobis_raw" in found
     npz, table = write_embeddings(found, tmp_path / "found.npz")
     assert "reliability" not in table.read_text().splitlines()[0]
+
+
+def test_the_embed_calibration_script_counts_flags_on_the_test_split(simclr_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "embed_calibration.py"
+    out = tmp_path / "m.json"
+    done = subprocess.run(
+        [sys.executable, str(script), str(simclr_run), "--json", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["test_items"] == 540 and "alpha=0.05  flagged" in done.stdout
+    found = probssl.embed_images(simclr_run, _test_images(540))
+    assert row["fpr@0.05"] == pytest.approx(float((found["ood_pvalue"] < 0.05).mean()))
+    low, high = row["fpr@0.05/ci95"]
+    assert low <= row["fpr@0.05"] <= high
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: not a finished run")
