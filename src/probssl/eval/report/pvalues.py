@@ -85,6 +85,13 @@ def pvalue_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, An
                     ax.hist(values, bins=_BINS, density=True, histtype="step", color=colour, linewidth=1.3)
                 ax.axhline(1.0, color="#6b7280", linewidth=0.8, linestyle="--")  # the uniform density
                 ax.axvline(ALPHA, color="#d23c4b", linewidth=0.8)
+                # The axis is scaled to the in-distribution histogram, whose flatness is the point; an
+                # OOD pile taller than that is cut and its height written on it.
+                top = _top(entry["in"])
+                ax.set_ylim(0, top)
+                pile = np.histogram(entry["out"], bins=_BINS, density=True)[0][0]
+                if pile > top:
+                    ax.annotate(f"↑ {pile:.0f}", (0.05, 0.92 * top), color=_OUT_COLOUR, fontsize=8)
                 ax.set_title(_wrapped(run.name, f"vs {set_name}", width=34), loc="left")
                 ax.set(xlim=(0, 1), xlabel="combined p-value", ylabel="density")
                 ax.spines["left"].set_color(run.colour)
@@ -99,6 +106,11 @@ def pvalue_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, An
         f'<figure><img src="{uri}" alt="conformal p-value histograms">'
         f"{flagged_table(shown, data, sets)}<figcaption>{CAPTION}</figcaption></figure>"
     )
+
+
+def _top(values: np.ndarray) -> float:
+    """The y-axis top: room above the in-distribution histogram (at least twice the uniform density)."""
+    return max(2.0, 1.25 * float(np.histogram(values, bins=_BINS, density=True)[0].max()))
 
 
 def flagged_table(
