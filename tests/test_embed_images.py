@@ -18,6 +18,7 @@ from probssl.config import build_config
 from probssl.data import load_dataset, to_float
 from probssl.data.sources import ArraySource
 from probssl.eval.features import FeatureBank
+from probssl.eval.ood_reference import calibration_slice
 from probssl.runs import load_run
 from probssl.train import train
 
@@ -65,9 +66,21 @@ def test_embed_images_matches_the_method_on_normalised_images(scl_run):
     assert found["uncertainty"].std() > 0
 
     train_bank, _ = FeatureBank.load(scl_run / "features" / "train_S1.safetensors")  # cached on the way
-    nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(train_bank.mean.numpy())
+    # The OOD reference: the training features less the calibration slice (docs/methods.md §5).
+    reference = train_bank.mean[calibration_slice(train_bank.labels, run.config.train.seed).rest]
+    nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(reference.numpy())
     distance, _ = nn.kneighbors(found["embedding"])
     np.testing.assert_allclose(found["ood_score"], distance[:, 0], atol=1e-5)
+    assert (scl_run / "features" / "ood_reference_S1.safetensors").is_file()  # cached for the next call
+    members = ("knn1", "mahalanobis_raw", "mahalanobis", "ssd", "emb")  # scl has an own uncertainty
+    assert all(found[f"pvalue/{m}"].shape == (20,) for m in members)
+    assert ((found["ood_pvalue"] > 0) & (found["ood_pvalue"] <= 1)).all()
+    np.testing.assert_array_equal(found["ood_flag"], found["ood_pvalue"] < 0.05)
+    assert (
+        found["reliability"].shape == (20,)
+        and ((found["reliability"] >= 0) & (found["reliability"] <= 1)).all()
+    )
+    assert list(found["classes"]) == [str(c) for c in range(10)] and found["knn_prediction"].max() < 10
 
 
 def test_knn_cosine_distance_against_sklearn():
@@ -83,12 +96,19 @@ def test_knn_cosine_distance_against_sklearn():
         knn_cosine_distance(queries, reference, k=301)
 
 
-def test_written_npz_and_csv_ranked_by_uncertainty(tmp_path):
+def test_written_npz_and_csv_ranked_by_ood_pvalue(tmp_path):
     rng = np.random.default_rng(0)
+    pvalue = np.array([0.5, 0.01, 0.2, 0.01, 0.9, 0.01])
     result = {
         "embedding": rng.normal(size=(6, 3)).astype(np.float32),
         "uncertainty": np.array([0.2, 0.9, 0.1, 0.9, 0.5, 0.0], dtype=np.float32),
-        "ood_score": np.array([0.3, 0.1, 0.5, 0.7, 0.2, 0.4], dtype=np.float32),
+        "ood_score": np.array([0.3, 0.1, 0.5, 0.1, 0.2, 0.4], dtype=np.float32),
+        "ood_pvalue": pvalue,
+        "ood_flag": pvalue < 0.05,
+        "pvalue/knn1": pvalue,
+        "reliability": np.linspace(0.2, 0.9, 6),
+        "knn_prediction": np.array([0, 1, 1, 0, 1, 0]),
+        "classes": np.array(["cat", "dog"]),
         "path": np.array([f"img{i}.png" for i in range(6)]),
     }
     npz, table = write_embeddings(result, tmp_path / "out" / "found.npz")
@@ -97,12 +117,15 @@ def test_written_npz_and_csv_ranked_by_uncertainty(tmp_path):
         for key, value in result.items():
             np.testing.assert_array_equal(saved[key], value)
     rows = list(csv.DictReader(table.open()))
-    u, o = result["uncertainty"], result["ood_score"]
-    expected = sorted(range(6), key=lambda i: (-u[i], -o[i]))  # uncertainty, then OOD score, descending
+    o, u = result["ood_score"], result["uncertainty"]
+    expected = sorted(
+        range(6), key=lambda i: (pvalue[i], -o[i], -u[i])
+    )  # p-value up, then score, uncertainty down
     assert [r["path"] for r in rows] == [f"img{i}.png" for i in expected]
-    assert expected == [3, 1, 4, 0, 2, 5]  # the 0.9 tie goes to the higher OOD score
+    assert expected[:3] == [5, 1, 3]  # the three at p = 0.01: highest ood_score first, then uncertainty
     assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert float(rows[2]["ood_score"]) == pytest.approx(float(o[4]))
+    assert [r["ood_flag"] for r in rows] == ["true"] * 3 + ["false"] * 3
+    assert rows[0]["knn_prediction"] == "cat" and float(rows[0]["reliability"]) == pytest.approx(0.9)
 
 
 def test_samples_on_a_deterministic_method_warn_once(simclr_run):
@@ -143,45 +166,87 @@ def test_cli_embed_on_a_flat_folder_of_other_sized_rgb_images(scl_run, tmp_path,
     assert (
         main(["embed", str(scl_run), str(folder), "--out", str(out), "--samples", "2", "--no-progress"]) == 0
     )
-    assert "embedded 7 images" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert (
+        "embedded 7 images" in out_text and "ranked by OOD p-value" in out_text and "of 7 flagged" in out_text
+    )
     with np.load(out) as found:
         n, d = found["embedding"].shape
         assert n == 7 and found["uncertainty"].shape == (7,) and found["ood_score"].shape == (7,)
         assert found["samples"].shape == (2, 7, d)
         assert sorted(Path(p).name for p in found["path"]) == [f"p{i}.png" for i in range(7)]
         by_path = {str(p): float(u) for p, u in zip(found["path"], found["uncertainty"], strict=True)}
+        assert "reliability" not in found or found["reliability"].shape == (7,)
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))
-    uncertainties = [float(r["uncertainty"]) for r in rows]
-    assert uncertainties == sorted(uncertainties, reverse=True)
+    pvalues = [float(r["ood_pvalue"]) for r in rows]
+    assert pvalues == sorted(pvalues)
     assert all(by_path[r["path"]] == pytest.approx(float(r["uncertainty"])) for r in rows)
 
 
-def test_cli_embed_of_a_missing_source_is_one_clear_error(simclr_run, tmp_path, capsys):
-    assert main(["embed", str(simclr_run), str(tmp_path / "nowhere"), "--out", str(tmp_path / "x.npz")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+def test_cli_embed_alpha_outside_zero_one_is_one_line_error(simclr_run, tmp_path, capsys):
+    for alpha in ("0", "1", "-0.1", "5"):
+        argv = ["embed", str(simclr_run), str(tmp_path), "--out", str(tmp_path / "x.npz"), "--alpha", alpha]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --alpha must lie strictly between 0 and 1") and err.count("\n") == 1
 
 
-def test_cli_embed_of_a_folder_with_a_corrupt_image(simclr_run, tmp_path, monkeypatch, capsys):
-    """Without --skip-corrupt: one error naming the file and the flag; with it: the readable images,
-    and the unreadable one named in the .npz."""
+def test_a_calibration_slice_too_small_for_alpha_warns_with_the_smallest_p_value(simclr_run):
+    # digits' 1,257 training images: a calibration slice of 126, 60 of them in fold B, so the combined
+    # p-value cannot go below 1/61 and nothing can be flagged at α = 0.01.
+    with pytest.warns(
+        UserWarning, match=r"calibrated on 60 images: the smallest reachable p-value is 1/61 = 0\.01639"
+    ):
+        found = probssl.embed_images(simclr_run, _test_images(5), alpha=0.01)
+    assert not found["ood_flag"].any() and found["ood_pvalue"].min() >= 1 / 61
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # α = 0.05 is reachable: no warning
+        probssl.embed_images(simclr_run, _test_images(5), alpha=0.05)
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        probssl.embed_images(simclr_run, _test_images(5), alpha=1.5)
+
+
+def test_a_run_trained_on_unlabelled_images_has_no_reliability_and_says_why(tmp_path, monkeypatch):
     from PIL import Image
 
     monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
-    folder = tmp_path / "photos"
+    folder = tmp_path / "flat"
     folder.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(folder / f"p{i}.png")
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
-    out = tmp_path / "found.npz"
-    argv = ["embed", str(simclr_run), str(folder), "--out", str(out), "--no-progress"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "broken.png" in err and "--skip-corrupt" in err and "data.skip_corrupt" not in err
-    assert not out.exists()
-    assert main([*argv, "--skip-corrupt"]) == 0
-    assert "skipped 1 unreadable image" in capsys.readouterr().out
-    with np.load(out) as found:
-        assert sorted(Path(p).name for p in found["path"]) == ["p0.png", "p1.png", "p2.png"]
-        assert [Path(p).name for p in found["skipped"]] == ["broken.png"]
+    digits = load_dataset("digits", "train").images[:80, 0].numpy()
+    for i, image in enumerate(digits):  # a flat folder: no class folders, labels -1
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    cfg = build_config(
+        method="simclr",
+        backbone="convnet",
+        backbone_args={"width": 8},
+        data={"dataset": str(folder)},
+        train={"epochs": 1, "batch_size": 32, "progress": False, "tensorboard": False},
+    )
+    run = train(cfg, tmp_path / "run")
+    with pytest.warns(UserWarning, match="no `reliability`: the run's training images have no labels"):
+        found = probssl.embed_images(run, _test_images(6), alpha=0.5)
+    assert "reliability" not in found and "knn_prediction" not in found
+    assert found["ood_pvalue"].shape == (6,) and "pvalue/mahalanobis_raw" in found
+    npz, table = write_embeddings(found, tmp_path / "found.npz")
+    assert "reliability" not in table.read_text().splitlines()[0]
+
+
+def test_the_embed_calibration_script_counts_flags_on_the_test_split(simclr_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "embed_calibration.py"
+    out = tmp_path / "m.json"
+    done = subprocess.run(
+        [sys.executable, str(script), str(simclr_run), "--json", str(out)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(out.read_text())
+    assert row["test_items"] == 540 and "alpha=0.05  flagged" in done.stdout
+    found = probssl.embed_images(simclr_run, _test_images(540))
+    assert row["fpr@0.05"] == pytest.approx(float((found["ood_pvalue"] < 0.05).mean()))
+    low, high = row["fpr@0.05/ci95"]
+    assert low <= row["fpr@0.05"] <= high
+    refused = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: not a finished run")

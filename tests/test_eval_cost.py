@@ -131,7 +131,8 @@ def test_summary_prints_na_for_what_a_run_does_not_have() -> None:
         "sel/err_auroc": 0.85,
     }
     columns = dict(summary_columns(results))
-    assert columns["OOD mnist feat"] is None and columns["OOD mnist own"] is None
+    assert columns["OOD mnist knn1"] is None and columns["OOD mnist own"] is None
+    assert columns["OOD mnist comb"] is None and columns["FPR@.05"] is None
     assert columns["err-AUROC own"] is None and columns["ECE"] == 0.02
     text = format_summary(results)
     assert text.count("n/a") >= 3 and "0.5000" not in text  # the probe's entropy is no feature detector
@@ -139,11 +140,17 @@ def test_summary_prints_na_for_what_a_run_does_not_have() -> None:
     results |= {"ood/mnist/knn1/auroc": 0.97, "ood/mnist/mahalanobis/auroc": 0.98, "ood/mnist/emb/auroc": 0.6}
     results |= {"ood/mnist/best_feature/auroc": 0.97, "ood/mnist/best_feature/detector": "knn1"}
     results |= {"sel/emb/err_auroc": 0.7, "ood/near/best_feature/auroc": 0.97}
+    results |= {
+        "ood/mnist/combined/auroc": 0.99,
+        "ood/id/combined/fpr@0.05": 0.051,
+        "sel/reliability/ece": 0.02,
+    }
     # the pre-declared reference, not the maximum over detectors on the OOD set itself
     assert best_feature_detector(results, "mnist") == ("knn1", 0.97)
     columns = dict(summary_columns(results))
-    assert columns["OOD mnist feat"] == 0.97 and columns["OOD mnist own"] == 0.6
-    assert "OOD near feat" not in columns  # a group mean is not a set
+    assert columns["OOD mnist knn1"] == 0.97 and columns["OOD mnist own"] == 0.6
+    assert columns["OOD mnist comb"] == 0.99 and columns["FPR@.05"] == 0.051 and columns["rel-ECE"] == 0.02
+    assert "OOD near knn1" not in columns and "OOD near comb" not in columns  # a group mean is not a set
     assert "mnist: knn1" in format_summary(results)
 
 

@@ -850,3 +850,36 @@ def test_ranked_values_get_the_digits_that_tell_them_apart() -> None:
     assert len({f"{v:.{digits}g}" for v in close}) == 3 and len({f"{v:.3g}" for v in close}) == 1
     assert significant_digits([0.01, 1.9]) == 3 and significant_digits([None, 0.5]) == 3
     assert significant_digits([1.0, 1.0]) == 3 and significant_digits([1.0, 1.0 + 1e-12]) == 7  # capped
+
+
+def test_pvalue_histograms_and_the_flagged_share_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 29: per run and OOD set the combined p-value's histogram (flat for in-distribution images,
+    piled near 0 for OOD ones) and "flagged at α = 0.05: ID x%, <set> y%" from the eval.json keys."""
+    dirs = _suite_runs(tmp_path, {"simclr": "simclr", "vi_simsiam": "vi_simsiam"}, 1, ("mnist", "noise"))
+    rng = np.random.default_rng(6)
+    noise_flagged = []
+    for k, run_dir in enumerate(dirs):
+        details = json.loads((run_dir / "eval_details.json").read_text(encoding="utf-8"))
+        for entry in details["ood"].values():
+            p_in, p_out = rng.uniform(0, 1, 300), rng.beta(0.3, 4, 300)
+            entry["pvalues"] = {"combined": {"in": p_in.tolist(), "out": p_out.tolist()}}
+        noise_flagged.append(f"{100 * np.mean(p_out < 0.05):.1f}%")  # noise is the last set written
+        (run_dir / "eval_details.json").write_text(json.dumps(details), encoding="utf-8")
+        metrics = json.loads((run_dir / "eval.json").read_text(encoding="utf-8"))
+        metrics |= {"ood/id/combined/fpr@0.05": 0.048 + k / 100, "ood/mnist/combined/tpr@0.05": 0.9}
+        (run_dir / "eval.json").write_text(json.dumps(metrics), encoding="utf-8")
+    drawn = _capture_figures(monkeypatch)
+    page = build_report(dirs, tmp_path / "r.html").read_text(encoding="utf-8")
+    section = page.split('id="pvalues"', 1)[1].split("</section>", 1)[0]
+    assert "Flagged at α = 0.05" in section and "How to read" in section
+    rows = re.findall(r"<tr><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td><td>([^<]*)</td></tr>", section)
+    # mnist from its eval.json key; noise has none, so it is counted from the p-values themselves
+    assert rows == [
+        ("simclr · seed 0", "4.8%", "90.0%", noise_flagged[0]),
+        ("vi_simsiam · seed 0", "5.8%", "90.0%", noise_flagged[1]),
+    ]
+    figure = next(fig for fig in drawn if any("combined p-value" in ax.get_xlabel() for ax in fig.axes))
+    assert len([ax for ax in figure.axes if ax.get_visible()]) == 4  # two runs x two sets
+    assert _collisions(figure) == []

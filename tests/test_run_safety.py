@@ -117,9 +117,9 @@ def test_a_killed_trainers_forked_workers_do_not_keep_its_lock(tmp_path):
         "lock = importlib.util.module_from_spec(spec); spec.loader.exec_module(lock)\n"
         "with lock.run_lock(Path(sys.argv[2]), lock.TRAIN_LOCK):\n"
         "    child = os.fork()\n"
-        "    if child == 0:\n"
-        "        time.sleep(60); os._exit(0)\n"
-        "    print(child, flush=True); time.sleep(60)"
+        "    if child == 0:\n"  # the child speaks once its after-fork hooks (closing the lock) have run
+        "        print(os.getpid(), flush=True); time.sleep(60); os._exit(0)\n"
+        "    time.sleep(60)"
     )
     run_dir = tmp_path / "run"
     trainer = subprocess.Popen(
@@ -191,6 +191,8 @@ def test_embed_recognises_its_own_files(tmp_path):
         "embedding": np.zeros((2, 3), np.float32),
         "uncertainty": np.zeros(2, np.float32),
         "ood_score": np.ones(2, np.float32),
+        "ood_pvalue": np.full(2, 0.5),
+        "ood_flag": np.zeros(2, bool),
         "path": np.array(["a.png", "b.png"]),
     }
     npz, table = write_embeddings(result, tmp_path / "new")

@@ -212,15 +212,75 @@ def test_uncertainty_suite_end_to_end_writes_only_defined_metrics(method: str, t
     assert sampled == (method == "ensemble")
     for key in (
         "ood/noise/knn1/auroc",
-        "ood/noise/mahalanobis_unsup/auroc",
+        "ood/noise/mahalanobis_kmeans/auroc",
+        "ood/noise/ssd/auroc",
         "ood/noise/energy/auroc",
         "ret/r_auroc",
     ):
         assert 0.0 <= results[key] <= 1.0
     assert results["ood/noise/best_feature/auroc"] == results["ood/noise/knn1/auroc"]
     assert results["ood/far/knn1/auroc"] == results["ood/noise/knn1/auroc"]  # noise is far-OOD
+    # The combined detector (docs/methods.md §5) on the scored half of the test split.
+    for key in (
+        "ood/noise/combined/auroc",
+        "ood/noise/combined/tpr@0.05",
+        "ood/noise/combined_features/auroc",
+        "ood/id/combined/fpr@0.01",
+        "ood/id/combined/fpr@0.05",
+        "ood/id/combined/fpr@0.1",
+        "sel/reliability/ece",
+    ):
+        assert 0.0 <= results[key] <= 1.0, key
+    assert results["ood/id/scored_items"] + results["ood/id/calibration_items"] == 540  # digits' test split
+    assert "scored half" in results["meta/ood_protocol"]
+    combined_same = results["ood/noise/combined/auroc"] == results["ood/noise/combined_features/auroc"]
+    assert combined_same or not deterministic  # without an own uncertainty the two are one rule
     assert ("ood/noise/emb/auroc" in results) == (not deterministic)
     assert ("sel/emb/err_auroc" in results) == (not deterministic)
     assert ("sel/crop_up" in results) == (not deterministic)
     assert ("ood/noise/mi/auroc" in results) == sampled
     assert ("ood/noise/knn1_bma/auroc" in results) == sampled
+
+
+def test_conformal_and_reliability_blocks_against_numpy_and_sklearn() -> None:
+    """``ood/id/.../fpr@α`` and ``sel/reliability/*`` of eval.json, recomputed by brute force."""
+    import numpy as np
+    from sklearn.isotonic import IsotonicRegression
+
+    from probssl.eval.calibration import binned_ece
+    from probssl.eval.conformal import CalibrationSplit, fit_combined
+    from probssl.eval.ood import binary_auroc
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(400) % 4
+    shared = torch.randn(400, generator=g, dtype=torch.float64)
+    scores = {m: shared + torch.randn(400, generator=g, dtype=torch.float64) for m in ("knn1", "ssd")}
+    scores["entropy"] = torch.rand(400, generator=g, dtype=torch.float64)
+    split = CalibrationSplit.of(labels, seed=0)
+    cal, rest = split.calibration.numpy(), split.rest.numpy()
+    out = suite.member_fpr_suite(scores, split)
+    assert set(out) == {"ood/id/knn1/fpr@0.05", "ood/id/ssd/fpr@0.05", "ood/id/entropy/fpr@0.05"}
+    for name in ("knn1", "ssd", "entropy"):
+        c, s = scores[name].numpy()[cal], scores[name].numpy()[rest]
+        p = np.array([(1 + (c >= x).sum()) / (len(c) + 1) for x in s])
+        assert out[f"ood/id/{name}/fpr@0.05"] == pytest.approx((p < 0.05).mean())
+    combined = fit_combined(scores, split)
+    pvalues = {name: d.pvalue({k: v[split.rest] for k, v in scores.items()}) for name, d in combined.items()}
+    block = suite.conformal_id_suite(pvalues, split)
+    assert block["ood/id/scored_items"] == 200 and block["ood/id/calibration_items"] == 200
+    for alpha in (0.01, 0.05, 0.1):
+        assert block[f"ood/id/combined/fpr@{alpha:g}"] == pytest.approx(
+            (pvalues["combined"] < alpha).double().mean().item()
+        )
+    # reliability: isotonic fit on the calibration half, judged on the scored half
+    probs = torch.softmax(3 * torch.randn(400, 4, generator=g), dim=1)
+    out = suite.reliability_suite(probs, labels, split)
+    share, prediction = probs.max(1)
+    correct = (prediction == labels).numpy()
+    fitted = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(share.numpy()[cal], correct[cal])
+    reliability = fitted.predict(share.numpy()[rest])
+    expected_ece = binned_ece(torch.from_numpy(reliability), torch.from_numpy(correct[rest]))
+    assert out["sel/reliability/ece"] == pytest.approx(expected_ece, abs=1e-6)  # float32 shares
+    assert out["sel/reliability/err_auroc"] == pytest.approx(
+        binary_auroc(1 - reliability, ~correct[rest]), abs=1e-9
+    )

@@ -200,12 +200,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
     for path in embedding_paths(args.out):  # before any work: a refusal must cost nothing
         refuse_foreign_output(path, "--out", "embed", is_embedding_file)
     check_samples(args.samples)
+    if not 0.0 < args.alpha < 1.0:  # before loading anything
+        raise ConfigError(
+            f"--alpha must lie strictly between 0 and 1 (the share of in-distribution images you accept "
+            f"to flag wrongly, e.g. 0.05), got {args.alpha:g}"
+        )
     try:
         result = embed_images(
             args.run_dir,
             args.source,
             samples=args.samples,
             k=args.k,
+            alpha=args.alpha,
             batch_size=args.batch_size,
             workers=args.workers,
             data_dir=args.data_dir,
@@ -220,7 +226,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
     npz, table = write_embeddings(result, args.out)
     n, d = result["embedding"].shape
     images = "1 image" if n == 1 else f"{n} images"
-    print(f"embedded {images} ({d} dimensions): {npz}, ranked by uncertainty in {table}")
+    print(f"embedded {images} ({d} dimensions): {npz}, ranked by OOD p-value in {table}")
+    flagged = int(result["ood_flag"].sum())
+    print(
+        f"{flagged} of {n} flagged as unlike the training data (ood_pvalue < {args.alpha:g}: at most a "
+        f"fraction {args.alpha:g} of images like the training data is flagged)"
+    )
     if len(result.get("skipped", ())):
         print(f"skipped {len(result['skipped'])} unreadable image(s), named in {npz} under 'skipped'")
     return 0
@@ -469,14 +480,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser(
-        "embed", help="embeddings, uncertainties and OOD scores of your images under a trained run"
+        "embed", help="embeddings, uncertainties and OOD p-values of your images under a trained run"
     )
     p.add_argument("run_dir")
     p.add_argument("source", help="an image folder (flat or with class folders), a .tar of one, or one image")
-    p.add_argument("--out", required=True, help="FILE.npz; FILE.csv beside it ranks images by uncertainty")
+    p.add_argument("--out", required=True, help="FILE.npz; FILE.csv beside it ranks images by OOD p-value")
     p.add_argument("--samples", type=int, help="posterior draws per image, stored as `samples` [S, N, D]")
     p.add_argument(
-        "--k", type=int, default=1, help="OOD score: cosine distance to the k-th nearest training image"
+        "--k", type=int, default=1, help="ood_score: cosine distance to the k-th nearest training image"
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=0.05,  # probssl.eval.conformal.DEFAULT_ALPHA (imported lazily)
+        help="flag an image (ood_flag) when its OOD p-value is below ALPHA: at most a fraction ALPHA "
+        "of images like the training data is flagged (default 0.05)",
     )
     p.add_argument("--batch-size", type=int, help="images per batch (default: the run's eval.batch_size)")
     p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")

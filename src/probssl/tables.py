@@ -9,7 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_COLUMNS = ("knn/top1@20", "knn/top1@200", "linear/top1", "linear/nll")
+DEFAULT_COLUMNS = (
+    "knn/top1@20",
+    "knn/top1@200",
+    "linear/top1",
+    "linear/nll",
+    # The combined OOD detector (docs/methods.md §5): near / far OOD AUROC, realized FPR at α = 0.05.
+    "ood/near/combined/auroc",
+    "ood/far/combined/auroc",
+    "ood/id/combined/fpr@0.05",
+    "sel/reliability/ece",
+)
 
 
 def read_eval(run_dir: str | Path) -> dict[str, Any]:

@@ -145,8 +145,10 @@ class Suite:
             "sel/emb/err_auroc",
             "ret/r_auroc",
             "sel/crop_up",
+            "sel/reliability/ece",
         ]
         ood = [f"ood/{name}/{score}/auroc" for name in self.ood for score in OOD_SCORES]
+        ood.append("ood/id/combined/fpr@0.05")
         ood += [f"ood/{group}/{score}/auroc" for group in self.ood_groups() for score in OOD_SCORES]
         cost = [
             "meta/train_seconds",
@@ -199,8 +201,9 @@ class Suite:
         return [g for g in GROUPS if sum(ood_group(dataset, name) == g for name in self.ood) >= 2]
 
 
-#: Per OOD set: the probe's MSP, the pre-declared feature-space reference detector, the method's own.
-OOD_SCORES = ("msp", "best_feature", "emb")
+#: Per OOD set: the probe's MSP, the pre-declared feature-space reference detector (knn1, kept for
+#: continuity), the combined detector (docs/methods.md §5, the reference of issue 29), the method's own.
+OOD_SCORES = ("msp", "best_feature", "combined", "emb")
 
 _JPEG_NOTE = (
     "CIFAR-10 as the public JPEG copy (quality 75, `cifar10_jpeg`, ~30 dB PSNR against the originals): "

@@ -34,10 +34,11 @@ from probssl.data import DatasetError, ImageDataset, load_dataset, to_float
 from probssl.data.corruptions import corrupt, corruption_names
 from probssl.data.shift_sets import load_shift_set, ood_set_names, transfer_set_names
 from probssl.embedding import Embedding
-from probssl.eval import suite
+from probssl.eval import conformal, suite
 from probssl.eval.features import FeatureBank, cached_features, content_key, extract_features
-from probssl.eval.knn import NeighbourCache, knn_predict_marginal_many
+from probssl.eval.knn import NeighbourCache, knn_predict_many, knn_predict_marginal_many
 from probssl.eval.metrics import nll, top1
+from probssl.eval.reliability import RELIABILITY_K
 from probssl.io import atomic_write_json, read_json
 from probssl.progress import StageProgress
 from probssl.runs import LoadedRun, load_run, training_data_error
@@ -202,14 +203,19 @@ class Evaluator:
             batch = images[order[start : start + self.cfg.eval.batch_size]].to(self.device)
             yield to_float(batch, self.info.mean, self.info.std)
 
+    def split_key(self, split: str) -> str:
+        """What one split's cached features depend on: the weights, the method's state, the data, S."""
+        weights = self.run.weights_meta.get("sha256", "partial")
+        return f"{weights}|{self.run.method.cache_tag()}|{self.cfg.data.dataset}|{split}|S={self.samples}"
+
     def split(self, split: str) -> tuple[FeatureBank, torch.Tensor]:
         """Cached features of one split of the run's own dataset, and its images."""
         dataset = self.dataset(split)
-        weights = self.run.weights_meta.get("sha256", "partial")
-        key = f"{weights}|{self.run.method.cache_tag()}|{self.cfg.data.dataset}|{split}|S={self.samples}"
         path = self.run.run_dir / "features" / f"{split}_S{self.samples}{self.tag}.safetensors"
         bank = cached_features(
-            path, key, lambda: self.embed(dataset.images, dataset.labels, f"features/{split}")
+            path,
+            self.split_key(split),
+            lambda: self.embed(dataset.images, dataset.labels, f"features/{split}"),
         )
         return bank, dataset.images
 
@@ -274,15 +280,12 @@ def evaluate_run(
         knn_args = (train.draws, train.labels, test.draws, num_classes)
         # The kNN OOD detector needs the same test-vs-train neighbours: one pass serves both.
         neighbours = NeighbourCache() if reuse else None
+        # k = RELIABILITY_K too: `reliability` calibrates that vote (one pass serves every k).
+        knn_ks = tuple(dict.fromkeys((*cfg.eval.knn_k, RELIABILITY_K)))
         if reuse:
-            knn = knn_predict_marginal_many(
-                *knn_args, cfg.eval.knn_k, cfg.eval.knn_temperature, cache=neighbours
-            )
+            knn = knn_predict_marginal_many(*knn_args, knn_ks, cfg.eval.knn_temperature, cache=neighbours)
         else:
-            knn = {
-                k: knn_predict_marginal_many(*knn_args, (k,), cfg.eval.knn_temperature)[k]
-                for k in cfg.eval.knn_k
-            }
+            knn = {k: knn_predict_marginal_many(*knn_args, (k,), cfg.eval.knn_temperature)[k] for k in knn_ks}
         for k in cfg.eval.knn_k:
             results[f"knn/top1@{k}"] = top1(knn[k], test.labels)
         results["knn/top1"] = results[f"knn/top1@{cfg.eval.knn_k[0]}"]
@@ -333,6 +336,25 @@ def evaluate_run(
             results.update(
                 suite.crop_suite(embed_crops, test_images[:n_crop], test.uncertainty, cfg.train.seed)
             )
+            # Conformal p-values (docs/methods.md §5): half the test split calibrates, half is scored.
+            split = conformal.CalibrationSplit.of(test.labels, cfg.train.seed)
+            combined = conformal.fit_combined(scores, split)
+            scored = {name: score[split.rest] for name, score in scores.items()}
+            scored_pvalues = {name: detector.pvalue(scored) for name, detector in combined.items()}
+            results.update(suite.conformal_id_suite(scored_pvalues, split))
+            results.update(suite.member_fpr_suite(scores, split))
+            if test.num_samples == 1:
+                knn_mean = knn[RELIABILITY_K]  # the single draw is the mean
+            else:  # `reliability` calibrates the kNN of the mean embedding, the one `embed` predicts with
+                knn_mean = knn_predict_many(
+                    train.mean,
+                    train.labels,
+                    test.mean,
+                    num_classes,
+                    (RELIABILITY_K,),
+                    cfg.eval.knn_temperature,
+                )[RELIABILITY_K]
+            results.update(suite.reliability_suite(knn_mean, test.labels, split))
             details["ranked_images"] = suite.ranked_images(
                 test_images, scores["entropy"], labels=test.labels, predictions=probs.argmax(1)
             )
@@ -358,8 +380,18 @@ def evaluate_run(
                 scores_out = suite.uncertainty_scores(
                     probe.sample_probs(bank.draws), bank, detectors, like=scores
                 )
-                metrics, plot = suite.ood_suite(name, scores, scores_out)
+                pvalues_out = {key: detector.pvalue(scores_out) for key, detector in combined.items()}
+                metrics, plot = suite.ood_suite(
+                    name,
+                    {**scored, **suite.pvalue_scores(scored_pvalues)},
+                    {**scores_out, **suite.pvalue_scores(pvalues_out)},
+                )
                 results.update(metrics)
+                results.update(suite.conformal_ood_suite(name, pvalues_out))
+                plot["pvalues"] = {
+                    key: {"in": scored_pvalues[key].tolist(), "out": pvalues_out[key].tolist()}
+                    for key in scored_pvalues
+                }
                 details["ood"][name] = plot
         results.update(suite.ood_group_means(results, cfg.data.dataset, list(details["ood"])))
 
@@ -415,6 +447,8 @@ def evaluate_run(
     results["meta/suite"] = suite_name
     results["meta/samples"] = int(test.num_samples)
     results["meta/skipped"] = "; ".join(skipped)
+    if suite_name in ("uncertainty", "full"):
+        results["meta/ood_protocol"] = suite.OOD_PROTOCOL
     results["meta/partial_training"] = bool(run.weights_meta.get("partial", False))
     weights = run.weights_meta  # model.json ("steps") or, for an unfinished run, a checkpoint's meta
     results["meta/step"] = step if step is not None else weights.get("steps", weights.get("step"))

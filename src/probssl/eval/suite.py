@@ -30,14 +30,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from probssl.eval.calibration import calibration_metrics, reliability_diagram
+from probssl.eval.calibration import binned_ece, calibration_metrics, reliability_diagram
+from probssl.eval.conformal import (
+    ALPHAS,
+    DEFAULT_ALPHA,
+    CalibrationSplit,
+    combined_members,
+    conformal_pvalues,
+    flagged_fraction,
+)
 from probssl.eval.crop_test import CROP_AREA, crop_up_share, random_crops
 from probssl.eval.feature_ood import (
+    SSD_CLUSTERS,
     GaussianDetector,
     energy_score,
     kmeans_clusters,
     knn_scores,
     max_logit_score,
+    ssd_detector,
 )
 from probssl.eval.features import FeatureBank
 from probssl.eval.knn import NeighbourCache
@@ -45,6 +55,7 @@ from probssl.eval.linear import LinearProbe
 from probssl.eval.metrics import top1
 from probssl.eval.ood import entropy_score, msp_score, mutual_information_score, ood_metrics
 from probssl.eval.ood_groups import GROUPS, ood_group
+from probssl.eval.reliability import Reliability, top_vote
 from probssl.eval.retrieval import first_relevant_rank, retrieval_ece, retrieval_metrics, sparsification
 from probssl.eval.selective import aurc, error_auroc, selective_metrics
 from probssl.eval.splits import class_balanced_subset, stratified_split
@@ -117,16 +128,16 @@ class FeatureDetectors:
 
     On the point estimate (``bank.mean``; for the logit scores draw 0 through its probe, since the
     probe is fitted per draw and an ensemble's mean, say, lies in no member's feature space):
-    ``knn1``, ``knn50`` (−cos to the k-th nearest training feature), ``mahalanobis`` (class
+    ``knn1``, ``knn50`` (1 − cos to the k-th nearest training feature), ``mahalanobis`` (class
     Gaussians with a tied covariance, Lee et al. 2018, on L2-normalised features),
-    ``mahalanobis_unsup`` (the same with k-means clusters, as many as classes, instead of labels:
-    SSD, Sehwag et al. 2021), ``mahalanobis_raw`` (Lee et al.'s original, on raw features),
-    ``energy`` (−logsumexp of the probe's logits) and ``maxlogit`` (−max logit). The normalised
-    features are the geometry the SSL losses and the kNN detector use, and with them ``mahalanobis``
-    and ``mahalanobis_unsup`` differ only in labels vs clusters. With posterior draws (S > 1)
-    also ``<name>_bma``: the same detector run on each draw (training draw s against query draw s,
-    Gaussians and probe of draw s), its score averaged over draws (``BMA_MAX_DRAWS``) — does the
-    posterior help a strong detector?
+    ``mahalanobis_kmeans`` (the same tied covariance with k-means clusters, as many as classes,
+    instead of labels), ``ssd`` (SSD as published, Sehwag et al. 2021: ``SSD_CLUSTERS`` k-means
+    clusters of normalised features, one covariance per cluster), ``mahalanobis_raw`` (Lee et al.'s
+    original, on raw features), ``energy`` (−logsumexp of the probe's logits) and ``maxlogit`` (−max
+    logit). The normalised features are the geometry the SSL losses and the kNN detector use.
+    With posterior draws (S > 1) also ``<name>_bma``: the same detector run on each draw (training
+    draw s against query draw s, Gaussians and probe of draw s), its score averaged over draws
+    (``BMA_MAX_DRAWS``) — does the posterior help a strong detector?
     """
 
     train: FeatureBank
@@ -153,9 +164,10 @@ class FeatureDetectors:
             {
                 "mahalanobis": GaussianDetector.fit(x, train.labels, normalise=True),
                 "mahalanobis_raw": GaussianDetector.fit(x, train.labels),
-                "mahalanobis_unsup": GaussianDetector.fit(
+                "mahalanobis_kmeans": GaussianDetector.fit(
                     x, kmeans_clusters(x, min(num_classes, train.num_items), seed), normalise=True
                 ),
+                "ssd": ssd_detector(x, min(SSD_CLUSTERS, train.num_items), seed),
             }
             for x in sources
         ]
@@ -280,6 +292,74 @@ def ood_suite(name: str, scores_in: dict[str, Tensor], scores_out: dict[str, Ten
         },
     }
     return out, details
+
+
+OOD_PROTOCOL = (
+    "ood/<set>/... and ood/id/... use the scored half of the test split (ood/id/scored_items images) "
+    "against the whole OOD set; the other, class-stratified half (seeded by the run's seed) calibrates "
+    "the conformal p-values, cut into folds A and B (docs/methods.md section 5)"
+)
+"""``meta/ood_protocol`` in eval.json: which images the OOD metrics are computed on."""
+
+
+def pvalue_scores(pvalues: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Conformal p-values as detector scores, 1 − p (higher = more OOD), for the ranking metrics."""
+    return {name: 1.0 - p for name, p in pvalues.items()}
+
+
+def conformal_id_suite(pvalues: dict[str, Tensor], split: CalibrationSplit) -> Metrics:
+    """``ood/id/<detector>/fpr@<α>``: the realized false-positive rate of flagging p < α on the
+    scored in-distribution half (valid p-values keep it ≤ α up to sampling error), and the sizes."""
+    out: Metrics = {
+        "ood/id/scored_items": int(split.rest.numel()),
+        "ood/id/calibration_items": int(split.fold_a.numel() + split.fold_b.numel()),
+        "ood/id/fold_b_items": int(split.fold_b.numel()),
+    }
+    for name, p in pvalues.items():
+        for alpha in ALPHAS:
+            out[f"ood/id/{name}/fpr@{alpha:g}"] = flagged_fraction(p, alpha)
+    return out
+
+
+def member_fpr_suite(scores: dict[str, Tensor], split: CalibrationSplit) -> Metrics:
+    """``ood/id/<detector>/fpr@0.05`` for each single detector of docs/methods.md §5 (the combined
+    rule's members and the probe's ``entropy`` / ``mi``): its own conformal p-value against the whole
+    calibration half (folds A ∪ B), and the share of the scored half it flags."""
+    calibration = split.calibration
+    out: Metrics = {}
+    for name in (*combined_members(list(scores)), "entropy", "mi"):
+        if name in scores:
+            p = conformal_pvalues(scores[name][calibration], scores[name][split.rest])
+            out[f"ood/id/{name}/fpr@{DEFAULT_ALPHA:g}"] = flagged_fraction(p, DEFAULT_ALPHA)
+    return out
+
+
+def conformal_ood_suite(name: str, pvalues: dict[str, Tensor]) -> Metrics:
+    """``ood/<set>/<detector>/tpr@0.05``: the share of OOD images flagged at α = 0.05."""
+    return {
+        f"ood/{name}/{key}/tpr@{DEFAULT_ALPHA:g}": flagged_fraction(p, DEFAULT_ALPHA)
+        for key, p in pvalues.items()
+    }
+
+
+def reliability_suite(knn_probs: Tensor, labels: Tensor, split: CalibrationSplit) -> Metrics:
+    """``sel/reliability/``: the isotonic map of the kNN top vote share to P(correct), fitted on
+    the calibration half and judged on the scored half — ``ece`` (15 equal-width bins, the
+    probability of being right against being right) and ``err_auroc`` (1 − reliability ranking
+    the kNN's errors)."""
+    share, prediction = top_vote(knn_probs)
+    correct = prediction.cpu() == labels.cpu()
+    calibration, scored = split.calibration, split.rest
+    model = Reliability.fit(share[calibration], correct[calibration])
+    reliability = model.predict(share[scored])
+    out: Metrics = {
+        "sel/reliability/ece": binned_ece(reliability, correct[scored]),
+        "sel/reliability/items": int(scored.numel()),
+    }
+    right = correct[scored]
+    if bool(right.any()) and not bool(right.all()):
+        out["sel/reliability/err_auroc"] = error_auroc(1.0 - reliability, right)
+    return out
 
 
 def ood_group_means(results: Metrics, dataset: str, ood_sets: Sequence[str]) -> Metrics:

@@ -34,6 +34,7 @@ from probssl.eval.report.figures import (
     _sparsification_data,
     _sparsification_figure,
 )
+from probssl.eval.report.pvalues import pvalue_data, pvalue_figure
 from probssl.eval.report.runs import Run, label_runs, load_run, split_evaluated
 from probssl.eval.report.tables import (
     _e,
@@ -222,6 +223,10 @@ _FIGURES = (
     _FigureSpec(
         "ood", "OOD scores", "OOD score histograms", "OOD score", _ood_data,
         _single_figure(_ood_figure, "OOD score histograms", "ood"), one_per_arm=True,
+    ),
+    _FigureSpec(
+        "pvalues", "OOD p-values", "Is this image unlike the training data? Conformal p-values", "p-value",
+        pvalue_data, pvalue_figure, one_per_arm=True,
     ),
     _FigureSpec(
         "shift", "Corruptions", "Accuracy under corruption", "corruption", _shift_data,
