@@ -18,9 +18,11 @@ from probssl.eval.conformal import (
     check_alpha,
     combined_members,
     conformal_pvalues,
+    exponential_tail_scale,
     fit_combined,
     flagged_fraction,
     smallest_pvalue,
+    tail_pvalues,
     unreachable_alpha_message,
 )
 from probssl.eval.reliability import Reliability, top_vote
@@ -42,6 +44,75 @@ def test_pvalues_match_brute_force_with_ties() -> None:
     # The extremes: above every calibration score 1/(n + 1), at or below the smallest 1.
     assert float(conformal_pvalues(torch.tensor([1.0, 2.0]), torch.tensor([3.0]))) == smallest_pvalue(2)
     assert float(conformal_pvalues(torch.tensor([1.0, 2.0]), torch.tensor([1.0]))) == 1.0
+
+
+def _brute_tail_scale(calibration: np.ndarray) -> float:
+    """The mean excess over the ⌈0.9 n⌉-th smallest score (an exponential fitted to the top decile)."""
+    ordered = np.sort(calibration)
+    threshold = ordered[int(np.ceil(0.9 * len(ordered))) - 1]
+    excess = ordered[ordered > threshold] - threshold
+    return float(excess.mean()) if excess.size and excess.mean() > 0 else np.inf
+
+
+def _brute_tail_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    p = _brute_pvalues(calibration, scores)
+    scale, top = _brute_tail_scale(calibration), calibration.max()
+    return np.array([q * np.exp(-(s - top) / scale) if s > top else q for q, s in zip(p, scores, strict=True)])
+
+
+def test_tail_pvalues_continue_the_floor_by_an_exponential_tail() -> None:
+    rng = np.random.default_rng(7)
+    calibration = rng.standard_normal(60)
+    scores = np.r_[rng.standard_normal(30), calibration.max() + np.array([1e-9, 0.5, 1.0, 4.0, 40.0])]
+    scale = exponential_tail_scale(torch.from_numpy(calibration))
+    assert scale == pytest.approx(_brute_tail_scale(calibration), rel=1e-12)
+    got = tail_pvalues(torch.from_numpy(calibration), torch.from_numpy(scores), scale).numpy()
+    np.testing.assert_allclose(got, _brute_tail_pvalues(calibration, scores), rtol=1e-12, atol=0)
+    inside = scores <= calibration.max()
+    np.testing.assert_array_equal(got[inside], _brute_pvalues(calibration, scores[inside]))  # unchanged
+    beyond = got[~inside]
+    assert (beyond <= smallest_pvalue(60)).all() and (np.diff(beyond) < 0).all()  # the floor, ordered
+    # The scale is the exponential's: on Exp(β) samples the peaks-over-threshold mean excess is β.
+    exponential = torch.from_numpy(rng.exponential(2.5, 40_000))
+    assert exponential_tail_scale(exponential) == pytest.approx(2.5, rel=0.05)
+    # A flat top decile has no tail: the floor's ties stay ties rather than being ordered by nothing.
+    flat = torch.tensor([0.0] * 5 + [1.0] * 20)
+    assert exponential_tail_scale(flat) == float("inf")
+    assert (tail_pvalues(flat, torch.tensor([2.0, 3.0]), float("inf")) == smallest_pvalue(25)).all()
+
+
+def test_the_tail_orders_images_past_every_calibration_score() -> None:
+    """The resolution defect of the plain minimum (docs/methods.md §5, amendment): with small folds, in-
+    distribution images land on the floor 1/(|A| + 1) of *some* member as often as the OOD images that
+    are far past every calibration score on one member, so the combined p-value cannot rank them.
+    Synthetic members: five independent scores, the OOD set far out on one and inverted on the others."""
+    from probssl.eval.ood import binary_auroc
+
+    rng = np.random.default_rng(11)
+    names = [f"d{j}" for j in range(5)]
+
+    def members(size: int, ood: bool = False) -> dict[str, torch.Tensor]:
+        out = {name: rng.standard_normal(size) - (2.0 if ood else 0.0) for name in names}
+        if ood:
+            out[names[0]] = rng.standard_normal(size) + 8.0
+        return {name: torch.from_numpy(values) for name, values in out.items()}
+
+    a, b, scored, outliers = members(60), members(60), members(270), members(270, ood=True)
+    detector = ConformalDetector.fit(a, b, names)
+    both = np.r_[detector.pvalue(scored).numpy(), detector.pvalue(outliers).numpy()]
+    is_ood = np.r_[np.zeros(270, bool), np.ones(270, bool)]
+    with_tail = binary_auroc(1.0 - both, is_ood)
+
+    def plain(scores: dict[str, torch.Tensor]) -> np.ndarray:  # the rule without the tail, by brute force
+        return np.min([_brute_pvalues(a[m].numpy(), scores[m].numpy()) for m in names], axis=0)
+
+    m_b = plain(b)
+    plain_p = [np.array([(1 + np.sum(m_b <= m)) / 61 for m in plain(s)]) for s in (scored, outliers)]
+    without_tail = binary_auroc(1.0 - np.r_[plain_p[0], plain_p[1]], is_ood)
+    best_single = binary_auroc(np.r_[scored[names[0]].numpy(), outliers[names[0]].numpy()], is_ood)
+    assert best_single > 0.999
+    assert without_tail < 0.98  # the defect: every OOD image tied with ~8% of the in-distribution ones
+    assert with_tail > best_single - 0.005
 
 
 def test_pvalues_refuse_nan_and_empty_calibration() -> None:
@@ -89,7 +160,7 @@ def test_combined_pvalue_matches_brute_force() -> None:
     detector = ConformalDetector.fit(a, b, FEATURE_MEMBERS)
 
     def minimum(scores: dict[str, torch.Tensor]) -> np.ndarray:
-        return np.min([_brute_pvalues(a[m].numpy(), scores[m].numpy()) for m in FEATURE_MEMBERS], axis=0)
+        return np.min([_brute_tail_pvalues(a[m].numpy(), scores[m].numpy()) for m in FEATURE_MEMBERS], axis=0)
 
     m_b, m_q = minimum(b), minimum(query)
     expected = np.array([(1 + np.sum(m_b <= m)) / (len(m_b) + 1) for m in m_q])

@@ -13,6 +13,13 @@ disjoint fold B (smaller minimum = more OOD, so ties again count against x):
 
     m(x) = min_j p_j(x),    p_combined(x) = (1 + #{c ∈ B : m(c) ≤ m(x)}) / (|B| + 1).
 
+Beyond the largest fold-A score every conformal p-value is the floor 1/(|A| + 1), so the minimum
+cannot tell an image just past one member's calibration range from one far past it; there the fold-A
+p-value continues as an exponential tail, 1/(|A| + 1) · exp(−(s − max_A) / β), with β the mean
+excess of fold A's top decile over its 90% quantile (the maximum-likelihood exponential fit of a
+peaks-over-threshold model). That only orders the images the floor would tie (the amendment of
+docs/methods.md §5); validity comes from fold B whatever the order.
+
 The members, the rule and the folds are fixed in docs/methods.md §5 and never chosen by an OOD
 set's numbers. Nothing here knows a method or a detector by its mechanics: only named score tensors.
 """
@@ -64,6 +71,39 @@ def conformal_pvalues(calibration: Tensor, scores: Tensor) -> Tensor:
     ordered = torch.sort(calibration).values
     at_least = ordered.numel() - torch.searchsorted(ordered, scores, side="left")
     return (1.0 + at_least.double()) / (ordered.numel() + 1)
+
+
+TAIL_QUANTILE = 0.9
+"""The exponential tail of a fold-A p-value is fitted to the scores above this quantile of fold A."""
+
+
+def exponential_tail_scale(calibration: Tensor) -> float:
+    """β: the mean excess of the calibration scores above their ``TAIL_QUANTILE`` order statistic.
+
+    The maximum-likelihood scale of an exponential fitted to the peaks over that threshold (a
+    generalised Pareto tail of shape 0). ``inf`` when no score exceeds the threshold (a constant
+    top decile): the tail is then flat and the floor's ties stay ties.
+    """
+    ordered = torch.sort(_scores(calibration, "calibration scores")).values
+    if ordered.numel() == 0:
+        raise ValueError("the tail scale needs at least one calibration score")
+    threshold = ordered[min(int(math.ceil(TAIL_QUANTILE * ordered.numel())), ordered.numel()) - 1]
+    excess = ordered[ordered > threshold] - threshold
+    scale = float(excess.mean()) if excess.numel() else 0.0
+    return scale if scale > 0.0 else math.inf
+
+
+def tail_pvalues(calibration: Tensor, scores: Tensor, scale: float) -> Tensor:
+    """:func:`conformal_pvalues`, continued beyond the largest calibration score by an exponential tail:
+    (1/(n + 1)) · exp(−(s − max) / ``scale``). Equal to the conformal p-value wherever s ≤ max; below
+    the floor 1/(n + 1) only for scores past every calibration score, ordered by how far past."""
+    p = conformal_pvalues(calibration, scores)
+    top = float(torch.max(_scores(calibration, "calibration scores")))
+    beyond = _scores(scores, "scores") > top
+    if math.isfinite(scale) and bool(beyond.any()):
+        excess = _scores(scores, "scores")[beyond] - top
+        p[beyond] = p[beyond] * torch.exp(-excess / scale)
+    return p
 
 
 def smallest_pvalue(calibration_items: int) -> float:
@@ -161,6 +201,7 @@ class ConformalDetector:
     fold_a: dict[str, Tensor]
     pooled: dict[str, Tensor]
     fold_b_minimum: Tensor
+    tail_scale: dict[str, float]
 
     @classmethod
     def fit(
@@ -173,8 +214,10 @@ class ConformalDetector:
         fold_a = {name: torch.sort(_scores(scores_a[name], name)).values for name in members}
         fold_b = {name: _scores(scores_b[name], name) for name in members}
         pooled = {name: torch.sort(torch.cat([fold_a[name], fold_b[name]])).values for name in members}
-        minimum = tippett_minimum({n: conformal_pvalues(fold_a[n], fold_b[n]) for n in members}, members)
-        return cls(members, fold_a, pooled, torch.sort(minimum).values)
+        scale = {name: exponential_tail_scale(fold_a[name]) for name in members}
+        detector = cls(members, fold_a, pooled, torch.empty(0, dtype=torch.float64), scale)
+        detector.fold_b_minimum = torch.sort(detector.minimum(fold_b)).values
+        return detector
 
     @property
     def calibration_items(self) -> int:
@@ -185,11 +228,16 @@ class ConformalDetector:
         """Each member's own p-value against A ∪ B (``pvalue/<member>``)."""
         return {name: conformal_pvalues(self.pooled[name], scores[name]) for name in self.members}
 
+    def minimum(self, scores: Mapping[str, Tensor]) -> Tensor:
+        """[M] m(x): the smallest member p-value against fold A, each with its exponential tail
+        (:func:`tail_pvalues`) so that images past every fold-A score are not all tied at the floor."""
+        return tippett_minimum(
+            {n: tail_pvalues(self.fold_a[n], scores[n], self.tail_scale[n]) for n in self.members}, self.members
+        )
+
     def pvalue(self, scores: Mapping[str, Tensor]) -> Tensor:
         """[M] the combined p-value: Tippett's minimum against fold A, calibrated on fold B."""
-        minimum = tippett_minimum(
-            {name: conformal_pvalues(self.fold_a[name], scores[name]) for name in self.members}, self.members
-        )
+        minimum = self.minimum(scores)
         at_most = torch.searchsorted(self.fold_b_minimum, minimum, side="right")  # #{m(c) ≤ m(x)}
         return (1.0 + at_most.double()) / (self.calibration_items + 1)
 
@@ -199,6 +247,7 @@ class ConformalDetector:
         for name in self.members:
             out[f"{prefix}/fold_a/{name}"] = self.fold_a[name]
             out[f"{prefix}/pooled/{name}"] = self.pooled[name]
+            out[f"{prefix}/tail_scale/{name}"] = torch.tensor([self.tail_scale[name]], dtype=torch.float64)
         return out
 
     @classmethod
@@ -211,6 +260,7 @@ class ConformalDetector:
             {name: tensors[f"{prefix}/fold_a/{name}"] for name in members},
             {name: tensors[f"{prefix}/pooled/{name}"] for name in members},
             tensors[f"{prefix}/fold_b_minimum"],
+            {name: float(tensors[f"{prefix}/tail_scale/{name}"][0]) for name in members},
         )
 
 

@@ -46,7 +46,7 @@ resolves 1/2,501 ≈ 0.0004, far below any α in use, and the slice costs a tent
 GAUSSIANS = ("mahalanobis_raw", "mahalanobis", "ssd")
 """The Gaussian members of the combined rule, in the order they are stored."""
 
-_VERSION = "1"  # of the stored layout and the rule; part of the cache key
+_VERSION = "2"  # of the stored layout and the rule; part of the cache key (2: tail-extended fold-A p-values)
 
 
 def calibration_slice(labels: Tensor, seed: int) -> CalibrationSplit:
