@@ -57,7 +57,9 @@ def _brute_tail_scale(calibration: np.ndarray) -> float:
 def _brute_tail_pvalues(calibration: np.ndarray, scores: np.ndarray) -> np.ndarray:
     p = _brute_pvalues(calibration, scores)
     scale, top = _brute_tail_scale(calibration), calibration.max()
-    return np.array([q * np.exp(-(s - top) / scale) if s > top else q for q, s in zip(p, scores, strict=True)])
+    return np.array(
+        [q * np.exp(-(s - top) / scale) if s > top else q for q, s in zip(p, scores, strict=True)]
+    )
 
 
 def test_tail_pvalues_continue_the_floor_by_an_exponential_tail() -> None:

@@ -8,12 +8,14 @@ import torch
 from sklearn.isotonic import IsotonicRegression
 from sklearn.neighbors import NearestNeighbors
 
+from probssl.data import DatasetError
 from probssl.eval import ood_reference
 from probssl.eval.conformal import FEATURE_MEMBERS
 from probssl.eval.features import FeatureBank
 from probssl.eval.knn import knn_predict_many
 from probssl.eval.ood_reference import (
     CALIBRATION_MAX_ITEMS,
+    MIN_CALIBRATION_ITEMS,
     OODReference,
     calibration_slice,
     fitted_reference,
@@ -42,6 +44,14 @@ def test_calibration_slice_size_and_cap() -> None:
     assert small.fold_a.numel() + small.fold_b.numel() == 100 and small.rest.numel() == 900
     large = calibration_slice(torch.arange(60_000) % 10, seed=0)
     assert large.fold_a.numel() + large.fold_b.numel() == CALIBRATION_MAX_ITEMS
+    # A small training split sets aside at least MIN_CALIBRATION_ITEMS (folds of 20 reach α = 0.05) ...
+    few = calibration_slice(torch.arange(200) % 4, seed=0)
+    assert few.fold_a.numel() + few.fold_b.numel() == MIN_CALIBRATION_ITEMS and few.rest.numel() == 160
+    # ... and at most half of it (22 photos of two classes: the case that once could not be embedded).
+    tiny = calibration_slice(torch.arange(22) % 2, seed=0)
+    assert tiny.fold_a.numel() >= 1 and tiny.fold_b.numel() >= 1 and tiny.rest.numel() >= 10
+    with pytest.raises(DatasetError, match="too few to set a calibration slice aside"):
+        calibration_slice(torch.zeros(2, dtype=torch.long), seed=0)
 
 
 def test_pvalues_against_brute_force_on_the_reference_the_slice_left_out() -> None:

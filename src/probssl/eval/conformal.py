@@ -232,7 +232,8 @@ class ConformalDetector:
         """[M] m(x): the smallest member p-value against fold A, each with its exponential tail
         (:func:`tail_pvalues`) so that images past every fold-A score are not all tied at the floor."""
         return tippett_minimum(
-            {n: tail_pvalues(self.fold_a[n], scores[n], self.tail_scale[n]) for n in self.members}, self.members
+            {n: tail_pvalues(self.fold_a[n], scores[n], self.tail_scale[n]) for n in self.members},
+            self.members,
         )
 
     def pvalue(self, scores: Mapping[str, Tensor]) -> Tensor:

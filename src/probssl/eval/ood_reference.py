@@ -29,6 +29,7 @@ import safetensors.torch
 import torch
 from torch import Tensor
 
+from probssl.data import DatasetError
 from probssl.eval.conformal import COMBINED, CalibrationSplit, ConformalDetector, combined_members
 from probssl.eval.feature_ood import RANK_TOLERANCE, SSD_CLUSTERS, GaussianDetector, knn_scores, ssd_detector
 from probssl.eval.features import FeatureBank
@@ -49,10 +50,24 @@ GAUSSIANS = ("mahalanobis_raw", "mahalanobis", "ssd")
 _VERSION = "2"  # of the stored layout and the rule; part of the cache key (2: tail-extended fold-A p-values)
 
 
+MIN_CALIBRATION_ITEMS = 40
+"""On small training splits the slice grows to this many images (at most half the split): folds of
+20, whose smallest combined p-value 1/21 still reaches α = 0.05."""
+
+
 def calibration_slice(labels: Tensor, seed: int) -> CalibrationSplit:
     """The seeded, stratified slice of a training split that calibrates (folds A, B) and the rest."""
-    fraction = min(CALIBRATION_FRACTION, CALIBRATION_MAX_ITEMS / max(labels.numel(), 1))
-    return CalibrationSplit.of(labels, seed, fraction)
+    n = max(labels.numel(), 1)
+    fraction = min(CALIBRATION_FRACTION, CALIBRATION_MAX_ITEMS / n)
+    fraction = max(fraction, min(0.5, MIN_CALIBRATION_ITEMS / n))
+    try:
+        return CalibrationSplit.of(labels, seed, fraction)
+    except ValueError:
+        raise DatasetError(
+            f"the run's training split has {labels.numel()} images: too few to set a calibration slice "
+            "aside for the OOD p-values (two folds and a reference need a few images each); train on more "
+            "images to embed with this run"
+        ) from None
 
 
 def is_labelled(labels: Tensor) -> bool:
@@ -207,7 +222,7 @@ def _member_scores(
 def reference_key(bank_key: str, seed: int, temperature: float) -> str:
     """The cache key: the feature bank's and every constant the fitted detectors depend on."""
     constants = (
-        f"calibration={CALIBRATION_FRACTION},{CALIBRATION_MAX_ITEMS},seed={seed}|rank={RANK_TOLERANCE}"
+        f"calibration={CALIBRATION_FRACTION},{CALIBRATION_MAX_ITEMS},{MIN_CALIBRATION_ITEMS},seed={seed}|rank={RANK_TOLERANCE}"
         f"|ssd={SSD_CLUSTERS}|k={RELIABILITY_K},T={temperature!r}|v{_VERSION}"
     )
     return f"{bank_key}|{constants}"
