@@ -18,8 +18,8 @@ from PIL import Image
 
 from probssl.bench import suites, tables
 from probssl.config import method_config
-from probssl.data import datasets, get_dataset_info, registered_folders
-from probssl.data.registered_folders import CIFAR10_CLASSES
+from probssl.data import get_dataset_info, official_files, registered_folders
+from probssl.data.catalog import CIFAR10_CLASSES
 from probssl.methods import METHODS
 from probssl.runs import build_model
 
@@ -72,7 +72,7 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ):
         (mnist / name).write_bytes(gzip.compress(payload))
         md5 = hashlib.md5((mnist / name).read_bytes()).hexdigest()
-        monkeypatch.setitem(datasets._CHECKSUMS["mnist"], name, md5)
+        monkeypatch.setitem(official_files._CHECKSUMS["mnist"], name, md5)
     return data
 
 

@@ -11,7 +11,7 @@ import torch
 
 from probssl.config import build_config
 from probssl.data import get_dataset_info
-from probssl.data.datasets import DatasetError
+from probssl.data.catalog import DatasetError
 from probssl.runs import build_model, resolve_backbone
 
 pytestmark = pytest.mark.usefixtures("single_thread")

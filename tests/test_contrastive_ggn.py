@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import hessian, jacrev
 
-from probssl.losses_metric import mine_pairs
+from probssl.losses.metric_learning import mine_pairs
 from probssl.posteriors.laplace import (
     DiagonalLaplace,
     arccos_pair_hessian,

@@ -21,18 +21,18 @@ import numpy as np
 import pytest
 import torch
 
-from probssl.data import _download, datasets
-from probssl.data.datasets import (
+from probssl.data import _download, official_files
+from probssl.data.catalog import (
     DATASETS,
+    STL10_CLASSES,
     DatasetError,
     DatasetInfo,
     ImageDataset,
     dataset_names,
     default_data_dir,
     get_dataset_info,
-    load_dataset,
-    load_image_folder,
 )
+from probssl.data.resolve import load_dataset
 
 SHARED = Path("/work/shared/data")
 FASHION_DIR = SHARED / "fashion_mnist"
@@ -59,7 +59,7 @@ def md5_of(path: Path) -> str:
 def trust(monkeypatch: pytest.MonkeyPatch, dataset: str, *paths: Path) -> None:
     """Make the checksum table accept these tiny files as if they were the official ones."""
     for path in paths:
-        monkeypatch.setitem(datasets._CHECKSUMS[dataset], path.name, md5_of(path))
+        monkeypatch.setitem(official_files._CHECKSUMS[dataset], path.name, md5_of(path))
 
 
 # ------------------------------------------------------------------------------------------- writers
@@ -218,7 +218,7 @@ def test_real_fashion_mnist() -> None:
         assert torch.bincount(ds.labels).tolist() == [n // 10] * 10
         assert ds.classes[0] == "T-shirt/top" and ds.classes[9] == "Ankle boot"
     path = FASHION_DIR / "train-images-idx3-ubyte.gz"
-    assert _download.file_md5(path) == datasets._CHECKSUMS["fashion_mnist"][path.name]
+    assert _download.file_md5(path) == official_files._CHECKSUMS["fashion_mnist"][path.name]
 
 
 @pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="no shared MNIST copy")
@@ -332,7 +332,7 @@ def test_missing_files_raise_clear_error(
         load_dataset(name, split, tmp_path, download=download)
     msg = str(err.value)
     assert str(tmp_path / expected_path) in msg and "not found" in msg
-    assert datasets._URLS[name] in msg
+    assert official_files._URLS[name] in msg
     if download:
         assert len(offline) == 1 and "failed" in msg and "network disabled in tests" in msg
     else:
@@ -347,7 +347,7 @@ def test_download_writes_verified_file(monkeypatch: pytest.MonkeyPatch, tmp_path
         "t10k-labels-idx1-ubyte.gz": gzip.compress(idx_labels_bytes(labels)),
     }
     for fname, payload in served.items():
-        monkeypatch.setitem(datasets._CHECKSUMS["mnist"], fname, hashlib.md5(payload).hexdigest())
+        monkeypatch.setitem(official_files._CHECKSUMS["mnist"], fname, hashlib.md5(payload).hexdigest())
     opened = []
 
     def fake_urlopen(url: str, timeout: float | None = None) -> io.BytesIO:
@@ -357,11 +357,11 @@ def test_download_writes_verified_file(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setattr(_download, "urlopen", fake_urlopen)
     ds = load_dataset("mnist", "test", tmp_path, download=True)
     assert ds.labels.tolist() == labels.tolist()
-    assert opened == [datasets._URLS["mnist"] + f for f in served]
+    assert opened == [official_files._URLS["mnist"] + f for f in served]
     assert sorted(p.name for p in (tmp_path / "mnist").iterdir()) == sorted(served)
 
     # A download whose md5 is wrong is deleted and reported.
-    monkeypatch.setitem(datasets._CHECKSUMS["mnist"], "train-images-idx3-ubyte.gz", "0" * 32)
+    monkeypatch.setitem(official_files._CHECKSUMS["mnist"], "train-images-idx3-ubyte.gz", "0" * 32)
     served["train-images-idx3-ubyte.gz"] = b"not the real file"
     with pytest.raises(DatasetError, match="expected 0{32}; it was deleted"):
         load_dataset("mnist", "train", tmp_path, download=True)
@@ -457,8 +457,8 @@ def test_malicious_pickle_is_refused_and_never_runs(
     if checksum == "trusted":
         trust(monkeypatch, "cifar10", *folder.iterdir())
     else:
-        monkeypatch.delitem(datasets._CHECKSUMS["cifar10"], "test_batch")
-        monkeypatch.delitem(datasets._CHECKSUMS["cifar10"], "batches.meta")
+        monkeypatch.delitem(official_files._CHECKSUMS["cifar10"], "test_batch")
+        monkeypatch.delitem(official_files._CHECKSUMS["cifar10"], "batches.meta")
     with pytest.raises(DatasetError, match=r"refusing to unpickle \S+\.(system|exec) from .*test_batch"):
         load_dataset("cifar10", "test", tmp_path, download=False)
     assert not marker.exists()
@@ -544,7 +544,7 @@ def test_stl10_column_major_and_label_offset(tmp_path: Path) -> None:
     images = rng.integers(0, 256, (3, 3, 96, 96), dtype=np.uint8)
     write_stl(folder, "train", images, np.array([1, 10, 5]))
     write_stl(folder, "unlabeled", images[:2], None)
-    (folder / "class_names.txt").write_text("\n".join(datasets._STL10_CLASSES) + "\n")
+    (folder / "class_names.txt").write_text("\n".join(STL10_CLASSES) + "\n")
     ds = load_dataset("stl10", "train", tmp_path, download=False)
     assert ds.images.shape == (3, 3, 96, 96) and ds.images.is_contiguous()
     assert np.array_equal(ds.images.numpy(), images)
@@ -569,7 +569,8 @@ def test_stl10_archive_is_downloaded_verified_and_extracted(
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         tar.add(tmp_path / "staging" / "stl10_binary", arcname="stl10_binary")
     blob = buffer.getvalue()
-    monkeypatch.setitem(datasets._CHECKSUMS["stl10"], "stl10_binary.tar.gz", hashlib.md5(blob).hexdigest())
+    md5 = hashlib.md5(blob).hexdigest()
+    monkeypatch.setitem(official_files._CHECKSUMS["stl10"], "stl10_binary.tar.gz", md5)
     opened = []
 
     def fake_urlopen(url: str, timeout: float | None = None) -> io.BytesIO:
@@ -595,43 +596,3 @@ def test_stl10_bad_sizes_are_rejected(tmp_path: Path) -> None:
     (folder / "test_X.bin").write_bytes(b"\x00" * (3 * 96 * 96 * 2))
     with pytest.raises(DatasetError, match="2 images but .* has 1 labels"):
         load_dataset("stl10", "test", tmp_path, download=False)
-
-
-# -------------------------------------------------------------------------------------- image folder
-
-
-def test_image_folder(tmp_path: Path) -> None:
-    from matplotlib import image as mpimg
-
-    rng = np.random.default_rng(0)
-    pictures = {}
-    for cls, count in (("class_b", 2), ("class_a", 3)):  # created out of order: classes must be sorted
-        (tmp_path / cls).mkdir()
-        for i in range(count):
-            arr = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
-            mpimg.imsave(tmp_path / cls / f"img{i}.png", arr)
-            pictures[(cls, i)] = arr
-    (tmp_path / "class_a" / "notes.txt").write_text("ignored")
-    ds = load_image_folder(tmp_path)
-    assert ds.classes == ["class_a", "class_b"] and ds.labels.tolist() == [0, 0, 0, 1, 1]
-    assert ds.images.shape == (5, 3, 6, 5) and ds.images.dtype == torch.uint8
-    assert np.array_equal(ds.images[3].numpy().transpose(1, 2, 0), pictures[("class_b", 0)])
-
-    resized = load_image_folder(tmp_path, image_size=4)
-    assert resized.images.shape == (5, 3, 4, 4)
-
-    mpimg.imsave(tmp_path / "class_b" / "big.png", np.zeros((9, 9, 3), dtype=np.uint8))
-    with pytest.raises(DatasetError, match="different sizes.*image_size"):
-        load_image_folder(tmp_path)
-    with pytest.raises(DatasetError, match="no class sub-folders"):
-        load_image_folder(tmp_path / "class_a")
-
-
-def test_image_folder_greyscale_keeps_one_channel(tmp_path: Path) -> None:
-    from PIL import Image
-
-    arr = np.arange(64, dtype=np.uint8).reshape(8, 8)
-    (tmp_path / "only").mkdir()
-    Image.fromarray(arr).save(tmp_path / "only" / "a.png")
-    ds = load_image_folder(tmp_path)
-    assert ds.images.shape == (1, 1, 8, 8) and np.array_equal(ds.images[0, 0].numpy(), arr)

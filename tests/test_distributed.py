@@ -36,7 +36,7 @@ WORKER_SRC = textwrap.dedent(
     from torch.nn.parallel import DistributedDataParallel
 
     from probssl import distributed as pd
-    from probssl.losses import byol_loss, negative_cosine_similarity, nt_xent_loss
+    from probssl.losses.contrastive import byol_loss, negative_cosine_similarity, nt_xent_loss
 
     KINDS = ("nt_xent", "byol", "negcos")
 

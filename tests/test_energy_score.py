@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy import integrate, optimize, stats
 
-from probssl.losses_scoring import energy_score_l1
+from probssl.losses.scoring_rules import energy_score_l1
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probssl.losses_metric import contrastive_pair_loss, mine_pairs
+from probssl.losses.metric_learning import contrastive_pair_loss, mine_pairs
 from probssl.methods import TrainContext, build_method
 from probssl.methods.lam import LAM, image_identity_labels
 from probssl.nn import build_backbone

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from probssl.losses import NTXentLoss, byol_loss, negative_cosine_similarity, nt_xent_loss
+from probssl.losses.contrastive import NTXentLoss, byol_loss, negative_cosine_similarity, nt_xent_loss
 
 
 def _nt_xent_by_hand(z1: np.ndarray, z2: np.ndarray, tau: float) -> float:
@@ -101,3 +101,15 @@ def test_stop_gradient_on_target(loss_fn, reference) -> None:
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_the_package_exposes_every_family() -> None:
+    import probssl.losses as losses
+    from probssl.losses import contrastive, metric_learning, scoring_rules
+
+    families = (contrastive, metric_learning, scoring_rules)
+    public = {name for family in families for name in family.__all__}
+    assert set(losses.__all__) == public
+    for family in families:
+        for name in family.__all__:
+            assert getattr(losses, name) is getattr(family, name)

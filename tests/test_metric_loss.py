@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from probssl.losses_metric import contrastive_pair_loss, mine_pairs
+from probssl.losses.metric_learning import contrastive_pair_loss, mine_pairs
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny ops: one intra-op thread is faster
 

@@ -185,6 +185,24 @@ def test_all_grey_folder_keeps_one_channel_and_flat_folder_is_unlabelled(tmp_pat
     assert info.channels == 1 and info.num_classes == 0 and info.image_size == 6
 
 
+def test_class_folders_are_the_sorted_names_other_files_are_ignored_and_pixels_exact(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    pictures = {}
+    for cls, count in (("class_b", 2), ("class_a", 3)):  # created out of order: classes must be sorted
+        for i in range(count):
+            arr = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+            pictures[(cls, i)] = save(tmp_path / "pics" / cls / f"img{i}.png", arr)
+    (tmp_path / "pics" / "class_a" / "notes.txt").write_text("ignored")
+    ds = load_dataset(str(tmp_path / "pics"), "all")
+    assert ds.classes == ["class_a", "class_b"] and ds.labels.tolist() == [0, 0, 0, 1, 1]
+    assert ds.images.shape == (5, 3, 6, 6) and ds.images.dtype == torch.uint8
+    assert np.array_equal(ds.images[3].numpy().transpose(1, 2, 0), pictures[("class_b", 0)])
+    # A labelled folder of grey images keeps one channel, its pixels unchanged.
+    grey = save(tmp_path / "grey" / "only" / "a.png", np.arange(64, dtype=np.uint8).reshape(8, 8))
+    one = load_dataset(str(tmp_path / "grey"), "all")
+    assert one.images.shape == (1, 1, 8, 8) and np.array_equal(one.images[0, 0].numpy(), grey)
+
+
 def test_single_image_file_is_a_source_with_split_all(tmp_path: Path) -> None:
     seen = save(tmp_path / "one.png", np.arange(48, dtype=np.uint8).reshape(4, 4, 3))
     src = open_source(str(tmp_path / "one.png"), "all")

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 import probssl.methods.prosmin as prosmin_module
 from probssl.embedding import Embedding
-from probssl.losses_scoring import energy_score_l1
+from probssl.losses.scoring_rules import energy_score_l1
 from probssl.methods.byol import cosine_momentum
 from probssl.methods.prosmin import ProSMINConfig
 from probssl.methods.registry import METHODS

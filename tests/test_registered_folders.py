@@ -23,7 +23,7 @@ from probssl.data import (
     registered_folders,
     resolve_dataset_info,
 )
-from probssl.data.registered_folders import CIFAR10_CLASSES, EUROSAT_CLASSES
+from probssl.data.catalog import CIFAR10_CLASSES, EUROSAT_CLASSES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,7 @@ def test_cifar10_jpeg_from_fake_tars(tmp_path: Path, monkeypatch: pytest.MonkeyP
     fake_cifar(data, {"train": 3, "test": 1})
     trust(monkeypatch, data, "cifar10_jpeg/train.tar", "cifar10_jpeg/test.tar")
     train = load_dataset("cifar10_jpeg", "train", data)
-    assert train.images.shape == (30, 3, 32, 32) and train.classes == CIFAR10_CLASSES
+    assert train.images.shape == (30, 3, 32, 32) and train.classes == list(CIFAR10_CLASSES)
     assert np.bincount(train.labels.numpy()).tolist() == [3] * 10
     test = open_source("cifar10_jpeg", "test", data_dir=data)
     assert len(test) == 10 and test.item_id(0).endswith("test.tar:test/airplane/0000.jpg")
@@ -185,7 +185,7 @@ def test_eurosat_halves_are_stratified_and_fixed(tmp_path: Path, monkeypatch: py
     train = open_source("eurosat_test", "train", data_dir=data)
     test = open_source("eurosat_test", "test", data_dir=data)
     everything = open_source("eurosat_test", "all", data_dir=data)
-    assert train.classes == EUROSAT_CLASSES and len(everything) == sum(counts)
+    assert train.classes == list(EUROSAT_CLASSES) and len(everything) == sum(counts)
     assert np.bincount(train.labels, minlength=10).tolist() == [n // 2 for n in counts]
     assert np.bincount(test.labels, minlength=10).tolist() == [n - n // 2 for n in counts]
     names = {train.item_id(i) for i in range(len(train))}

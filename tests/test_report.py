@@ -338,7 +338,7 @@ def test_a_failing_figure_costs_only_that_figure(tmp_path: Path, monkeypatch: py
 
 def test_ood_columns_name_their_score_and_absent_metrics_read_na(tmp_path: Path) -> None:
     """The table's AUROC for a score is the histogram's; what a run lacks is "n/a", never a number."""
-    from probssl.eval.report.figures import _auroc, _ood_data
+    from probssl.eval.report.ood_histograms import _auroc, _ood_data
     from probssl.eval.report.runs import load_run
 
     details = _details(np.random.default_rng(2))
@@ -385,7 +385,7 @@ def test_ood_columns_name_their_score_and_absent_metrics_read_na(tmp_path: Path)
 
 
 def test_ranked_images_show_label_and_prediction() -> None:
-    from probssl.eval.report.figures import _ranked_data
+    from probssl.eval.report.ranked_images import _ranked_data
     from probssl.eval.report.runs import Run
 
     details = _details(np.random.default_rng(3))
@@ -671,7 +671,7 @@ def test_ranked_images_name_their_classes_without_overlap(
 ) -> None:
     """With class names on record (eval_details ``ranked_images/classes``) the captions read
     ``y T-shirt/top / ŷ Shirt``, not class numbers; long names are cut, and captions stay apart."""
-    from probssl.eval.report.figures import _class_name
+    from probssl.eval.report.ranked_images import _class_name
 
     names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
              "An unusually long class name"]  # fmt: skip

@@ -160,7 +160,7 @@ def test_headers_are_readable_names_with_the_key_on_hover(tmp_path):
 
 
 def _panel(scores_in: np.ndarray, scores_out: np.ndarray) -> matplotlib.axes.Axes:
-    from probssl.eval.report.figures import _ood_panel
+    from probssl.eval.report.ood_histograms import _ood_panel
     from probssl.eval.report.runs import Run
 
     run = Run(name="vi_simsiam · seed 0", path=Path("r"), metrics={}, details={})
@@ -191,7 +191,7 @@ def test_a_nearly_constant_score_is_stated_as_its_range_not_drawn_as_a_spread():
 
 
 def test_nearly_constant_is_relative_to_the_values_size():
-    from probssl.eval.report.figures import NEARLY_CONSTANT, nearly_constant
+    from probssl.eval.report.ood_histograms import NEARLY_CONSTANT, nearly_constant
 
     assert nearly_constant(np.array([0.9140, 0.9148]))
     assert nearly_constant(np.array([-3.0, -3.0]))

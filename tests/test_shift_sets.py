@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from probssl.data.datasets import DatasetError
+from probssl.data.catalog import DatasetError
 from probssl.data.shift_sets import conform, load_shift_set, smooth_noise
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy.special import digamma, gammaln
 
 from probssl.embedding import Embedding
-from probssl.losses import negative_cosine_similarity
+from probssl.losses.contrastive import negative_cosine_similarity
 from probssl.methods.registry import METHODS
 from probssl.methods.vi_simsiam import VISimSiam, VISimSiamConfig, power_spherical_alignment_loss
 from probssl.nn import build_backbone

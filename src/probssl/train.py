@@ -7,6 +7,9 @@ function of (seed, epoch) and every rank's RNG state is in the checkpoint, so ``
 exactly where an uninterrupted run would be. Batches come from :mod:`probssl.data.pipeline`: the
 decoded split in memory, or streamed by DataLoader workers when it is too large; both give the same
 batches, so the choice never changes what is computed.
+
+Long on purpose: the loop (``_train``, 250 lines) is kept whole so it reads top to bottom like the
+algorithm it runs, as nanoGPT's train.py does; cutting it into helpers would hide the order.
 """
 
 from __future__ import annotations

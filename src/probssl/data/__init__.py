@@ -1,19 +1,27 @@
 """Datasets in their official formats, own images (folders, tars) as lazy or cached sources, and
-augmentations as batched tensor ops on the device."""
+augmentations as batched tensor ops on the device.
 
-from probssl.data.datasets import (
+Rooms, from the bottom up: ``catalog`` (every registered dataset and every fact about it, the shared
+types); the readers (``official_files`` for the official formats, ``registered_folders`` for the
+registered tars, ``file_source`` / ``image_folder`` / ``tar_reader`` / ``image_scan`` /
+``decode_cache`` for own images); ``resolve`` (what a ``--dataset`` string names: ``open_source``,
+``load_dataset``); and on top ``shift_sets`` (OOD / transfer sets), ``pipeline`` and ``views``.
+"""
+
+from probssl.data.catalog import (
+    CATALOG,
     DATASETS,
+    CatalogEntry,
     DatasetError,
     DatasetInfo,
     ImageDataset,
     dataset_names,
     default_data_dir,
     get_dataset_info,
-    load_dataset,
-    load_image_folder,
 )
 from probssl.data.resolve import (
     decoded_nbytes,
+    load_dataset,
     load_source,
     open_source,
     resolve_dataset_info,
@@ -24,6 +32,8 @@ from probssl.data.views import PRESETS, MultiViewAugment, ViewConfig, preset_for
 
 __all__ = [
     "ArraySource",
+    "CATALOG",
+    "CatalogEntry",
     "DATASETS",
     "PRESETS",
     "DatasetError",
@@ -37,7 +47,6 @@ __all__ = [
     "get_dataset_info",
     "ImageSource",
     "load_dataset",
-    "load_image_folder",
     "load_source",
     "open_source",
     "preset_for_dataset",

@@ -1,7 +1,7 @@
 """File plumbing for the dataset readers: checksums, downloads and archive extraction.
 
 Nothing here knows about datasets or user-facing advice; failures raise :class:`DownloadError` or
-:class:`UnsafeArchiveError` and :mod:`probssl.data.datasets` turns them into messages that say what
+:class:`UnsafeArchiveError` and :mod:`probssl.data.official_files` turns them into messages that say what
 to do.
 """
 

@@ -1,4 +1,5 @@
-"""Parsers for the official on-disk formats of the benchmark datasets.
+"""Parsers for the official on-disk formats of the benchmark datasets, and the decoding of own images
+(PNG / JPEG / WebP headers and pixels, shorter-side resize and centre crop).
 
 Every parser returns numpy arrays (images uint8 [N, C, H, W], labels int64 [N]) and raises
 :class:`FormatError` with a plain statement of what is wrong with the bytes; the caller adds which
@@ -268,52 +269,10 @@ def read_stl_labels(path: Path, num_classes: int = 10) -> np.ndarray:
     return labels - 1
 
 
-# ------------------------------------------------------------------------------------- image folders
-
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
-
-
-def read_image(path: Path, image_size: int | None) -> np.ndarray:
-    """One image file -> uint8 [H, W, C] with C = 1 for greyscale files and 3 otherwise (alpha dropped).
-
-    Uses Pillow (a matplotlib dependency, so normally present); without it, matplotlib's PNG reader.
-    """
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow ships with matplotlib
-        return _read_image_matplotlib(path, image_size)
-    try:
-        with Image.open(path) as im:
-            im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
-            if image_size is not None and im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL reports bad files as any of these
-        raise FormatError(f"not a readable image ({type(e).__name__}: {e})") from e
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-def _read_image_matplotlib(path: Path, image_size: int | None) -> np.ndarray:  # pragma: no cover
-    import matplotlib.image
-
-    try:
-        arr = np.asarray(matplotlib.image.imread(path))
-    except (OSError, ValueError, SyntaxError) as e:
-        raise FormatError(f"not a readable image ({type(e).__name__}: {e})") from e
-    if arr.dtype != np.uint8:  # PNGs come back as floats in [0, 1]
-        arr = np.clip(np.round(arr * 255.0), 0, 255).astype(np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    elif arr.shape[2] == 4:
-        arr = arr[:, :, :3]
-    if image_size is not None and arr.shape[:2] != (image_size, image_size):
-        raise FormatError(f"is {arr.shape[1]}x{arr.shape[0]}; resizing to {image_size} needs Pillow")
-    return arr
-
-
 # ------------------------------------------------------------- own images (shorter side + centre crop)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})  # Pillow modes without colour
 
 
 def _open_pil(data: bytes | Path) -> Any:

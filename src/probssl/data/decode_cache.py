@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from probssl.data.datasets import DatasetError
+from probssl.data.catalog import DatasetError
 from probssl.io import atomic_write as _atomic_write
 from probssl.io import read_json  # a cache miss (None), never an error
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from probssl.data import _formats, tar_reader
-from probssl.data.datasets import DatasetError
+from probssl.data.catalog import DatasetError
 
 __all__ = ["CorruptImageError", "FileSource", "Items", "corrupt_image_error"]
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from probssl.data.datasets import DatasetError, ImageDataset
+from probssl.data.catalog import DatasetError, ImageDataset
 from probssl.data.sources import ArraySource, ImageSource
 
 __all__ = [

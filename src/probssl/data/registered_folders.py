@@ -13,9 +13,11 @@ with results on the official files (say so wherever their numbers appear):
   A transfer target: split into fixed, stratified, seeded halves ``train`` / ``test`` (``all``: both).
   The class names follow the usual EuroSAT order, which the copy does not store (assumed).
 
-They are never downloaded: the files must be under ``data_dir/<name>/``. Each tar is checked
-against the sha256 published with the copy once per (size, mtime), the result kept in the cache;
-``verify=False`` (``data.verify=false``) skips the check for one's own copies.
+The catalogue (:mod:`probssl.data.catalog`) holds everything else about them (shape, splits, class
+names, evaluation partners); this module reads their tars. They are never downloaded: the files
+must be under ``data_dir/<name>/``. Each tar is checked against the sha256 published with the copy
+once per (size, mtime), the result kept in the cache; ``verify=False`` (``data.verify=false``) skips
+the check for one's own copies.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from probssl.data import decode_cache, image_folder, tar_reader
-from probssl.data.datasets import DATASETS, DatasetError
+from probssl.data.catalog import CATALOG, DatasetError
 from probssl.data.file_source import FileSource, Items
 
-__all__ = ["FOLDER_SETS", "SHA256", "is_folder_set", "open_folder_set", "verify_sha256"]
+__all__ = ["SHA256", "is_folder_set", "open_folder_set", "verify_sha256"]
 
 # sha256 of each file, relative to data_dir (from the copy's README). Tests patch this table.
 SHA256: dict[str, str] = {
@@ -43,11 +45,6 @@ SHA256: dict[str, str] = {
     "eurosat_test/eurosat-rgb-test.tar": "82a35053ee7c83d9d9a4ea8fcd77deaf0bd577272c8396d1a224d1fdd37b5a95",
 }
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-EUROSAT_CLASSES = [
-    "AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
-    "Residential", "River", "SeaLake",
-]  # fmt: skip
 _EUROSAT_SPLIT_SEED = 0
 
 
@@ -60,11 +57,10 @@ class _Part:
     classes: list[str]
 
 
-FOLDER_SETS = ("cifar10_jpeg", "tiny_imagenet_val", "eurosat_test")
-
-
 def is_folder_set(name: str) -> bool:
-    return name in FOLDER_SETS
+    """Whether the catalogue has ``name`` (its catalogue spelling) read by this module."""
+    entry = CATALOG.get(name)
+    return entry is not None and entry.reader == "registered_folders"
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -183,14 +179,15 @@ def _val_number(name: str) -> tuple[int, str]:
     return (int(digits), stem) if digits.isdigit() else (1 << 62, stem)
 
 
-def _eurosat_part(path: Path, cache_dir: str | None) -> _Part:
+def _eurosat_part(path: Path, cache_dir: str | None, classes: list[str]) -> _Part:
+    """Folders ``0``..``9`` of the copy, labelled by number and named by the catalogue's class names."""
     part = _folder_part(path, cache_dir, None)
-    if not all(c.isdigit() and int(c) < len(EUROSAT_CLASSES) for c in part.classes):
+    if not all(c.isdigit() and int(c) < len(classes) for c in part.classes):
         raise DatasetError(
             f"{path} has class folders {part.classes}, expected 0..9; it is not the published copy"
         )
     labels = np.asarray([int(part.classes[k]) for k in part.labels], np.int64)
-    return _Part(part.items, labels, list(EUROSAT_CLASSES))
+    return _Part(part.items, labels, list(classes))
 
 
 def _halves(labels: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -217,25 +214,23 @@ def open_folder_set(
     cache_dir: str | None,
 ) -> FileSource:
     """One split of a registered folder set as a lazy source (the tar is read in place)."""
-    info = DATASETS[name]
+    info = CATALOG[name].info
+    known = list(CATALOG[name].classes or ())  # the catalogue's class names (none for Tiny-ImageNet)
     if split not in info.splits:
         raise DatasetError(f"unknown split '{split}' for {name}; valid splits: {', '.join(info.splits)}")
     if name == "cifar10_jpeg":
         tars = [f"cifar10_jpeg/{s}.tar" for s in (("train", "test") if split == "all" else (split,))]
-        parts = [
-            _folder_part(_tar_file(name, t, root, verify, cache_dir), cache_dir, CIFAR10_CLASSES)
-            for t in tars
-        ]
+        parts = [_folder_part(_tar_file(name, t, root, verify, cache_dir), cache_dir, known) for t in tars]
         items = Items.concat([p.items for p in parts])
         labels = np.concatenate([p.labels for p in parts])
-        classes = list(CIFAR10_CLASSES)
+        classes = known
     elif name == "tiny_imagenet_val":
         tars = ["tiny_imagenet_val/tiny-imagenet-200-val.tar"]
         part = _tiny_part(_tar_file(name, tars[0], root, verify, cache_dir), cache_dir)
         items, labels, classes = part.items, part.labels, part.classes
     else:
         tars = ["eurosat_test/eurosat-rgb-test.tar"]
-        part = _eurosat_part(_tar_file(name, tars[0], root, verify, cache_dir), cache_dir)
+        part = _eurosat_part(_tar_file(name, tars[0], root, verify, cache_dir), cache_dir, known)
         items, labels, classes = part.items, part.labels, part.classes
         if split != "all":
             keep = _halves(labels, _EUROSAT_SPLIT_SEED)[split]

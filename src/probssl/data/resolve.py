@@ -5,8 +5,8 @@ A registered name (``probssl list``) wins; anything else is a path: a folder of 
 paths use:
 
 - :func:`open_source`: a lazy source for one split (streaming reads it per batch);
-- :func:`load_source` / :func:`probssl.data.load_dataset`: the in-memory path, the source decoded
-  once into a memory-mapped uint8 array in the cache directory;
+- :func:`load_source` / :func:`load_dataset`: the in-memory path, the source decoded once into a
+  memory-mapped uint8 array in the cache directory (an official-format set: its reader's arrays);
 - :func:`resolve_dataset_info`: channels, size, classes, splits and per-channel mean/std (computed
   once from the training split for a path, cached next to the decoded images);
 - :func:`decoded_nbytes`, :func:`skipped_items`: what the pipeline needs to choose a path and to
@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from probssl.data import _formats, decode_cache, image_folder, registered_folders, tar_reader
-from probssl.data.datasets import (
-    DATASETS,
+from probssl.data import _formats, decode_cache, image_folder, official_files, registered_folders, tar_reader
+from probssl.data.catalog import (
+    CATALOG,
     DatasetError,
     DatasetInfo,
     ImageDataset,
-    _canonical,
+    canonical_name,
     dataset_names,
     default_data_dir,
     get_dataset_info,
@@ -43,6 +43,7 @@ __all__ = [
     "STATS_MAX_ITEMS",
     "decoded_nbytes",
     "is_path_dataset",
+    "load_dataset",
     "load_source",
     "open_source",
     "resolve_dataset_info",
@@ -58,12 +59,12 @@ PathLike = str | os.PathLike[str]
 
 def is_path_dataset(dataset: str) -> bool:
     """True unless ``dataset`` is a registered name (a registered name wins over a same-named folder)."""
-    return _canonical(str(dataset)) not in DATASETS
+    return canonical_name(str(dataset)) not in CATALOG
 
 
 def is_file_dataset(dataset: str) -> bool:
     """A path or a registered image-folder set: the sources decoded from files (cached when in memory)."""
-    return is_path_dataset(dataset) or registered_folders.is_folder_set(_canonical(dataset))
+    return is_path_dataset(dataset) or registered_folders.is_folder_set(canonical_name(dataset))
 
 
 def _data_root(data_dir: PathLike | None) -> Path:
@@ -237,11 +238,9 @@ def _open_path(
 
 
 def _array_source(
-    dataset: str, split: str, data_dir: PathLike | None, download: bool, image_size: int | None
+    name: str, split: str, data_dir: PathLike | None, download: bool, image_size: int | None
 ) -> ArraySource:
-    from probssl.data.datasets import load_dataset
-
-    ds = load_dataset(dataset, split, data_dir, download, image_size=image_size)
+    ds = official_files.load_official(name, split, data_dir, download, image_size)
     return ArraySource(ds.images, ds.labels, ds.classes, ds.name, ds.split)
 
 
@@ -268,7 +267,7 @@ def open_source(
         raise DatasetError(f"image_size must be positive, got {image_size}")
     if is_path_dataset(dataset):
         return _open_path(dataset, split, image_size, skip_corrupt, cache_dir)
-    name = _canonical(dataset)
+    name = canonical_name(dataset)
     if registered_folders.is_folder_set(name):
         return registered_folders.open_folder_set(
             name, split, _data_root(data_dir), image_size, verify, skip_corrupt, _str(cache_dir)
@@ -309,26 +308,40 @@ def load_source(source: ImageSource, cache_dir: PathLike | None = None) -> Image
     return ImageDataset(source.name, source.split, torch.from_numpy(images), labels, list(source.classes))
 
 
-def load_file_dataset(
-    dataset: str,
-    split: str,
-    data_dir: PathLike | None,
+def load_dataset(
+    name: str,
+    split: str = "train",
+    data_dir: PathLike | None = None,
+    download: bool = True,
     *,
-    image_size: int | None,
-    verify: bool,
-    skip_corrupt: bool,
-    cache_dir: PathLike | None,
+    image_size: int | None = None,
+    verify: bool = True,
+    skip_corrupt: bool = False,
+    cache_dir: PathLike | None = None,
 ) -> ImageDataset:
-    source = open_source(
-        dataset,
-        split,
-        data_dir=data_dir,
-        image_size=image_size,
-        verify=verify,
-        skip_corrupt=skip_corrupt,
-        cache_dir=cache_dir,
-    )
-    return load_source(source, cache_dir)
+    """Load one split of a dataset into memory: a registered name, or a path to images.
+
+    ``data_dir`` defaults to :func:`~probssl.data.catalog.default_data_dir`; files live in
+    ``data_dir/<name>/``. With ``download=False`` the network is never touched and a missing file
+    raises :class:`DatasetError` naming the file, where to put it and where to get it.
+
+    A path (folder, tar, image file) or a registered image-folder set is decoded once into a uint8
+    array cached on disk and memory-mapped; ``image_size``, ``verify``, ``skip_corrupt`` and
+    ``cache_dir`` apply to those. ``image_size`` also resizes an array set (shorter side + centre crop,
+    like any image).
+    """
+    if is_file_dataset(name):
+        source = open_source(
+            name,
+            split,
+            data_dir=data_dir,
+            image_size=image_size,
+            verify=verify,
+            skip_corrupt=skip_corrupt,
+            cache_dir=cache_dir,
+        )
+        return load_source(source, cache_dir)
+    return official_files.load_official(get_dataset_info(name).name, split, data_dir, download, image_size)
 
 
 # ------------------------------------------------------------------------------------- mean / std

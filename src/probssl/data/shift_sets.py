@@ -1,12 +1,11 @@
 """Other datasets seen through an in-distribution dataset's eyes: OOD and transfer sets.
 
 An OOD or transfer set must enter the encoder exactly as in-distribution images do, so each is
-conformed to the in-distribution image shape (channels, side) before use. Pairings follow
-design.md §4: Fashion-MNIST → MNIST, CIFAR-10 → SVHN, and for ``digits`` a far-OOD set built from
-the other grey datasets (8×8 Fashion-MNIST) plus synthetic smooth noise, which needs no files.
-``cifar10_jpeg`` (the public JPEG copy) gets Tiny-ImageNet validation as near OOD, MNIST as far OOD
-and EuroSAT as the transfer target. ``eval.ood_sets`` / ``eval.transfer_sets`` replace the defaults
-with registered names or paths (folders, tars of images, image files).
+conformed to the in-distribution image shape (channels, side) before use. A registered dataset's
+default partners are in its catalogue entry (:mod:`probssl.data.catalog`, design.md §4); synthetic
+smooth ``noise`` needs no files, and is the only default OOD set of a path. ``eval.ood_sets`` /
+``eval.transfer_sets`` replace the defaults with registered names or paths (folders, tars of images,
+image files).
 
 Image-file sets (registered folder sets and paths) are decoded straight at the run's size (shorter
 side + centre crop) and use every image (split ``all``: the transfer probe halves it itself); the
@@ -23,28 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from probssl.data.datasets import DatasetError, DatasetInfo, ImageDataset, get_dataset_info, load_dataset
-
-OOD_SETS: dict[str, tuple[str, ...]] = {
-    "digits": ("fashion_mnist", "noise"),
-    "fashion_mnist": ("mnist", "noise"),
-    "mnist": ("fashion_mnist", "noise"),
-    "cifar10": ("svhn", "noise"),
-    "cifar100": ("svhn", "noise"),
-    "svhn": ("cifar10", "noise"),
-    "stl10": ("svhn", "noise"),
-    "cifar10_jpeg": ("tiny_imagenet_val", "mnist", "noise"),  # near, far (grey -> RGB, 32 px), synthetic
-}
-TRANSFER_SETS: dict[str, tuple[str, ...]] = {
-    "digits": ("mnist",),
-    "fashion_mnist": ("mnist",),
-    "mnist": ("fashion_mnist",),
-    "cifar10": ("stl10",),
-    "cifar100": ("cifar10",),
-    "svhn": ("mnist",),
-    "stl10": ("cifar10",),
-    "cifar10_jpeg": ("eurosat_test",),
-}
+from probssl.data.catalog import DatasetError, DatasetInfo, ImageDataset, find_entry, get_dataset_info
+from probssl.data.resolve import is_file_dataset, load_dataset, load_source, open_source
 
 
 def _names(configured: Sequence[str] | str | None, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -57,12 +36,14 @@ def _names(configured: Sequence[str] | str | None, default: tuple[str, ...]) -> 
 
 def ood_set_names(dataset: str, configured: Sequence[str] | str | None = None) -> tuple[str, ...]:
     """``eval.ood_sets`` if set, else the dataset's defaults (``noise`` alone for a path or unknown name)."""
-    return _names(configured, OOD_SETS.get(dataset, ("noise",)))
+    entry = find_entry(dataset)
+    return _names(configured, entry.ood_sets if entry is not None else ("noise",))
 
 
 def transfer_set_names(dataset: str, configured: Sequence[str] | str | None = None) -> tuple[str, ...]:
     """``eval.transfer_sets`` if set, else the dataset's defaults (none for a path)."""
-    return _names(configured, TRANSFER_SETS.get(dataset, ()))
+    entry = find_entry(dataset)
+    return _names(configured, entry.transfer_sets if entry is not None else ())
 
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
@@ -110,8 +91,6 @@ def _file_shift_set(
     Up to ``max_items`` the whole set is decoded once into the cache; above it only the chosen images
     are decoded, so a large folder given as an OOD set costs ``max_items`` decodes, not all of them.
     """
-    from probssl.data.resolve import load_source, open_source
-
     source = open_source(
         name, "all", data_dir=data_dir, image_size=info.image_size, verify=verify, cache_dir=cache_dir
     )
@@ -144,8 +123,6 @@ def load_shift_set(
         count = max_items or 2000
         images = smooth_noise(count, info.channels, info.image_size, seed)
         return ImageDataset("noise", "test", images, torch.full((count,), -1, dtype=torch.long), [])
-    from probssl.data.resolve import is_file_dataset
-
     if is_file_dataset(name):
         images, labels, classes = _file_shift_set(name, info, data_dir, max_items, seed, verify, cache_dir)
     else:
@@ -167,8 +144,6 @@ def load_shift_set(
 
 
 __all__ = [
-    "OOD_SETS",
-    "TRANSFER_SETS",
     "DatasetError",
     "conform",
     "load_shift_set",

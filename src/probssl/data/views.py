@@ -24,6 +24,7 @@ import kornia.augmentation as K
 import torch
 from torch import Tensor, nn
 
+from probssl.data.catalog import CATALOG, find_entry
 from probssl.data.colour import ColorJitter, RandomGrayscale
 from probssl.data.crop import RandomResizedCropFlip
 
@@ -169,36 +170,27 @@ PRESETS: dict[str, ViewConfig] = {
     ),
 }
 
-_DATASET_PRESETS: dict[str, str] = {
-    "digits": "digits",
-    "mnist": "mnist",
-    "fashion_mnist": "mnist",
-    "cifar10": "cifar",
-    "cifar100": "cifar",
-    "svhn": "cifar",
-    "stl10": "stl",
-    "cifar10_jpeg": "cifar",
-    "eurosat_test": "cifar",
-}
-
 
 def preset_for_dataset(dataset_name: str, channels: int | None = None, image_size: int | None = None) -> str:
     """Name of the augmentation preset for a dataset (a preset name is accepted as itself).
 
-    Other datasets (own folders) get the preset of the built-in set their images look like, when
+    A registered dataset's preset is in its catalogue entry (:mod:`probssl.data.catalog`). Other
+    datasets (own folders) get the preset of the built-in set their images look like, when
     ``channels`` and ``image_size`` are given: grey up to 8 px digits, grey mnist, RGB up to 64 px
     cifar, larger RGB stl (the ImageNet recipe).
     """
+    entry = find_entry(dataset_name)
+    if entry is not None and entry.preset is not None:
+        return entry.preset
     key = dataset_name.lower()
-    if key in _DATASET_PRESETS:
-        return _DATASET_PRESETS[key]
     if key in PRESETS:
         return key
     if channels is not None and image_size is not None:
         if channels == 1:
             return "digits" if image_size <= 8 else "mnist"
         return "cifar" if image_size <= 64 else "stl"
-    known = ", ".join(sorted(set(_DATASET_PRESETS) | set(PRESETS)))
+    with_preset = {name for name, e in CATALOG.items() if e.preset is not None}
+    known = ", ".join(sorted(with_preset | set(PRESETS)))
     raise ValueError(f"no augmentation preset for dataset '{dataset_name}'; known names: {known}")
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from probssl.losses import byol_loss
+from probssl.losses.contrastive import byol_loss
 from probssl.methods.base import MethodConfig, SSLMethod
 from probssl.methods.registry import METHODS
 from probssl.nn.heads import mlp

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from probssl.distributed import gather_with_grad, is_distributed
 from probssl.embedding import Embedding
-from probssl.losses_metric import contrastive_pair_loss, mine_pairs
+from probssl.losses.metric_learning import contrastive_pair_loss, mine_pairs
 from probssl.methods.base import MethodConfig, SSLMethod, TrainContext
 from probssl.methods.registry import METHODS
 from probssl.posteriors.laplace import OUTPUT_SPACES, VARIANTS, DiagonalLaplace, online_hessian_scale

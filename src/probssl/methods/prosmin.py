@@ -6,7 +6,7 @@ online:  z = g(f(v)),  g = MLP → b/‖b‖ → weight-normalised Linear to D
 target:  z' = g'(f'(v)),  (f', g') ← τ (f', g') + (1 − τ)(f, g)         (EMA, cosine τ_base → 1)
          t = sg(z' − c),  then c ← 0.9·c + 0.1·mean_batch z'              (centring, as in DINO)
 loss:    mean over (online view a, global view b ≠ a) of ES_λ({s_i(a)}, t(b))
-         ES_λ = E‖S − t‖₁ − (λ/4)·E‖S − S′‖₁, m-sample U-statistic (probssl.losses_scoring)
+         ES_λ = E‖S − t‖₁ − (λ/4)·E‖S − S′‖₁, m-sample U-statistic (probssl.losses.scoring_rules)
 
 Choices and departures from the paper / released code:
 - λ defaults to 2, the strictly proper energy score (per dimension the CRPS). The released code
@@ -41,7 +41,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from probssl.distributed import all_reduce_mean
 from probssl.embedding import Embedding
-from probssl.losses_scoring import energy_score_l1
+from probssl.losses.scoring_rules import energy_score_l1
 from probssl.methods.base import MethodConfig, SSLMethod
 from probssl.methods.byol import cosine_momentum, ema_update
 from probssl.methods.registry import METHODS

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from probssl.embedding import Embedding
-from probssl.losses import nt_xent_loss
+from probssl.losses.contrastive import nt_xent_loss
 from probssl.methods.base import MethodConfig, SSLMethod
 from probssl.methods.registry import METHODS
 from probssl.nn.heads import mlp

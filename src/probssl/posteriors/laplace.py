@@ -3,7 +3,7 @@
 LAM (Warburg, Miani, Brack, Hauberg, NeurIPS 2023) places a diagonal Gaussian N(θ*, (H + λ)⁻¹) over
 the last linear layer x = W h + b of the embedding network, whose output is L2-normalised,
 y = x / ‖x‖. H is the diagonal of the generalised Gauss-Newton (GGN) matrix of the contrastive pair
-loss of :mod:`probssl.losses_metric`.
+loss of :mod:`probssl.losses.metric_learning`.
 
 **Output-space Hessians of one pair.** With r = y₁ − y₂, d = ‖r‖, r̂ = r / d, every pair term has
 Hessian blocks w.r.t. (y₁, y₂) of the form H₁₁ = H₂₂ = A, H₁₂ = H₂₁ = −A, A = α I + β r̂ r̂ᵀ, and
@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from probssl.losses_metric import mine_pairs
+from probssl.losses.metric_learning import mine_pairs
 
 __all__ = [
     "DiagonalLaplace",

@@ -5,12 +5,14 @@ present, ``eval_details.json`` (plot data), and writes one HTML file: a metric t
 column highlighted, then figures overlaying the runs (reliability diagrams, OOD score histograms, accuracy
 under corruption, sparsification curves, test images ranked by uncertainty).
 
-The package is split by job: :mod:`.runs` reads run directories, :mod:`.tables` turns metrics into
-tables, :mod:`.figures` draws the plots and :mod:`.page` assembles the HTML file.
+The package is split by job: :mod:`.runs` reads run directories, :mod:`.metric_keys` says which keys
+are metrics and how they read, :mod:`.tables` lays them out as HTML tables, :mod:`.figures` (with
+:mod:`.ood_histograms`, :mod:`.ranked_images`, :mod:`.pvalues`) draws the plots and :mod:`.page`
+assembles the HTML file.
 """
 
+from probssl.eval.report.metric_keys import GROUPS, metric_direction, shift_summary, table_columns
 from probssl.eval.report.page import build_report
 from probssl.eval.report.runs import Run, load_run
-from probssl.eval.report.tables import GROUPS, metric_direction, shift_summary, table_columns
 
 __all__ = ["GROUPS", "Run", "build_report", "load_run", "metric_direction", "shift_summary", "table_columns"]

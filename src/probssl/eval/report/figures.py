@@ -1,5 +1,8 @@
-"""The report's figures, each a PNG data URI: reliability diagrams, OOD score histograms, accuracy under
-corruption, sparsification curves, test images ranked by uncertainty.
+"""The report's figures, each a PNG data URI: reliability diagrams, accuracy under corruption and
+sparsification curves here, and the drawing they all share (style, PNG encoding, panel grids, legends);
+the OOD score histograms are in :mod:`.ood_histograms`, the ranked test images in :mod:`.ranked_images`
+and the conformal p-values in :mod:`.pvalues`. Those modules call :func:`_png` through this module, at
+call time, so one replacement reaches every figure.
 
 Matplotlib without pyplot: figures are built from ``matplotlib.figure.Figure`` (Agg canvas) under an
 ``rc_context``, so building a report never switches the caller's backend or touches global figure state.
@@ -19,13 +22,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import matplotlib
-import matplotlib.patches
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
+from probssl.eval.report.metric_keys import _is_number, _shift_points
 from probssl.eval.report.runs import Run
-from probssl.eval.report.tables import _is_number, _shift_points
 
 _IN_COLOUR, _OUT_COLOUR = "#3b6fd6", "#e8730c"
 _DPI = 110
@@ -188,153 +189,6 @@ def _reliability_title(run: Run, d: Mapping[str, np.ndarray]) -> str:
         ok = ~np.isnan(d["acc"])
         ece = float((d["count"][ok] * np.abs(d["acc"][ok] - d["conf"][ok])).sum() / total) if total else None
     return _wrapped(run.name, *([f"ECE = {ece:.4f}"] if ece is not None else []), width=30)
-
-
-def _auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
-    """P(out scores higher than in), ties counted half (Mann-Whitney U)."""
-    scores = np.concatenate([score_in, score_out])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    average = first + (counts - 1) / 2 + 1
-    ranks[order] = np.repeat(average, counts)
-    n_in, n_out = len(score_in), len(score_out)
-    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2
-    return float(u / (n_in * n_out))
-
-
-#: How each OOD score is named on a histogram, in the order its panels sit: the probe's score, the
-#: pre-declared feature-space reference, the method's own uncertainty (eval_details ``by_criterion``).
-_OOD_SCORE_NAMES = {"entropy": "probe", "msp": "probe", "knn1": "reference", "emb": "own"}
-
-
-def _ood_data(run: Run) -> dict[str, dict[str, dict[str, Any]]] | None:
-    """{OOD set: {criterion: histogram data}}: the set's headline score (``criterion``) and every score
-    of ``by_criterion`` (the reference detector and the method's own uncertainty), each with the AUROC
-    the metric table prints for that very score."""
-    section = run.details.get("ood")
-    if not section:
-        return None
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for set_name, entry in section.items():
-        scores = {str(entry.get("criterion", "")): entry}
-        scores.update({str(c): scored for c, scored in (entry.get("by_criterion") or {}).items()})
-        for criterion, scored in scores.items():
-            score_in, score_out = _floats(scored["score_in"]), _floats(scored["score_out"])
-            score_in, score_out = score_in[np.isfinite(score_in)], score_out[np.isfinite(score_out)]
-            if not (len(score_in) and len(score_out)):
-                continue
-            table_value = run.metrics.get(f"ood/{set_name}/{criterion}/auroc") if criterion else None
-            out.setdefault(str(set_name), {})[criterion] = {
-                "in": score_in,
-                "out": score_out,
-                "criterion": criterion,
-                # The table's number for this very score, so page and histogram cannot disagree.
-                "auroc": float(table_value) if _is_number(table_value) else _auroc(score_in, score_out),
-            }
-    return out or None
-
-
-def _ood_figure(runs: Sequence[Run], data: Mapping[str, dict[str, dict[str, dict[str, Any]]]]) -> str:
-    """One block of panels per run: a row per OOD set, a column per score (probe, reference detector,
-    own uncertainty), each at the same place in every block so runs compare at a glance. Blocks fill rows
-    four panels wide: with one score, four runs side by side (one run per row and one panel made a
-    single column, 10,000 px tall at 42 runs)."""
-    shown = [run for run in runs if run.name in data]
-    sets = list(dict.fromkeys(name for run in shown for name in data[run.name]))
-    seen = dict.fromkeys(c for run in shown for entry in data[run.name].values() for c in entry)
-    order = list(_OOD_SCORE_NAMES)
-    scores = sorted(seen, key=lambda c: order.index(c) if c in order else len(order))
-    cols = len(scores)
-    rows_per_run = len(sets)
-    runs_per_row = min(max(1, 4 // cols), len(shown))
-    block_rows = math.ceil(len(shown) / runs_per_row)
-    with _styled():
-        fig = _panel_figure(3.4 * cols * runs_per_row, 2.8 * rows_per_run * block_rows + 0.3)
-        axes = fig.subplots(rows_per_run * block_rows, cols * runs_per_row, squeeze=False)
-        for ax in axes.ravel():
-            ax.set_visible(False)
-        for r, run in enumerate(shown):
-            block_row, block_col = divmod(r, runs_per_row)
-            for i, set_name in enumerate(sets):
-                for j, score in enumerate(scores):
-                    entry = data[run.name].get(set_name, {}).get(score)
-                    if entry is not None:
-                        ax = axes[block_row * rows_per_run + i, block_col * cols + j]
-                        ax.set_visible(True)
-                        _ood_panel(ax, run, set_name, entry)
-        handles = [
-            matplotlib.patches.Patch(facecolor=_IN_COLOUR, alpha=0.5, label="in-distribution test set"),
-            matplotlib.patches.Patch(facecolor=_OUT_COLOUR, alpha=0.5, label="OOD set"),
-        ]
-        _legend_below(fig, handles, [h.get_label() for h in handles], ncol=2)
-        return _png(fig)
-
-
-#: A score whose values all lie within this fraction of their size is shown as its range, not drawn:
-#: a histogram stretches any range to the panel's width, so 0.9140–0.9148 looked like a real spread.
-NEARLY_CONSTANT = 0.01
-
-
-def nearly_constant(values: np.ndarray) -> bool:
-    """Whether every value lies within ``NEARLY_CONSTANT`` of the largest magnitude (or all are equal)."""
-    lo, hi = float(values.min()), float(values.max())
-    return hi - lo <= NEARLY_CONSTANT * max(abs(lo), abs(hi))
-
-
-def range_statement(score_in: np.ndarray, score_out: np.ndarray) -> str:
-    """The range of a nearly constant score in words: bounds with the digits that tell them apart, the
-    range as a share of the value, and each set's median (where inside the range the two sets sit)."""
-    both = np.concatenate([score_in, score_out])
-    lo, hi = float(both.min()), float(both.max())
-    medians = float(np.median(score_in)), float(np.median(score_out))
-    digits = significant_digits([lo, hi, *medians])
-
-    def shown(value: float) -> str:
-        return f"{value:.{digits}g}"
-
-    if hi == lo:
-        return f"constant: every value is {shown(lo)}"
-    share = (hi - lo) / max(abs(lo), abs(hi))
-    return "\n".join(
-        [
-            "nearly constant: every value in",
-            f"{shown(lo)} – {shown(hi)}",
-            f"(a range of {hi - lo:.2g}, {100 * share:.2g}% of the value)",
-            f"median: test {shown(medians[0])}",
-            f"median: OOD {shown(medians[1])}",
-        ]
-    )
-
-
-def _ood_panel(ax: Any, run: Run, set_name: str, d: Mapping[str, Any]) -> None:
-    both = np.concatenate([d["in"], d["out"]])
-    score = d["criterion"] or "score"
-    name = _OOD_SCORE_NAMES.get(score, score)
-    # Three lines in every panel (a long set name wrapped "vs <set> · <score>" onto a fourth in some).
-    title = _wrapped(run.name, f"vs {set_name}", f"{name} · AUROC({score}) = {d['auroc']:.3f}", width=34)
-    ax.set_title(title, loc="left")
-    ax.spines["left"].set_color(run.colour)
-    ax.spines["left"].set_linewidth(2.5)
-    xlabel = _wrapped(f"OOD score: {score} (higher = more OOD)", width=40)
-    if nearly_constant(both):
-        ax.set(xticks=[], yticks=[], xlabel=xlabel)
-        ax.grid(False)
-        statement = range_statement(d["in"], d["out"])
-        ax.text(0.5, 0.5, statement, ha="center", va="center", transform=ax.transAxes, fontsize=8)
-        return
-    lo, hi = np.percentile(both, [0.5, 99.5]) if len(both) > 20 else (both.min(), both.max())
-    if hi <= lo:  # a few outliers hold the spread: draw all of it
-        lo, hi = both.min(), both.max()
-    bins = np.linspace(lo, hi, 41)
-    for scores, colour in ((d["in"], _IN_COLOUR), (d["out"], _OUT_COLOUR)):
-        clipped = np.clip(scores, lo, hi)
-        ax.hist(clipped, bins=bins, density=True, color=colour, alpha=0.3)
-        ax.hist(clipped, bins=bins, density=True, histtype="step", color=colour, linewidth=1.3)
-    ax.set(xlabel=xlabel, ylabel="density")
-    ax.xaxis.set_major_locator(MaxNLocator(5))  # knn1's cosines (−0.975 …) ran into each other at 8 ticks
 
 
 def _shift_data(run: Run) -> dict[str, dict[str, dict[int, float]]] | None:
@@ -518,62 +372,6 @@ def _sparsification_figure(runs: Sequence[Run], data: Mapping[str, Mapping[str, 
         return _png(fig)
 
 
-def _ranked_data(run: Run, key: str = "ranked_images") -> dict[str, Any] | None:
-    """The ranked test images of eval_details ``key``: ``ranked_images`` (by the probe's predictive
-    entropy, every run) or ``ranked_images_own`` (by the embedding's own uncertainty, where it has one)."""
-    section = run.details.get(key)
-    if not section:
-        return None
-    shape = tuple(int(s) for s in section["shape"])
-    if len(shape) != 3 or shape[0] not in (1, 3):
-        raise ValueError(f"ranked_images shape must be [C, H, W] with C in (1, 3), got {list(shape)}")
-    rows: dict[str, Any] = {}
-    for key in ("most_certain", "least_certain"):
-        images = [_to_hwc(image, shape) for image in section.get(key) or []]
-        end = key.split("_")[0]
-
-        def column(name: str, cast: Callable[[Any], Any], count: int = len(images), end: str = end) -> list:
-            values = [None if v is None else cast(v) for v in section.get(f"{name}_{end}") or []]
-            return (values + [None] * count)[:count]
-
-        rows[key] = list(
-            zip(
-                images,
-                column("uncertainty", float),
-                column("label", int),
-                column("prediction", int),
-                strict=True,
-            )
-        )
-    if not any(rows.values()):
-        return None
-    rows["criterion"] = str(section.get("criterion", ""))
-    rows["classes"] = [str(name) for name in section.get("classes") or []]
-    return rows
-
-
-def _class_name(index: int | None, classes: Sequence[str], width: int = 11) -> str:
-    """A label as the reader knows it: the class name (cut to ``width``) when the run recorded names,
-    else the class number; ``?`` when unknown."""
-    if index is None:
-        return "?"
-    if 0 <= index < len(classes):
-        name = classes[index]
-        return name if len(name) <= width else name[: width - 1] + "…"
-    return str(index)
-
-
-def _ranked_own_data(run: Run) -> dict[str, Any] | None:
-    return _ranked_data(run, "ranked_images_own")
-
-
-def _to_hwc(image: Any, shape: tuple[int, int, int]) -> np.ndarray:
-    """A flat (or nested) CHW pixel list as an HWC float array in [0, 1] for ``imshow``."""
-    array = np.asarray(image, dtype=float).reshape(shape)
-    scale = 1.0 if array.max(initial=0) <= 1.0 else 255.0
-    return np.clip(array / scale, 0, 1).transpose(1, 2, 0)
-
-
 def significant_digits(values: Sequence[float | None], least: int = 3, most: int = 7) -> int:
     """Significant digits that tell the shown values apart: 3 normally, more when they differ only far
     down (VI-SimSiam's 1/κ is 0.00196 for every image at 3 digits; the ranking lives in the 5th)."""
@@ -584,52 +382,3 @@ def significant_digits(values: Sequence[float | None], least: int = 3, most: int
     if spread == 0:
         return least
     return int(min(most, max(least, math.ceil(-math.log10(spread)) + 2)))
-
-
-def _ranked_figure(run: Run, rows: Mapping[str, Any]) -> str:
-    """Two rows of test images; under each: label y, the probe's prediction ŷ (red when wrong) and
-    the uncertainty the rows are ranked by."""
-    n = max(len(rows.get(key, [])) for key in ("most_certain", "least_certain"))
-    digits = significant_digits(
-        [value for key in ("most_certain", "least_certain") for _, value, _, _ in rows.get(key, [])]
-    )
-    with _styled():
-        fig = Figure(figsize=(0.95 * n + 1.3, 3.6 if rows.get("classes") else 3.3))
-        axes = fig.subplots(2, n, squeeze=False)
-        for r, (key, label) in enumerate(
-            (("most_certain", "most certain"), ("least_certain", "least certain"))
-        ):
-            for c in range(n):
-                ax = axes[r, c]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                ax.grid(False)
-                for spine in ax.spines.values():
-                    spine.set_visible(False)
-                if c >= len(rows.get(key, [])):
-                    continue
-                image, value, label_, prediction = rows[key][c]
-                grey = image.shape[-1] == 1
-                ax.imshow(
-                    image[..., 0] if grey else image,
-                    cmap="gray" if grey else None,
-                    vmin=0,
-                    vmax=1,
-                    interpolation="nearest",
-                )
-                text = "n/a" if value is None else f"{value:.{digits}g}"
-                wrong = label_ is not None and prediction is not None and label_ != prediction
-                if label_ is not None or prediction is not None:
-                    y, y_hat = (_class_name(i, rows.get("classes") or []) for i in (label_, prediction))
-                    text = f"y {y}\nŷ {y_hat}\n{text}" if rows.get("classes") else f"y={y} ŷ={y_hat}\n{text}"
-                ax.set_xlabel(text, fontsize=7.5, labelpad=2, color="#d23c4b" if wrong else "#1d2330")
-            axes[r, 0].set_ylabel(label, fontsize=9, rotation=0, ha="right", va="center", labelpad=8)
-        if rows.get("criterion"):
-            fig.suptitle(
-                f"ranked by {rows['criterion']} · y = label, ŷ = prediction (red: wrong)", fontsize=8.5
-            )
-        fig.subplots_adjust(wspace=0.12, hspace=0.85 if rows.get("classes") else 0.75)
-        return _png(fig)
-
-
-# ----------------------------------------------------------------------------------------------- page

@@ -20,13 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from probssl.eval.report.figures import (
-    NEARLY_CONSTANT,
     _draw_per_run,
-    _ood_data,
-    _ood_figure,
-    _ranked_data,
-    _ranked_figure,
-    _ranked_own_data,
     _reliability_data,
     _reliability_figure,
     _shift_data,
@@ -34,16 +28,17 @@ from probssl.eval.report.figures import (
     _sparsification_data,
     _sparsification_figure,
 )
+from probssl.eval.report.metric_keys import _table_metrics, headline_metrics
+from probssl.eval.report.ood_histograms import NEARLY_CONSTANT, _ood_data, _ood_figure
 from probssl.eval.report.pvalues import pvalue_data, pvalue_figure
+from probssl.eval.report.ranked_images import _ranked_data, _ranked_figure, _ranked_own_data
 from probssl.eval.report.runs import Run, label_runs, load_run, split_evaluated
 from probssl.eval.report.tables import (
     _e,
     _overview_table,
     _shift_table,
     _swatch,
-    _table_metrics,
     grouped_metric_table,
-    headline_metrics,
     seed_groups,
 )
 

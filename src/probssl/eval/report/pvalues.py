@@ -25,8 +25,8 @@ from probssl.eval.report.figures import (
     _styled,
     _wrapped,
 )
+from probssl.eval.report.metric_keys import _is_number
 from probssl.eval.report.runs import Run
-from probssl.eval.report.tables import _is_number
 
 DETECTOR = "combined"  # probssl.eval.conformal.COMBINED
 ALPHA = 0.05  # probssl.eval.conformal.DEFAULT_ALPHA

@@ -1,10 +1,13 @@
 """Readers for the image benchmarks, from their official published files, into uint8 tensors.
 
-Every dataset comes back as one :class:`ImageDataset` holding the whole split in memory (the largest
-standard split, STL-10 'unlabeled', is 2.7 GB). Files are looked up under ``data_dir/<name>/``, checked
-against the official md5 where one is known, parsed strictly, and downloaded from the official mirror
-when missing. Every problem a user can fix raises :class:`DatasetError` with a message saying how.
-``digits`` is embedded in scikit-learn and needs no files, so there is always a dataset that works.
+The datasets of the catalogue (:mod:`probssl.data.catalog`) whose ``reader`` is ``official_files``:
+this module knows their files (names, mirrors, md5s, formats), the catalogue everything else about
+them. Every dataset comes back as one :class:`ImageDataset` holding the whole split in memory (the
+largest standard split, STL-10 'unlabeled', is 2.7 GB). Files are looked up under
+``data_dir/<name>/``, checked against the official md5 where one is known, parsed strictly, and
+downloaded from the official mirror when missing. Every problem a user can fix raises
+:class:`DatasetError` with a message saying how. ``digits`` is embedded in scikit-learn and needs no
+files, so there is always a dataset that works.
 """
 
 from __future__ import annotations
@@ -23,160 +26,11 @@ import torch
 
 from probssl.data import _download, _formats
 from probssl.data._formats import FormatError, UnsafePickleError
+from probssl.data.catalog import CATALOG, DatasetError, DatasetInfo, ImageDataset, default_data_dir
 
-__all__ = [
-    "DATASETS",
-    "DatasetError",
-    "DatasetInfo",
-    "ImageDataset",
-    "dataset_names",
-    "default_data_dir",
-    "get_dataset_info",
-    "load_dataset",
-    "load_image_folder",
-]
+__all__ = ["load_official"]
 
 T = TypeVar("T")
-
-
-class DatasetError(RuntimeError):
-    """A data problem the user can fix (missing, corrupt or unexpected files); the message says how."""
-
-
-@dataclass(repr=False)
-class ImageDataset:
-    """A whole split in memory: uint8 images [N, C, H, W] and int64 labels [N] (-1 = unlabeled)."""
-
-    name: str
-    split: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    classes: list[str]
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
-                f"images must be uint8 [N, C, H, W], got {self.images.dtype} {list(self.images.shape)}"
-            )
-        if self.labels.dtype != torch.int64 or self.labels.dim() != 1:
-            raise ValueError(f"labels must be int64 [N], got {self.labels.dtype} {list(self.labels.shape)}")
-        if self.labels.shape[0] != self.images.shape[0]:
-            raise ValueError(f"{self.images.shape[0]} images but {self.labels.shape[0]} labels")
-        self.images = self.images.contiguous()
-        self.labels = self.labels.contiguous()
-        self.classes = list(self.classes)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def subset(self, indices: torch.Tensor | Sequence[int]) -> ImageDataset:
-        """The examples at ``indices`` (integer indices or a boolean mask), same name/split/classes."""
-        idx = torch.as_tensor(indices)
-        if idx.dtype != torch.bool:
-            idx = idx.to(torch.int64)
-        return ImageDataset(self.name, self.split, self.images[idx], self.labels[idx], list(self.classes))
-
-    def __repr__(self) -> str:  # the default dataclass repr would print the tensors
-        n, c, h, w = self.images.shape
-        return (
-            f"ImageDataset(name={self.name!r}, split={self.split!r}, n={n}, shape=[{c}, {h}, {w}], "
-            f"classes={self.num_classes})"
-        )
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about a dataset; mean/std are per channel of the training images scaled to [0, 1]."""
-
-    name: str
-    channels: int
-    image_size: int
-    num_classes: int
-    splits: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
-CIFAR10_JPEG_MEAN, CIFAR10_JPEG_STD = (0.4913, 0.4821, 0.4465), (0.2452, 0.2428, 0.2606)
-TINY_MEAN, TINY_STD = (0.4824, 0.4495, 0.3981), (0.2765, 0.2691, 0.2825)
-EUROSAT_MEAN, EUROSAT_STD = (0.3449, 0.3805, 0.4074), (0.2040, 0.1356, 0.1134)
-
-# mean/std: digits and Fashion-MNIST computed from the files; the others are the widely published values.
-DATASETS: dict[str, DatasetInfo] = {
-    info.name: info
-    for info in (
-        DatasetInfo("digits", 1, 8, 10, ("train", "test"), (0.3056,), (0.3760,)),
-        DatasetInfo("fashion_mnist", 1, 28, 10, ("train", "test"), (0.2860,), (0.3530,)),
-        DatasetInfo("mnist", 1, 28, 10, ("train", "test"), (0.1307,), (0.3081,)),
-        DatasetInfo(
-            "cifar10", 3, 32, 10, ("train", "test"), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-        ),
-        DatasetInfo(
-            "cifar100", 3, 32, 100, ("train", "test"), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-        ),
-        DatasetInfo(
-            "svhn", 3, 32, 10, ("train", "test", "extra"), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)
-        ),
-        DatasetInfo(
-            "stl10",
-            3,
-            96,
-            10,
-            ("train", "test", "unlabeled"),
-            (0.4467, 0.4398, 0.4066),
-            (0.2603, 0.2566, 0.2713),
-        ),
-        # Registered image-folder sets (public re-distributions read from tars: see registered_folders).
-        # mean/std computed from their files with probssl.data.resolve.channel_stats (train split; all
-        # of tiny_imagenet_val), checked by tests/test_own_images.py when the files are present.
-        DatasetInfo("cifar10_jpeg", 3, 32, 10, ("train", "test", "all"), CIFAR10_JPEG_MEAN, CIFAR10_JPEG_STD),
-        DatasetInfo("tiny_imagenet_val", 3, 64, 200, ("test", "all"), TINY_MEAN, TINY_STD),
-        DatasetInfo("eurosat_test", 3, 64, 10, ("train", "test", "all"), EUROSAT_MEAN, EUROSAT_STD),
-    )
-}
-
-_DISPLAY = {
-    "digits": "digits",
-    "fashion_mnist": "Fashion-MNIST",
-    "mnist": "MNIST",
-    "cifar10": "CIFAR-10",
-    "cifar100": "CIFAR-100",
-    "svhn": "SVHN",
-    "stl10": "STL-10",
-    "cifar10_jpeg": "CIFAR-10 (JPEG q75 copy)",
-    "tiny_imagenet_val": "Tiny-ImageNet-200 validation",
-    "eurosat_test": "EuroSAT RGB test copy",
-}
-
-_ALIASES = {
-    "fashionmnist": "fashion_mnist",
-    "cifar_10": "cifar10",
-    "cifar_100": "cifar100",
-    "stl_10": "stl10",
-    "tiny_imagenet": "tiny_imagenet_val",
-    "eurosat": "eurosat_test",
-}
-
-_DIGIT_CLASSES = [str(d) for d in range(10)]
-_FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
-_CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-_STL10_CLASSES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
-_CIFAR100_CLASSES = """
-apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
-camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup
-dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower
-leopard lion lizard lobster man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid
-otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray
-road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar
-sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle
-wardrobe whale willow_tree wolf woman worm
-""".split()  # noqa: SIM905 - the 100 fine label names, in label order
 
 _URLS = {
     "fashion_mnist": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
@@ -243,67 +97,21 @@ _WHERE_HINT = (
 # ---------------------------------------------------------------------------------------- public API
 
 
-def default_data_dir() -> Path:
-    """``$PROBSSL_DATA`` if set, else ``./data`` (made absolute so error messages show full paths)."""
-    env = os.environ.get("PROBSSL_DATA")
-    return Path(env).expanduser().absolute() if env else Path("data").absolute()
-
-
-def dataset_names() -> list[str]:
-    return sorted(DATASETS)
-
-
-def _canonical(name: str) -> str:
-    key = name.strip().lower().replace("-", "_")
-    return _ALIASES.get(key, key)
-
-
-def get_dataset_info(name: str) -> DatasetInfo:
-    """Info for ``name`` (case and '-'/'_' insensitive); an unknown name lists the valid ones."""
-    info = DATASETS.get(_canonical(name))
-    if info is None:
-        raise DatasetError(
-            f"unknown dataset '{name}'; valid datasets: {', '.join(dataset_names())} (or a path to a folder "
-            f"of images, a .tar of one, or an image file)"
-        )
-    return info
-
-
-def load_dataset(
+def load_official(
     name: str,
-    split: str = "train",
+    split: str,
     data_dir: str | os.PathLike[str] | None = None,
     download: bool = True,
-    *,
     image_size: int | None = None,
-    verify: bool = True,
-    skip_corrupt: bool = False,
-    cache_dir: str | os.PathLike[str] | None = None,
 ) -> ImageDataset:
-    """Load one split of a dataset into memory: a registered name, or a path to images.
+    """One split of the registered dataset ``name`` (its catalogue spelling) read from its official files.
 
-    ``data_dir`` defaults to :func:`default_data_dir`; files live in ``data_dir/<name>/``. With
-    ``download=False`` the network is never touched and a missing file raises :class:`DatasetError`
-    naming the file, where to put it and where to get it.
-
-    A path (folder, tar, image file) or a registered image-folder set is decoded once into a uint8
-    array cached on disk and memory-mapped (see :mod:`probssl.data.resolve`); ``image_size``,
-    ``verify``, ``skip_corrupt`` and ``cache_dir`` apply to those. ``image_size`` also resizes an
-    array set (shorter side + centre crop, like any image).
+    ``data_dir`` defaults to :func:`~probssl.data.catalog.default_data_dir`; files live in
+    ``data_dir/<name>/``. With ``download=False`` the network is never touched and a missing file
+    raises :class:`DatasetError` naming the file, where to put it and where to get it. ``image_size``
+    resizes (shorter side + centre crop, like any image).
     """
-    from probssl.data import resolve
-
-    if resolve.is_file_dataset(name):
-        return resolve.load_file_dataset(
-            name,
-            split,
-            data_dir,
-            image_size=image_size,
-            verify=verify,
-            skip_corrupt=skip_corrupt,
-            cache_dir=cache_dir,
-        )
-    info = get_dataset_info(name)
+    info = CATALOG[name].info
     if split not in info.splits:
         raise DatasetError(f"unknown split '{split}' for {info.name}; valid splits: {', '.join(info.splits)}")
     root = Path(data_dir).expanduser().absolute() if data_dir is not None else default_data_dir()
@@ -312,6 +120,15 @@ def load_dataset(
         images = _formats.resize_images(ds.images.numpy(), int(image_size))
         ds = ImageDataset(ds.name, ds.split, torch.from_numpy(images), ds.labels, ds.classes)
     return ds
+
+
+def _classes(info: DatasetInfo) -> list[str]:
+    """The catalogue's class names of ``info``'s dataset, in label order."""
+    return list(CATALOG[info.name].classes or ())
+
+
+def _title(name: str) -> str:
+    return CATALOG[name].title
 
 
 # ------------------------------------------------------------------------------------ shared helpers
@@ -424,7 +241,7 @@ def _digits_split() -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _load_digits(info: DatasetInfo, split: str, root: Path, download: bool) -> ImageDataset:
     """scikit-learn's 8x8 digits with a fixed stratified 70/30 split (it has no official one)."""
     x, y = _digits_split()[split]
-    return _to_dataset(info, split, x.copy(), y.copy(), list(_DIGIT_CLASSES))
+    return _to_dataset(info, split, x.copy(), y.copy(), _classes(info))
 
 
 # ----------------------------------------------------------------------------------------------- IDX
@@ -441,7 +258,7 @@ def _idx_file(info: DatasetInfo, split: str, root: Path, stem: str, kind: str, d
     found = _first_existing([folder / f"{stem}.gz", folder / stem])
     if found is not None:
         return found
-    what = f"{_DISPLAY[info.name]} {'training' if split == 'train' else 'test'} {kind}"
+    what = f"{_title(info.name)} {'training' if split == 'train' else 'test'} {kind}"
     return _fetch_or_fail(info.name, what, folder / f"{stem}.gz", _URLS[info.name] + stem + ".gz", download)
 
 
@@ -461,8 +278,7 @@ def _load_idx(info: DatasetInfo, split: str, root: Path, download: bool) -> Imag
     _check_counts(image_path, len(images), label_path, len(labels))
     if labels.size and labels.max() >= info.num_classes:
         raise DatasetError(f"{label_path} has label {labels.max()}, outside 0..{info.num_classes - 1}")
-    classes = _FASHION_CLASSES if info.name == "fashion_mnist" else _DIGIT_CLASSES
-    return _to_dataset(info, split, images, labels, list(classes))
+    return _to_dataset(info, split, images, labels, _classes(info))
 
 
 # ------------------------------------------------------------------------------ archive-based layouts
@@ -530,7 +346,7 @@ def _locate_extracted(
     if partial:
         missing = [f for f in needed if not (partial[0] / f).is_file()]
         expected += f" ({partial[0]} exists but lacks {', '.join(missing)})"
-    what = f"{_DISPLAY[layout.dataset]} {split} files"
+    what = f"{_title(layout.dataset)} {split} files"
     archive = _fetch_or_fail(layout.dataset, what, archive, layout.url, download, expected)
     return _extract(layout, archive, needed)
 
@@ -546,7 +362,6 @@ class _CifarSpec:
     meta: str
     names_key: str
     label_key: str
-    fallback_classes: tuple[str, ...]
 
 
 _CIFAR = {
@@ -557,7 +372,6 @@ _CIFAR = {
         "batches.meta",
         "label_names",
         "labels",
-        tuple(_CIFAR10_CLASSES),
     ),
     "cifar100": _CifarSpec(
         _ArchiveLayout("cifar100", "cifar-100-python", "cifar-100-python.tar.gz"),
@@ -566,7 +380,6 @@ _CIFAR = {
         "meta",
         "fine_label_names",
         "fine_labels",
-        tuple(_CIFAR100_CLASSES),
     ),
 }
 
@@ -590,7 +403,7 @@ def _load_cifar(info: DatasetInfo, split: str, root: Path, download: bool) -> Im
         )
         xs.append(x)
         ys.append(y)
-    classes = list(spec.fallback_classes)
+    classes = _classes(info)  # the meta file's names win when it is there
     meta_path = folder / spec.meta
     if meta_path.is_file():
         _verify_md5(info.name, meta_path, url)
@@ -618,7 +431,7 @@ def _load_svhn(info: DatasetInfo, split: str, root: Path, download: bool) -> Ima
         path = _fetch_or_fail("svhn", f"SVHN {split} file", root / "svhn" / filename, url, download)
     _verify_md5("svhn", path, url)
     images, labels = _parse(path, url, _formats.read_svhn_mat)
-    return _to_dataset(info, split, images, labels, list(_DIGIT_CLASSES))
+    return _to_dataset(info, split, images, labels, _classes(info))
 
 
 # -------------------------------------------------------------------------------------------- STL-10
@@ -626,19 +439,17 @@ def _load_svhn(info: DatasetInfo, split: str, root: Path, download: bool) -> Ima
 _STL_LAYOUT = _ArchiveLayout("stl10", "stl10_binary", "stl10_binary.tar.gz")
 
 
-def _stl_classes(folder: Path) -> list[str]:
+def _stl_classes(info: DatasetInfo, folder: Path) -> list[str]:
     path = folder / "class_names.txt"
     if not path.is_file():
-        return list(_STL10_CLASSES)
+        return _classes(info)
     names = [
         line.strip()
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
         if line.strip()
     ]
-    if len(names) != len(_STL10_CLASSES):
-        raise DatasetError(
-            f"{path} lists {len(names)} class names, expected {len(_STL10_CLASSES)}; delete it"
-        )
+    if len(names) != info.num_classes:
+        raise DatasetError(f"{path} lists {len(names)} class names, expected {info.num_classes}; delete it")
     return names
 
 
@@ -654,7 +465,7 @@ def _load_stl10(info: DatasetInfo, split: str, root: Path, download: bool) -> Im
     else:
         labels = _parse(folder / y_name, url, _formats.read_stl_labels)
         _check_counts(folder / x_name, len(images), folder / y_name, len(labels))
-    return _to_dataset(info, split, images, labels, _stl_classes(folder))
+    return _to_dataset(info, split, images, labels, _stl_classes(info, folder))
 
 
 _LOADERS: dict[str, Callable[[DatasetInfo, str, Path, bool], ImageDataset]] = {
@@ -666,62 +477,3 @@ _LOADERS: dict[str, Callable[[DatasetInfo, str, Path, bool], ImageDataset]] = {
     "svhn": _load_svhn,
     "stl10": _load_stl10,
 }
-
-
-# -------------------------------------------------------------------------------------- image folder
-
-_IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-
-
-def _class_images(root: Path) -> tuple[list[str], list[Path], list[int]]:
-    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not class_dirs:
-        raise DatasetError(
-            f"{root} has no class sub-folders; expected {root}/<class name>/<image>.png or .jpg"
-        )
-    files: list[Path] = []
-    labels: list[int] = []
-    for label, folder in enumerate(class_dirs):
-        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
-        if not images:
-            raise DatasetError(
-                f"class folder {folder} has no .png/.jpg images; add some or remove the folder"
-            )
-        files += images
-        labels += [label] * len(images)
-    return [d.name for d in class_dirs], files, labels
-
-
-def _read_folder_image(path: Path, image_size: int | None) -> np.ndarray:
-    try:
-        return _formats.read_image(path, image_size)
-    except FormatError as e:
-        raise DatasetError(f"{path}: {e}; fix or remove this file") from e
-
-
-def load_image_folder(root: str | os.PathLike[str], image_size: int | None = None) -> ImageDataset:
-    """Images laid out as ``root/<class>/<image>.png|jpg``; classes are the sorted folder names.
-
-    Greyscale files give 1 channel; if any file has colour, all images get 3 channels (alpha is
-    dropped). With ``image_size`` every image is resized to that square size; without it the images
-    must all have the same size. The dataset is named after the folder, with split 'all'.
-    """
-    root_path = Path(root).expanduser().absolute()
-    if not root_path.is_dir():
-        raise DatasetError(
-            f"image folder {root_path} does not exist; expected {root_path}/<class>/<image>.png"
-        )
-    classes, files, labels = _class_images(root_path)
-    arrays = [_read_folder_image(p, image_size) for p in files]
-    sizes = {a.shape[:2] for a in arrays}
-    if len(sizes) > 1:
-        examples = ", ".join(f"{w}x{h}" for h, w in sorted(sizes)[:3])
-        raise DatasetError(
-            f"images under {root_path} have different sizes ({examples}, ...); pass image_size to resize them"
-        )
-    if any(a.shape[2] == 3 for a in arrays):
-        arrays = [np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a for a in arrays]
-    images = np.ascontiguousarray(np.stack(arrays).transpose(0, 3, 1, 2))
-    return ImageDataset(
-        root_path.name, "all", torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), classes
-    )
