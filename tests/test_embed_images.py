@@ -152,7 +152,7 @@ def test_cli_embed_on_a_flat_folder_of_other_sized_rgb_images(scl_run, tmp_path,
         by_path = {str(p): float(u) for p, u in zip(found["path"], found["uncertainty"], strict=True)}
     rows = list(csv.DictReader(out.with_suffix(".csv").open()))
     uncertainties = [float(r["uncertainty"]) for r in rows]
-    assert uncertainties == sorted(uncertainties, reverse=True)
+    assert len(rows) == 7 and uncertainties == sorted(uncertainties, reverse=True)
     assert all(by_path[r["path"]] == pytest.approx(float(r["uncertainty"])) for r in rows)
 
 
