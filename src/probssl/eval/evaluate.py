@@ -322,7 +322,11 @@ def evaluate_run(
             results.update(cal)
             details.update(details_cal)
             results.update(suite.selective_suite(scores, correct))
-            results.update(suite.r_auroc_suite(test, scores))
+            # One leave-one-out pass over the test split serves R-AUROC here and ret/ (full suite) later.
+            retrieval = None
+            if reuse:
+                retrieval = suite.leave_one_out_retrieval(test, average_precision=suite_name == "full")
+            results.update(suite.r_auroc_suite(test, scores, retrieval=retrieval))
             n_crop = min(cfg.eval.shift_max_items, len(test_images))
             embed_crops = lambda images: ev.embed(images, desc="features/crops")  # noqa: E731
             results.update(
@@ -397,7 +401,7 @@ def evaluate_run(
 
         with ev.stage("retrieval", unit="step", total=1) as bar:
             uncertainty = test.uncertainty.float() if "emb" in scores else scores["entropy"]
-            ret, details["sparsification"] = suite.retrieval_suite(test, uncertainty)
+            ret, details["sparsification"] = suite.retrieval_suite(test, uncertainty, retrieval=retrieval)
             results.update(ret)
             bar.update()
     for reason in skipped:

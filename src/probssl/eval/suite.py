@@ -45,7 +45,13 @@ from probssl.eval.linear import LinearProbe
 from probssl.eval.metrics import top1
 from probssl.eval.ood import entropy_score, msp_score, mutual_information_score, ood_metrics
 from probssl.eval.ood_groups import GROUPS, ood_group
-from probssl.eval.retrieval import first_relevant_rank, retrieval_ece, retrieval_metrics, sparsification
+from probssl.eval.retrieval import (
+    LeaveOneOut,
+    leave_one_out,
+    retrieval_ece,
+    retrieval_metrics,
+    sparsification,
+)
 from probssl.eval.selective import aurc, error_auroc, selective_metrics
 from probssl.eval.splits import class_balanced_subset, stratified_split
 from probssl.io import atomic_write_text
@@ -309,7 +315,26 @@ def ood_group_means(results: Metrics, dataset: str, ood_sets: Sequence[str]) -> 
     return out
 
 
-def r_auroc_suite(test: FeatureBank, scores: dict[str, Tensor], max_items: int = 10_000) -> Metrics:
+RETRIEVAL_MAX_ITEMS = 10_000
+"""Leave-one-out retrieval (``ret/``) runs on the first 10k test items: its cost is quadratic in N."""
+
+
+def leave_one_out_retrieval(
+    test: FeatureBank, average_precision: bool = True, max_items: int = RETRIEVAL_MAX_ITEMS
+) -> LeaveOneOut:
+    """The leave-one-out retrieval pass over the test split's point estimate (its first ``max_items``)
+    that every ``ret/`` metric of the point estimate reads: recall@k, mAP@R (with
+    ``average_precision``), R-AUROC's and AUSC's hits — one pass, one tie rule."""
+    n = min(test.num_items, max_items)
+    return leave_one_out(test.mean[:n], test.labels[:n], average_precision=average_precision)
+
+
+def r_auroc_suite(
+    test: FeatureBank,
+    scores: dict[str, Tensor],
+    max_items: int = RETRIEVAL_MAX_ITEMS,
+    retrieval: LeaveOneOut | None = None,
+) -> Metrics:
     """R-AUROC (Kirchhof et al., URL benchmark): does an uncertainty predict its own retrieval errors?
 
     Item i's leave-one-out retrieval on the test split (cosine, the point estimate) is an error when
@@ -317,10 +342,13 @@ def r_auroc_suite(test: FeatureBank, scores: dict[str, Tensor], max_items: int =
     :mod:`probssl.eval.retrieval`. ``ret/<criterion>/r_auroc`` is the AUROC of each criterion for
     those errors (errors positive); ``ret/r_auroc`` uses the embedding's own uncertainty, or the
     probe's entropy for a method without one (the same choice as ``ret/ausc``). Absent when every
-    retrieval is right (or every one wrong).
+    retrieval is right (or every one wrong). ``retrieval``: the pass of
+    :func:`leave_one_out_retrieval`, when already made.
     """
-    n = min(test.num_items, max_items)
-    correct = first_relevant_rank(test.mean[:n], test.labels[:n]) == 1
+    if retrieval is None:
+        retrieval = leave_one_out_retrieval(test, average_precision=False, max_items=max_items)
+    correct = retrieval.hit
+    n = correct.numel()
     if bool(correct.all()) or not bool(correct.any()):
         return {"ret/r_auroc_items": n}  # no errors (or no hits) to rank: R-AUROC is undefined, not 0.5
     out: Metrics = {f"ret/{c}/r_auroc": error_auroc(score[:n], correct) for c, score in scores.items()}
@@ -439,15 +467,24 @@ def transfer_suite(name: str, bank: FeatureBank, num_classes: int, **probe_kwarg
     return {f"transfer/{name}/top1": top1(probs, bank.labels[held]), f"transfer/{name}/items": len(held)}
 
 
-def retrieval_suite(test: FeatureBank, uncertainty: Tensor, max_items: int = 10_000) -> tuple[Metrics, dict]:
-    """Leave-one-out retrieval on the test split; AUSC with ``uncertainty`` (higher = less certain)."""
-    n = min(test.num_items, max_items)
-    mean, labels, draws = test.mean[:n], test.labels[:n], test.draws[:, :n]
-    out: Metrics = {f"ret/{k}": v for k, v in retrieval_metrics(mean, labels).items()}
-    from probssl.eval.retrieval import nearest_neighbour_labels
+def retrieval_suite(
+    test: FeatureBank,
+    uncertainty: Tensor,
+    max_items: int = RETRIEVAL_MAX_ITEMS,
+    retrieval: LeaveOneOut | None = None,
+) -> tuple[Metrics, dict]:
+    """Leave-one-out retrieval on the test split; AUSC with ``uncertainty`` (higher = less certain).
 
-    correct = nearest_neighbour_labels(mean, labels) == labels
-    curve = sparsification(uncertainty[:n], correct)
+    One tie rule (against the query, :mod:`probssl.eval.retrieval`) for every key: recall@k, mAP@R
+    and the hits AUSC ranks come from one pass over the point estimate (``retrieval``, as from
+    :func:`leave_one_out_retrieval`, or made here), the retrieval ECE from one pass per draw.
+    """
+    if retrieval is None or retrieval.average_precision is None:
+        retrieval = leave_one_out_retrieval(test, max_items=max_items)
+    n = retrieval.first_relevant_rank.numel()
+    mean, labels, draws = test.mean[:n], test.labels[:n], test.draws[:, :n]
+    out: Metrics = {f"ret/{k}": v for k, v in retrieval_metrics(mean, labels, retrieval=retrieval).items()}
+    curve = sparsification(uncertainty[:n], retrieval.hit)
     out["ret/ausc"] = curve["ausc"]
     out["ret/ausc_oracle"] = curve["ausc_oracle"]
     out["ret/ece"] = retrieval_ece(draws, labels)
