@@ -38,6 +38,7 @@ from probssl.embedding import Embedding
 from probssl.eval import suite
 from probssl.eval.features import FeatureBank, cached_features, content_key, extract_features
 from probssl.eval.knn import NeighbourCache, knn_predict_marginal_many
+from probssl.eval.linear import MAX_ITERATIONS
 from probssl.eval.metrics import nll, top1
 from probssl.io import atomic_write_json, read_json
 from probssl.runs import LoadedRun, load_run
@@ -283,10 +284,13 @@ def evaluate_run(
         results["knn/top1"] = results[f"knn/top1@{cfg.eval.knn_k[0]}"]
         bar.update()
 
+        # float64 and a convergence tolerance (eval.linear): the probe ends at its optimum, not at an
+        # iteration count. eval.linear_max_iter is only a safety net and can raise it, never lower it
+        # below MAX_ITERATIONS: runs stored with the old default (200, where the probe used to stop)
+        # must not stop there.
         probe_kwargs = {
-            "max_iter": cfg.eval.linear_max_iter,
+            "max_iter": max(cfg.eval.linear_max_iter, MAX_ITERATIONS),
             "seed": cfg.train.seed,
-            "dtype": torch.float32,
             "select_max_items": 10_000,
         }
         probe = suite.MarginalProbe.fit(train, num_classes, **probe_kwargs)
@@ -308,6 +312,10 @@ def evaluate_run(
         info = ev.info
         results.update(run.method.model_metrics((info.channels, info.image_size, info.image_size)))
         results["linear/l2"] = probe.selected_l2
+        results["linear/iterations"] = probe.iterations
+        results["linear/grad_norm"] = probe.gradient_norm
+        results["linear/grad_rel"] = probe.relative_gradient
+        results["linear/converged"] = probe.converged
 
     details: dict[str, Any] = {}
     skipped: list[str] = []
