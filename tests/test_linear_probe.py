@@ -205,8 +205,10 @@ def test_metrics_by_hand() -> None:
         top1(probs, torch.tensor([0]))
 
 
+@pytest.mark.parametrize("block", [64, 2048])  # several blocks of rows, or one
 @pytest.mark.parametrize("l2", [0.0, 1e-3, 0.5])
-def test_closed_form_gradient_equals_autograd(l2: float) -> None:
+def test_closed_form_gradient_equals_autograd(l2: float, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear, "OBJECTIVE_BLOCK", block)
     g = torch.Generator().manual_seed(4)
     z = torch.randn(300, 9, generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (300,), generator=g)
