@@ -98,58 +98,70 @@ def _relevant_positions(sim: Tensor, relevant: Tensor, count: int, tolerance: fl
 class LeaveOneOut:
     """What one leave-one-out pass over an embedding yields, per query [N] (ties against the query).
 
-    ``first_relevant_rank``: rank (1-based) of the most similar same-label item; a query whose label
-    occurs only once gets N (only N − 1 items can be retrieved). ``neighbour_label``: the label of its
-    1-NN — its own label on a hit, else that of the most similar other-label item.
-    ``average_precision``: AP@R (:func:`map_at_r`), NaN where R = 0; None when not asked for.
+    ``hit``: the 1-NN has the query's label (a recall@1 hit): what R-AUROC and AUSC rank.
+    ``neighbour_label``: the label of its 1-NN — its own label on a hit, else that of the most similar
+    other-label item. ``first_relevant_rank``: rank (1-based) of the most similar same-label item; a
+    query whose label occurs only once gets N (only N − 1 items can be retrieved). ``average_precision``:
+    AP@R (:func:`map_at_r`), NaN where R = 0. The last two are None when not asked for.
     """
 
-    first_relevant_rank: Tensor
+    hit: Tensor
     neighbour_label: Tensor
+    first_relevant_rank: Tensor | None = None
     average_precision: Tensor | None = None
-
-    @property
-    def hit(self) -> Tensor:
-        """[N] bool: the 1-NN has the query's label (a recall@1 hit): what R-AUROC and AUSC rank."""
-        return self.first_relevant_rank == 1
 
 
 def leave_one_out(
-    embeddings: Tensor, labels: Tensor, chunk_size: int = 1024, average_precision: bool = True
+    embeddings: Tensor,
+    labels: Tensor,
+    chunk_size: int = 1024,
+    average_precision: bool = True,
+    ranks: bool = True,
 ) -> LeaveOneOut:
     """Leave-one-out cosine retrieval of every item among the others, in one pass (module docstring).
 
-    Per chunk of queries: the most similar same-label item's rank is 1 + the number of other-label
-    items at least as similar (within ``tie_tolerance``); the 1-NN label is the query's own on a hit
-    (rank 1), else the label of the most similar other-label item (ties within the tolerance: the
-    lowest index); AP@R from the positions of the R most similar same-label items
-    (:func:`_relevant_positions`, a partial sort — skipped with ``average_precision=False``).
+    Per chunk of queries, with s⁺ the similarity of the most similar same-label item and s⁻ that of the
+    most similar other-label item: a hit is s⁻ < s⁺ − ``tie_tolerance`` (no other-label item ties with
+    the best same-label one); the 1-NN label is the query's own on a hit, else the label of the most
+    similar other-label item (ties within the tolerance: the lowest index); with ``ranks`` the most
+    similar same-label item's rank, 1 + the number of other-label items ≥ s⁺ − tolerance; with
+    ``average_precision`` AP@R from the positions of the R most similar same-label items
+    (:func:`_relevant_positions`, a partial sort).
     """
     normalised, labels = _check_embeddings(embeddings, labels)
     tolerance = tie_tolerance(normalised.dtype, normalised.shape[1])
     n = normalised.shape[0]
-    _, inverse, counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    r_all = counts[inverse] - 1
-    ranks = torch.empty(n, dtype=torch.long, device=normalised.device)
-    neighbour = torch.empty(n, dtype=torch.long, device=normalised.device)
-    ap = (
-        torch.full((n,), math.nan, dtype=torch.float64, device=normalised.device)
-        if average_precision
-        else None
-    )
+    device = normalised.device
+    _, compact, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    r_all = counts[compact] - 1
+    hits = torch.empty(n, dtype=torch.bool, device=device)
+    neighbour = labels.clone()
+    first_rank = torch.empty(n, dtype=torch.long, device=device) if ranks else None
+    ap = torch.full((n,), math.nan, dtype=torch.float64, device=device) if average_precision else None
     for index, sim in _similarity_chunks(normalised, chunk_size):
-        relevant = _relevance(labels, index)
-        irrelevant = ~relevant & torch.isfinite(sim)  # the query's own column (−inf) is neither
-        # _relevant_positions(sim, relevant, 1, tolerance) without its sort (the costly part):
-        best_relevant = sim.masked_fill(~relevant, float("-inf")).amax(dim=1, keepdim=True)
-        rank = 1 + (irrelevant & (sim >= best_relevant - tolerance)).sum(dim=1)
-        rank = torch.where(relevant.any(dim=1), rank, torch.full_like(rank, n))
-        ranks[index] = rank
-        other = sim.masked_fill(~irrelevant, float("-inf"))
-        tied_best_other = other >= other.amax(dim=1, keepdim=True) - tolerance
-        best_other = tied_best_other.to(torch.uint8).argmax(dim=1)  # the first maximum: lowest index
-        neighbour[index] = torch.where(rank == 1, labels[index], labels[best_other])
+        # s⁺ and s⁻ from each class's largest similarity (one scatter pass, ~9× cheaper than masking
+        # the [m, N] block twice); the query's own column is −inf, so it never counts.
+        own = compact[index, None]
+        class_max = sim.new_full((len(index), counts.numel()), float("-inf"))
+        class_max.scatter_reduce_(1, compact.expand(len(index), -1), sim, reduce="amax")
+        best_relevant = class_max.gather(1, own)  # −inf: no other item has the query's label
+        best_other = class_max.scatter(1, own, float("-inf")).amax(dim=1, keepdim=True)
+        hit = (best_other < best_relevant - tolerance).squeeze(1)
+        hits[index] = hit
+        missed = (~hit).nonzero().squeeze(1)
+        if missed.numel():  # the label of the first other-label item that ties with s⁻
+            other = sim[missed].masked_fill(compact[None, :] == own[missed], float("-inf"))
+            tied_best_other = other >= best_other[missed] - tolerance
+            neighbour[index[missed]] = labels[tied_best_other.to(torch.uint8).argmax(dim=1)]
         r = r_all[index]
+        if first_rank is None and ap is None:
+            continue
+        relevant = _relevance(labels, index)
+        if first_rank is not None:
+            # _relevant_positions(sim, relevant, 1, tolerance) without its sort (the costly part)
+            other_label = sim.masked_fill(relevant, float("-inf"))  # the query's own column is −inf already
+            rank = 1 + (other_label >= best_relevant - tolerance).sum(dim=1)
+            first_rank[index] = torch.where(r > 0, rank, torch.full_like(rank, n))
         r_max = int(r.max())
         if ap is not None and r_max > 0:
             positions = _relevant_positions(sim, relevant, r_max, tolerance)
@@ -157,7 +169,7 @@ def leave_one_out(
             counted = (m[None, :] <= r[:, None]) & (positions <= r[:, None])
             chunk_ap = (m[None, :] / positions.double() * counted).sum(dim=1) / r.clamp_min(1)
             ap[index] = torch.where(r > 0, chunk_ap, math.nan)
-    return LeaveOneOut(ranks, neighbour, ap)
+    return LeaveOneOut(hits, neighbour, first_rank, ap)
 
 
 def first_relevant_rank(embeddings: Tensor, labels: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -167,7 +179,10 @@ def first_relevant_rank(embeddings: Tensor, labels: Tensor, chunk_size: int = 10
     only N − 1 items can be retrieved). ``rank == 1`` is a recall@1 hit, i.e. a correct leave-one-out
     1-NN retrieval.
     """
-    return leave_one_out(embeddings, labels, chunk_size, average_precision=False).first_relevant_rank
+    ranks = leave_one_out(embeddings, labels, chunk_size, average_precision=False).first_relevant_rank
+    if ranks is None:  # asked for above; for the type checker
+        raise RuntimeError("leave_one_out returned no ranks")
+    return ranks
 
 
 def _check_ks(ks: Sequence[int]) -> None:
@@ -227,7 +242,7 @@ def retrieval_metrics(
     """The retrieval block of ``eval.json`` (``ret/...``): ``recall@{k}`` for each k and ``map@r``,
     from one :func:`leave_one_out` pass (``retrieval``: one already made, with ``average_precision``)."""
     _check_ks(ks)
-    if retrieval is None or retrieval.average_precision is None:
+    if retrieval is None or retrieval.average_precision is None or retrieval.first_relevant_rank is None:
         retrieval = leave_one_out(embeddings, labels, chunk_size)
     metrics = _recall(retrieval.first_relevant_rank, ks)
     metrics["map@r"] = _mean_ap(retrieval)
@@ -238,7 +253,7 @@ def nearest_neighbour_labels(embeddings: Tensor, labels: Tensor, chunk_size: int
     """Label [N] of each item's leave-one-out cosine nearest neighbour, ties against the query: its own
     label only when no other-label item is as similar (within ``tie_tolerance``) as its most similar
     same-label item; otherwise the most similar other-label item's (ties: lowest index)."""
-    return leave_one_out(embeddings, labels, chunk_size, average_precision=False).neighbour_label
+    return leave_one_out(embeddings, labels, chunk_size, average_precision=False, ranks=False).neighbour_label
 
 
 def retrieval_confidence(

@@ -368,10 +368,12 @@ def leave_one_out_retrieval(
     test: FeatureBank, average_precision: bool = True, max_items: int = RETRIEVAL_MAX_ITEMS
 ) -> LeaveOneOut:
     """The leave-one-out retrieval pass over the test split's point estimate (its first ``max_items``)
-    that every ``ret/`` metric of the point estimate reads: recall@k, mAP@R (with
-    ``average_precision``), R-AUROC's and AUSC's hits — one pass, one tie rule."""
+    that every ``ret/`` metric of the point estimate reads: R-AUROC's and AUSC's hits, and with
+    ``average_precision`` the ranks and AP@R of recall@k and mAP@R — one pass, one tie rule."""
     n = min(test.num_items, max_items)
-    return leave_one_out(test.mean[:n], test.labels[:n], average_precision=average_precision)
+    return leave_one_out(
+        test.mean[:n], test.labels[:n], average_precision=average_precision, ranks=average_precision
+    )
 
 
 def r_auroc_suite(
@@ -526,7 +528,7 @@ def retrieval_suite(
     """
     if retrieval is None or retrieval.average_precision is None:
         retrieval = leave_one_out_retrieval(test, max_items=max_items)
-    n = retrieval.first_relevant_rank.numel()
+    n = retrieval.hit.numel()
     mean, labels, draws = test.mean[:n], test.labels[:n], test.draws[:, :n]
     out: Metrics = {f"ret/{k}": v for k, v in retrieval_metrics(mean, labels, retrieval=retrieval).items()}
     curve = sparsification(uncertainty[:n], retrieval.hit)
