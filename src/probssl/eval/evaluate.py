@@ -284,7 +284,7 @@ def evaluate_run(
         results["knn/top1"] = results[f"knn/top1@{cfg.eval.knn_k[0]}"]
         bar.update()
 
-        # float64 and a convergence tolerance (eval.linear): the probe ends at its optimum, not at an
+        # float64 and a convergence tolerance (probssl.eval.linear): the probe ends at its optimum, not at an
         # iteration count. eval.linear_max_iter is only a safety net and can raise it, never lower it
         # below MAX_ITERATIONS: runs stored with the old default (200, where the probe used to stop)
         # must not stop there.
