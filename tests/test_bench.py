@@ -652,3 +652,33 @@ def test_uncertainty_trends_are_rank_correlations_over_bins_and_severities():
 
     suite = suites.SUITES["cifar10"]
     assert "trend/own_unc_by_severity" in suite.columns()
+
+
+@pytest.mark.parametrize("n", [10_000, 9_999, 12_345])
+def test_a_constant_uncertainty_has_no_trend(n):
+    """Issue 28's reproducer: a constant uncertainty's five bins differed in the 16th digit and the
+    Spearman read −0.359 (±0.264 at other sizes) into float rounding; exact bins give no key."""
+    import torch
+
+    from probssl.eval.selective import accuracy_by_quantile
+
+    correct = torch.arange(n) < round(0.9123 * n)
+    bins = accuracy_by_quantile(torch.full((n,), 0.3), correct)
+    assert tables.uncertainty_trends({"sel/emb/acc_by_quantile": bins}) == {}
+
+
+def test_a_two_valued_uncertainty_has_the_exact_tie_aware_trend():
+    """5,000 samples at uncertainty 0 (all correct), 5,000 at 1 (4,123 correct): exact bins 1, 1, 0.9123,
+    0.8246, 0.8246, whose tie-aware Spearman is −0.949 (−0.872 when the tied bins differed by ulps).
+    Reference: scipy on the exact bins scaled to integers (10,000 · bin), so no float ever enters it."""
+    import torch
+    from scipy.stats import spearmanr
+
+    from probssl.eval.selective import accuracy_by_quantile
+
+    uncertainty = torch.cat([torch.zeros(5000), torch.ones(5000)])
+    bins = accuracy_by_quantile(uncertainty, torch.arange(10_000) < 9123)
+    exact = spearmanr(range(5), [10_000, 10_000, 9_123, 8_246, 8_246]).statistic
+    trend = tables.uncertainty_trends({"sel/emb/acc_by_quantile": bins})["trend/acc_by_own_unc"]
+    assert trend == pytest.approx(exact, abs=1e-12)
+    assert round(exact, 3) == -0.949

@@ -107,7 +107,7 @@ def test_one_cifar10_arm_trains_and_runs_the_full_evaluation_on_a_stand_in(stand
     )
     assert not results["failures"], results["failures"]
     run = results["runs"]["simclr"]["0"]
-    assert not [s for s in run.get("meta/skipped", []) if "ood/" in s or "transfer/" in s]
+    assert run["meta/skipped"] == ""  # a "; "-joined string: every OOD and transfer set was read
     for name in ("tiny_imagenet_val", "mnist", "noise"):
         assert 0 <= run[f"ood/{name}/best_feature/auroc"] <= 1
     assert "ood/far/best_feature/auroc" in run and run["transfer/eurosat_test/items"] == 100

@@ -110,7 +110,7 @@ def test_temperature_zero_is_the_snapshot_ensemble(tmp_path):
     run = train(cfg, tmp_path / "s")
     # 2 epochs = 16 steps → cycles of 8; samples at in-cycle positions 5 and 7.
     rows = list(csv.DictReader((run / "metrics.csv").open()))
-    assert all(float(r["noise_on"]) == 0.0 for r in rows)
+    assert rows and all(float(r["noise_on"]) == 0.0 for r in rows)
     index = json.loads((run / "samples" / "index.json").read_text())
     assert [s["meta"]["step"] for s in index["samples"]] == [6, 8, 14, 16]
     assert not any(s["meta"]["noise"] for s in index["samples"])

@@ -62,6 +62,11 @@ def test_sharing_work_across_stages_changes_no_number(tmp_path: Path) -> None:
     assert stages == {"features", "probes", "uncertainty", "ood", "shift", "lowshot", "transfer", "retrieval"}
     # The cost table's columns: training wall (step loop per epoch × epochs) and the ratio.
     assert shared["meta/train_seconds"] > 0
+    # How the probe ended (issue 28): converged, with the iterations and final gradient on record.
+    from probssl.eval.linear import GRADIENT_TOLERANCE
+
+    assert shared["linear/converged"] is True and shared["linear/iterations"] > 0
+    assert 0 < shared["linear/grad_rel"] <= GRADIENT_TOLERANCE and shared["linear/grad_norm"] > 0
     # A deterministic method: no measured-looking value for what it does not have.
     assert not [k for k in shared if "/emb/" in k or "/mi/" in k or "emb_uncertainty" in k]
     details = json.loads((tmp_path / "simclr" / "eval_details.json").read_text())

@@ -37,10 +37,15 @@ def test_fixed_penalty_matches_sklearn_with_mapped_c(l2: float) -> None:
     reference = LogisticRegression(C=1.0 / (2.0 * l2 * len(y)), tol=1e-10, max_iter=10_000).fit(
         x.numpy(), y.numpy()
     )
-    np.testing.assert_allclose(probe.predict_proba(x).numpy(), reference.predict_proba(x.numpy()), atol=1e-3)
-    np.testing.assert_allclose(probe.weight.numpy(), reference.coef_, atol=1e-2)
-    np.testing.assert_allclose(probe.bias.numpy(), reference.intercept_, atol=1e-2)
+    # Ours stops at max|∇L| ≤ 1e-5·L (probabilities within ~5e-5 of the optimum); tightened, it lands
+    # on scikit-learn's optimum to 1e-6: the same objective and the same minimiser.
+    np.testing.assert_allclose(probe.predict_proba(x).numpy(), reference.predict_proba(x.numpy()), atol=1e-4)
+    tight = LinearProbe(l2_grid=(l2,), tolerance=1e-9).fit_fixed(x, y, l2)
+    np.testing.assert_allclose(tight.predict_proba(x).numpy(), reference.predict_proba(x.numpy()), atol=1e-6)
+    np.testing.assert_allclose(tight.weight.numpy(), reference.coef_, atol=1e-4)
+    np.testing.assert_allclose(tight.bias.numpy(), reference.intercept_, atol=1e-4)
     assert probe.selected_l2 == l2 and probe.val_scores == {}
+    assert probe.converged and probe.fitted.relative_gradient <= linear.GRADIENT_TOLERANCE
 
 
 def test_standardisation_uses_training_statistics() -> None:
@@ -66,9 +71,11 @@ def test_selection_sees_only_training_rows(monkeypatch: pytest.MonkeyPatch) -> N
     fitted_on: list[torch.Tensor] = []
     original = LinearProbe._fit
 
-    def spy(self: LinearProbe, xs: torch.Tensor, ys: torch.Tensor, l2: float, num_classes: int) -> None:
+    def spy(
+        self: LinearProbe, xs: torch.Tensor, ys: torch.Tensor, l2: float, num_classes: int, *init
+    ) -> None:
         fitted_on.append(xs.clone())
-        original(self, xs, ys, l2, num_classes)
+        original(self, xs, ys, l2, num_classes, *init)
 
     monkeypatch.setattr(LinearProbe, "_fit", spy)
     grid = (1e-5, 1e-3, 1e-1)
@@ -121,9 +128,11 @@ def test_marginal_averages_probabilities_not_logits(monkeypatch: pytest.MonkeyPa
     fitted_means: list[float] = []
     original = LinearProbe._fit
 
-    def spy(self: LinearProbe, xs: torch.Tensor, ys: torch.Tensor, l2: float, num_classes: int) -> None:
+    def spy(
+        self: LinearProbe, xs: torch.Tensor, ys: torch.Tensor, l2: float, num_classes: int, *init
+    ) -> None:
         fitted_means.append(xs.mean().item())
-        original(self, xs, ys, l2, num_classes)
+        original(self, xs, ys, l2, num_classes, *init)
 
     monkeypatch.setattr(LinearProbe, "_fit", spy)
     kwargs = {"l2_grid": (1e-3, 1e-1), "seed": 1}
@@ -196,8 +205,10 @@ def test_metrics_by_hand() -> None:
         top1(probs, torch.tensor([0]))
 
 
+@pytest.mark.parametrize("block", [64, 2048])  # several blocks of rows, or one
 @pytest.mark.parametrize("l2", [0.0, 1e-3, 0.5])
-def test_closed_form_gradient_equals_autograd(l2: float) -> None:
+def test_closed_form_gradient_equals_autograd(l2: float, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(linear, "OBJECTIVE_BLOCK", block)
     g = torch.Generator().manual_seed(4)
     z = torch.randn(300, 9, generator=g, dtype=torch.float64)
     y = torch.randint(0, 5, (300,), generator=g)
@@ -210,3 +221,122 @@ def test_closed_form_gradient_equals_autograd(l2: float) -> None:
     assert value.item() == pytest.approx(loss.item(), rel=1e-12)
     torch.testing.assert_close(grad_weight, weight.grad, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(grad_bias, bias.grad, rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------ convergence
+def _digit_pixels() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The embedded digits as raw pixels: nearly separable, the hard case for a probe's optimiser."""
+    from probssl.data import load_dataset
+
+    train, test = (load_dataset("digits", split, None, False) for split in ("train", "test"))
+    return train.images.flatten(1).double(), train.labels, test.images.flatten(1).double(), test.labels
+
+
+def _probe_metrics(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    from probssl.eval.calibration import ece
+
+    probs = probe.predict_proba(x)
+    return top1(probs, y), nll(probs, y), ece(probs, y)
+
+
+def test_a_perturbation_of_1e_6_barely_moves_the_probe() -> None:
+    """Issue 28: the probe stopped at its 200-iteration cap, so rounding decided where it ended (ECE
+    0.011 vs 0.057 across two CPUs). Converged, features × (1 + 1e-6·ε) move top-1, NLL and ECE by
+    ≤ 0.002 — selection included (the grid's candidates converge too, so it picks the same l2)."""
+    x, y, x_test, y_test = _digit_pixels()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=x.dtype)
+    grid = (1e-4, 1e-3)
+    clean = LinearProbe(l2_grid=grid).fit(x, y)
+    perturbed = LinearProbe(l2_grid=grid).fit(x * (1 + 1e-6 * noise), y)
+    assert clean.converged and perturbed.converged
+    assert clean.selected_l2 == perturbed.selected_l2
+    for a, b in zip(
+        _probe_metrics(clean, x_test, y_test), _probe_metrics(perturbed, x_test, y_test), strict=True
+    ):
+        assert abs(a - b) <= 0.002
+    assert clean.fitted.iterations > 0 and clean.fitted.relative_gradient <= linear.GRADIENT_TOLERANCE
+
+
+def test_the_optimum_does_not_depend_on_where_the_fit_starts() -> None:
+    x, y = _blobs(300, d=8, c=4, spread=2.0)
+    x = x * torch.linspace(0.1, 10.0, 8, dtype=x.dtype) + 3.0  # scales and offsets the standardiser undoes
+    elsewhere = LinearProbe().fit_fixed(x[:150] * 2.0 - 1.0, y[:150], 1e-1)  # another function entirely
+    cold = LinearProbe().fit_fixed(x, y, 1e-4)
+    warm = LinearProbe().fit_fixed(x, y, 1e-4, init=elsewhere)
+    assert cold.converged and warm.converged and warm.fitted.iterations > 0
+    torch.testing.assert_close(
+        warm.predict_proba(x), cold.predict_proba(x), atol=1e-4, rtol=0
+    )  # the tolerance
+    # A start of another shape (more classes) is ignored rather than misread.
+    other = LinearProbe().fit_fixed(x, y, 1e-4, num_classes=6)
+    torch.testing.assert_close(
+        LinearProbe().fit_fixed(x, y, 1e-4, init=other).predict_proba(x),
+        cold.predict_proba(x),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+def test_a_fit_that_hits_its_cap_says_so() -> None:
+    from probssl.eval.features import FeatureBank
+    from probssl.eval.suite import MarginalProbe
+
+    x, y = _blobs(200, spread=3.0)
+    capped = LinearProbe(max_iter=3).fit_fixed(x, y, 1e-6)
+    assert not capped.converged and capped.fitted.iterations == 3
+    assert capped.fitted.relative_gradient > linear.GRADIENT_TOLERANCE
+    bank = FeatureBank(x[None].float(), x.float(), torch.zeros(200), y)
+    with pytest.warns(UserWarning, match="did not converge"):
+        marginal = MarginalProbe.fit(bank, 3, l2_grid=(1e-6,), max_iter=3)
+    assert not marginal.converged and marginal.iterations == 3
+    with pytest.raises(ValueError):
+        LinearProbe(max_iter=0)
+
+
+def test_warm_started_draws_give_the_cold_numbers() -> None:
+    """Posterior draws as perturbations of one feature space (as LAM's): each draw's probe starting from
+    the previous draw's gives the cold-start BMA to within the tolerance, far below the 0.002 the
+    protocol allows (issue 28 item 8b; measured on real runs in BENCHMARKS.md)."""
+    from probssl.eval.calibration import ece
+    from probssl.eval.features import FeatureBank
+    from probssl.eval.suite import MarginalProbe
+
+    x, y = _blobs(400, d=6, c=4, spread=2.0)
+    x_test, y_test = _blobs(200, d=6, c=4, spread=2.0, seed=7)
+    g = torch.Generator().manual_seed(3)
+    shift = 0.3 * torch.randn(5, 1, 6, generator=g, dtype=x.dtype)
+    train = FeatureBank((x[None] + shift + 0.2 * torch.randn(5, 400, 6, generator=g, dtype=x.dtype)).float(),
+                        x.float(), torch.zeros(400), y)  # fmt: skip
+    test_draws = (x_test[None] + shift).float()
+    kwargs = {"l2_grid": (1e-4, 1e-2), "seed": 0}
+    cold = MarginalProbe.fit(train, 4, warm_start=False, **kwargs)
+    warm = MarginalProbe.fit(train, 4, warm_start=True, **kwargs)
+    assert cold.converged and warm.converged
+    a, b = cold.sample_probs(test_draws).mean(0).double(), warm.sample_probs(test_draws).mean(0).double()
+    assert (a - b).abs().max() <= 1e-4
+    for metric in (top1, nll, ece):
+        assert abs(metric(a, y_test) - metric(b, y_test)) <= 0.002
+
+
+@pytest.mark.parametrize("l2", [0.0, 1e-3])
+def test_the_penalty_in_preconditioned_coordinates_equals_autograd(l2: float) -> None:
+    g = torch.Generator().manual_seed(5)
+    z = torch.randn(200, 7, generator=g, dtype=torch.float64) @ torch.randn(
+        7, 7, generator=g, dtype=torch.float64
+    )
+    y = torch.randint(0, 4, (200,), generator=g)
+    precondition, metric, inverse = linear._preconditioner(z, l2)
+    torch.testing.assert_close(precondition @ inverse, torch.eye(7, dtype=torch.float64))
+    torch.testing.assert_close(precondition @ precondition, metric)
+    v = torch.randn(4, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = v @ precondition  # the objective in V is the plain one in W = V P
+    loss = torch.nn.functional.cross_entropy(z @ w.T + b, y) + l2 * w.pow(2).sum()
+    loss.backward()
+    with torch.no_grad():
+        value, grad_v, grad_b = softmax_cross_entropy_with_grad(
+            (z @ precondition).T.contiguous(), y, v, b, l2, metric
+        )
+    assert value.item() == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(grad_v, v.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_b, b.grad, rtol=1e-10, atol=1e-12)

@@ -239,12 +239,25 @@ def test_exactly_duplicated_rows_are_ties(dtype: torch.dtype, chunk_size: int, s
         expected_recall, abs=1e-12
     )
     assert map_at_r(embeddings, labels, chunk_size=chunk_size) == pytest.approx(expected_map, abs=1e-12)
-    # 1-NN ties go to the lowest index among the tied items.
+    # 1-NN ties against the query, like recall@1: its own label only if no other-label item is as
+    # similar as its best same-label one; else the most similar other-label item's (lowest index).
     nn = nearest_neighbour_labels(embeddings, labels, chunk_size=chunk_size)
+    assert (nn == labels).double().mean().item() == pytest.approx(expected_recall["recall@1"], abs=1e-12)
+    cos = (
+        torch.nn.functional.normalize(prototypes.double(), dim=1)
+        @ torch.nn.functional.normalize(prototypes.double(), dim=1).T
+    )
     for i in range(61):
-        same = [j for j in range(61) if j != i and groups[j] == groups[i]]
-        if same:
-            assert nn[i] == labels[same[0]]
+        others = [j for j in range(61) if j != i]
+        best_same = max((cos[groups[i], groups[j]] for j in others if labels[j] == labels[i]), default=-2.0)
+        best_other = max(cos[groups[i], groups[j]] for j in others if labels[j] != labels[i])
+        if best_same > best_other:
+            assert nn[i] == labels[i]
+        else:
+            first = next(
+                j for j in others if labels[j] != labels[i] and cos[groups[i], groups[j]] == best_other
+            )
+            assert nn[i] == labels[first], i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -266,6 +279,11 @@ def test_fully_collapsed_embedding_scores_zero(dtype: torch.dtype, chunk_size: i
         assert first_relevant_rank(embeddings, labels, chunk_size).tolist() == [
             1 + int((labels != labels[i]).sum()) for i in range(191)
         ]
+        # The 1-NN label follows the same rule: always another label (the lowest-index one), so the
+        # retrieval ECE of the collapsed embedding is 1, never the storage order's accident.
+        nn = nearest_neighbour_labels(embeddings, labels, chunk_size)
+        assert nn.tolist() == [1 if label == 0 else 0 for label in labels.tolist()]
+        assert retrieval_ece(embeddings.expand(3, -1, -1), labels, chunk_size=chunk_size) == 1.0
 
 
 @pytest.mark.parametrize("classes", [12, 30])

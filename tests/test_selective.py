@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from probssl.eval.selective import (
     accuracy_by_quantile,
     aurc,
+    expected_counts_at,
     expected_cumulative,
     risk_coverage_curve,
     selective_metrics,
@@ -142,3 +144,37 @@ def test_invalid_inputs_raise() -> None:
         selective_metrics(torch.zeros(2), torch.tensor([0.5, 1.0]))
     with pytest.raises(ValueError):
         selective_metrics(torch.zeros(0), torch.zeros(0, dtype=torch.bool))
+
+
+def test_counts_at_cut_points_are_exact_fractions() -> None:
+    # A tie group of 7 with 3 hits straddles the cut at 5: 2 certain hits + 3 of 7 of the group's 3 hits.
+    u = np.array([0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+    hits = np.array([True, True, True, False, True, False, False, True, False, True])
+    assert expected_counts_at(u, hits, [0, 2, 5, 9, 10]) == [
+        Fraction(0),
+        Fraction(2),
+        Fraction(2) + Fraction(3 * 3, 7),
+        Fraction(5),
+        Fraction(6),
+    ]
+    cumulative = expected_cumulative(u, hits)  # the float path agrees up to rounding
+    assert [float(v) for v in expected_counts_at(u, hits, range(11))] == pytest.approx(cumulative, abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [10_000, 9_999, 12_345])
+def test_constant_uncertainty_gives_bins_equal_to_the_last_bit(n: int) -> None:
+    # Issue 28's reproducer: the interpolated float bins differed in the 16th digit.
+    correct = torch.arange(n) < round(0.9123 * n)
+    bins = accuracy_by_quantile(torch.full((n,), 0.3), correct)
+    assert len(set(bins)) == 1
+    assert bins[0] == float(Fraction(int(correct.sum()), n))
+
+
+def test_two_valued_uncertainty_bins_are_exact() -> None:
+    # 5,000 samples at 0 (all correct) and 5,000 at 1 (4,123 correct): the middle bin holds 1,000 of each.
+    u = torch.cat([torch.zeros(5000), torch.ones(5000)])
+    correct = torch.arange(10_000) < 9123
+    expected = [1, 1, (1000 + Fraction(1000 * 4123, 5000)) / 2000, Fraction(4123, 5000), Fraction(4123, 5000)]
+    assert accuracy_by_quantile(u, correct) == [float(f) for f in expected]
+    perm = torch.randperm(10_000, generator=torch.Generator().manual_seed(0))  # the input order is irrelevant
+    assert accuracy_by_quantile(u[perm], correct[perm]) == [float(f) for f in expected]

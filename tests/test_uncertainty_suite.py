@@ -284,3 +284,64 @@ def test_conformal_and_reliability_blocks_against_numpy_and_sklearn() -> None:
     assert out["sel/reliability/err_auroc"] == pytest.approx(
         binary_auroc(1 - reliability, ~correct[rest]), abs=1e-9
     )
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_collapsed_embedding_scores_zero_on_every_retrieval_key(draws: int) -> None:
+    """Issue 28's reproducer (1,000 items, 10 classes, one point): recall@1 was 0.0 but AUSC 0.106, its
+    oracle 0.294 and the retrieval ECE 0.901 (lowest-index ties). One tie rule (against the query): no
+    retrieval is ever right, so the curve and its oracle are 0 and every confident 1-NN vote is wrong."""
+    g = torch.Generator().manual_seed(0)
+    point = torch.randn(1, 16, generator=g)
+    labels = torch.arange(1000) % 10
+    bank = FeatureBank(
+        draws=point.expand(draws, 1000, 16).contiguous(),
+        mean=point.expand(1000, 16).contiguous(),
+        uncertainty=torch.rand(1000, generator=g),
+        labels=labels,
+    )
+    out, details = suite.retrieval_suite(bank, bank.uncertainty)
+    assert out["ret/recall@1"] == out["ret/recall@10"] == out["ret/map@r"] == 0.0
+    assert out["ret/ausc"] == out["ret/ausc_oracle"] == 0.0
+    assert details["accuracy"] == details["oracle"] == [0.0] * 20
+    assert out["ret/ece"] == 1.0
+    assert suite.r_auroc_suite(bank, {"emb": bank.uncertainty}) == {"ret/r_auroc_items": 1000}
+
+
+def test_retrieval_keys_agree_on_their_hits_with_exact_ties() -> None:
+    """Exact copies of 8 directions, four of them under mixed labels: recall@1, the sparsification curve
+    at 0% removed, R-AUROC's errors (brute force) and, with one draw, 1 − the retrieval ECE are one hit
+    rate; one leave-one-out pass (``leave_one_out_retrieval``) serves them all with the same numbers."""
+    g = torch.Generator().manual_seed(4)
+    prototypes = torch.randn(8, 12, generator=g)
+    groups = torch.randint(0, 8, (300,), generator=g)
+    labels = torch.where(groups < 4, groups, torch.randint(0, 5, (300,), generator=g))
+    x = prototypes[groups]
+    bank = FeatureBank(draws=x[None], mean=x, uncertainty=torch.rand(300, generator=g), labels=labels)
+    out, details = suite.retrieval_suite(bank, bank.uncertainty)
+    errors = _tied_1nn_errors(prototypes, groups, labels)
+    hit_rate = 1 - sum(errors) / 300
+    assert 0.3 < hit_rate < 0.7
+    assert out["ret/recall@1"] == pytest.approx(hit_rate, abs=1e-15)
+    assert details["accuracy"][0] == pytest.approx(hit_rate, abs=1e-15)
+    assert out["ret/ece"] == pytest.approx(1 - hit_rate, abs=1e-12)
+    r_auroc = suite.r_auroc_suite(bank, {"emb": bank.uncertainty})
+    assert r_auroc["ret/emb/r_auroc"] == pytest.approx(
+        roc_auc_score(errors, bank.uncertainty.numpy()), abs=1e-12
+    )
+    shared = suite.leave_one_out_retrieval(bank)
+    assert suite.retrieval_suite(bank, bank.uncertainty, retrieval=shared)[0] == out
+    assert suite.r_auroc_suite(bank, {"emb": bank.uncertainty}, retrieval=shared) == r_auroc
+
+
+def _tied_1nn_errors(prototypes: torch.Tensor, groups: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """Brute force, ties against the query: item i's retrieval is an error unless its best same-label
+    item is strictly more similar than every other-label item (copies of one direction tie exactly)."""
+    cos = F.normalize(prototypes.double(), dim=1) @ F.normalize(prototypes.double(), dim=1).T
+    errors = []
+    for i in range(len(groups)):
+        others = [j for j in range(len(groups)) if j != i]
+        same = [float(cos[groups[i], groups[j]]) for j in others if labels[j] == labels[i]]
+        other = [float(cos[groups[i], groups[j]]) for j in others if labels[j] != labels[i]]
+        errors.append(int(not same or (bool(other) and max(other) >= max(same))))
+    return errors

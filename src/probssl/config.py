@@ -86,7 +86,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     samples: int = 1  # embedding samples per image for probabilistic methods
     batch_size: int = 512
-    linear_max_iter: int = 200
+    linear_max_iter: int = 10_000  # the probe stops on convergence; this safety cap can only be raised
     shift_max_items: int = 2000  # corrupted copies are made of the first N test images
     transfer_max_items: int = 10_000  # a fixed random subset of the transfer set's test split
     ood_sets: tuple[str, ...] | None = None  # registered names or paths; None: the dataset's defaults

@@ -79,7 +79,10 @@ def uncertainty_trends(run: dict[str, Any]) -> dict[str, float]:
 
     Five points give a coarse correlation (steps of 0.1); the seed spread in the tables says how stable
     it is. scipy's ``spearmanr`` (average ranks for ties) does the ranking; a constant sequence has no
-    rank correlation and yields no key.
+    rank correlation and yields no key. "Constant" and "tied" are exact equality: the quantile bins are
+    exact fractions rounded once (``eval.selective.accuracy_by_quantile``), so equal bins — all five
+    for a constant uncertainty — are equal floats, and no tolerance is needed (or wanted: a tolerance
+    would also merge bins that truly differ).
     """
     from scipy.stats import spearmanr
 

@@ -37,6 +37,7 @@ from probssl.embedding import Embedding
 from probssl.eval import conformal, suite
 from probssl.eval.features import FeatureBank, cached_features, content_key, extract_features
 from probssl.eval.knn import NeighbourCache, knn_predict_many, knn_predict_marginal_many
+from probssl.eval.linear import MAX_ITERATIONS
 from probssl.eval.metrics import nll, top1
 from probssl.eval.reliability import RELIABILITY_K
 from probssl.io import atomic_write_json, read_json
@@ -291,10 +292,13 @@ def evaluate_run(
         results["knn/top1"] = results[f"knn/top1@{cfg.eval.knn_k[0]}"]
         bar.update()
 
+        # float64 and a convergence tolerance (probssl.eval.linear): the probe ends at its optimum, not at an
+        # iteration count. eval.linear_max_iter is only a safety net and can raise it, never lower it
+        # below MAX_ITERATIONS: runs stored with the old default (200, where the probe used to stop)
+        # must not stop there.
         probe_kwargs = {
-            "max_iter": cfg.eval.linear_max_iter,
+            "max_iter": max(cfg.eval.linear_max_iter, MAX_ITERATIONS),
             "seed": cfg.train.seed,
-            "dtype": torch.float32,
             "select_max_items": 10_000,
         }
         probe = suite.MarginalProbe.fit(train, num_classes, **probe_kwargs)
@@ -316,6 +320,10 @@ def evaluate_run(
         info = ev.info
         results.update(run.method.model_metrics((info.channels, info.image_size, info.image_size)))
         results["linear/l2"] = probe.selected_l2
+        results["linear/iterations"] = probe.iterations
+        results["linear/grad_norm"] = probe.gradient_norm
+        results["linear/grad_rel"] = probe.relative_gradient
+        results["linear/converged"] = probe.converged
 
     details: dict[str, Any] = {}
     skipped: list[str] = []
@@ -330,7 +338,11 @@ def evaluate_run(
             results.update(cal)
             details.update(details_cal)
             results.update(suite.selective_suite(scores, correct))
-            results.update(suite.r_auroc_suite(test, scores))
+            # One leave-one-out pass over the test split serves R-AUROC here and ret/ (full suite) later.
+            retrieval = None
+            if reuse:
+                retrieval = suite.leave_one_out_retrieval(test, average_precision=suite_name == "full")
+            results.update(suite.r_auroc_suite(test, scores, retrieval=retrieval))
             n_crop = min(cfg.eval.shift_max_items, len(test_images))
             embed_crops = lambda images: ev.embed(images, desc="features/crops")  # noqa: E731
             results.update(
@@ -434,7 +446,7 @@ def evaluate_run(
 
         with ev.stage("retrieval", unit="step", total=1) as bar:
             uncertainty = test.uncertainty.float() if "emb" in scores else scores["entropy"]
-            ret, details["sparsification"] = suite.retrieval_suite(test, uncertainty)
+            ret, details["sparsification"] = suite.retrieval_suite(test, uncertainty, retrieval=retrieval)
             results.update(ret)
             bar.update()
     for reason in skipped:

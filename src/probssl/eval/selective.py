@@ -10,11 +10,19 @@ over a uniformly random order within each tie group. For cumulative counts this 
 interpolation inside the tie group (``expected_cumulative``). It makes every metric invariant to the
 input order and gives an uninformative constant score the value of a random ordering (AURC = error
 rate, flat accuracy over quantiles) rather than whatever order the samples happened to arrive in.
+
+Counts over a few cut points (the accuracy of each uncertainty quantile, a sparsification curve's
+points) are computed exactly, as fractions (``expected_counts_at``): in floating point the linear
+interpolation leaves bins that are equal in exact arithmetic 1–3 ulp apart, and a rank correlation
+over the bins (``bench.tables.uncertainty_trends``) then reads the rounding as a trend. Exactly, a
+constant uncertainty gives bins that are equal to the last bit, and a rank correlation sees true ties.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from fractions import Fraction
 
 import numpy as np
 from torch import Tensor
@@ -34,27 +42,59 @@ def _check_inputs(uncertainty: Tensor, correct: Tensor) -> tuple[np.ndarray, np.
     return u, c.astype(bool)
 
 
+def _tie_groups(uncertainty: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(order, bounds): the stable ascending order of ``uncertainty`` and the sorted positions where its
+    tie groups start, followed by N. Ties are exact equality: nothing else orders two samples."""
+    order = np.argsort(uncertainty, kind="mergesort")
+    ordered = uncertainty[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    return order, np.r_[starts, uncertainty.size]
+
+
 def expected_cumulative(uncertainty: np.ndarray, values: np.ndarray) -> np.ndarray:
     """E[Σ of ``values`` over the k least uncertain samples], for k = 0..N (length N + 1).
 
     Samples are sorted by uncertainty ascending; within a tie group occupying sorted positions
     [s, e) the expectation over a random order of the group is linear in k:
     C(k) = C(s) + (k − s)/(e − s) · (C(e) − C(s)). Without ties this is the plain cumulative sum.
+    Float64, so exact only up to rounding: where equal values matter, use :func:`expected_counts_at`.
     """
     uncertainty = np.asarray(uncertainty, dtype=np.float64)
     values = np.asarray(values, dtype=np.float64)
     n = uncertainty.size
-    order = np.argsort(uncertainty, kind="mergesort")
-    ordered = uncertainty[order]
+    order, bounds = _tie_groups(uncertainty)
+    starts, ends = bounds[:-1], bounds[1:]
     cumulative = np.r_[0.0, np.cumsum(values[order])]
-    new_group = np.r_[True, ordered[1:] != ordered[:-1]]
-    starts = np.flatnonzero(new_group)
-    ends = np.r_[starts[1:], n]
-    group = np.cumsum(new_group) - 1  # group of the k-th sorted sample, k = 1..N
+    group = np.searchsorted(bounds, np.arange(n), side="right") - 1  # group of the k-th sorted sample
     start, end = starts[group], ends[group]
     k = np.arange(1, n + 1)
     expected = cumulative[start] + (k - start) / (end - start) * (cumulative[end] - cumulative[start])
     return np.r_[0.0, expected]
+
+
+def expected_counts_at(uncertainty: np.ndarray, hits: np.ndarray, ks: Sequence[int]) -> list[Fraction]:
+    """:func:`expected_cumulative` of the boolean ``hits`` at the positions ``ks``, as exact fractions.
+
+    Each tie group counts as a unit: its h hits are spread evenly over its e − s positions, so the
+    expected count at k inside the group is C(s) + (k − s)·h/(e − s) — an integer plus a fraction of
+    integers, computed with ``fractions.Fraction``. Only the len(ks) cut points are exact (Python
+    arithmetic), so this is for a handful of points (quantile bounds), not for all N + 1.
+    """
+    uncertainty = np.asarray(uncertainty, dtype=np.float64)
+    order, bounds = _tie_groups(uncertainty)
+    cumulative = np.r_[0, np.cumsum(np.asarray(hits, dtype=bool)[order], dtype=np.int64)]
+    out = []
+    for k in ks:
+        if not 0 <= k <= uncertainty.size:
+            raise ValueError(f"position {k} outside 0..{uncertainty.size}")
+        group = int(np.searchsorted(bounds, k, side="right")) - 1
+        start = int(bounds[group])
+        count = Fraction(int(cumulative[start]))
+        if k > start:  # inside a tie group: its share of the group's hits
+            end = int(bounds[group + 1])
+            count += Fraction((k - start) * int(cumulative[end] - cumulative[start]), end - start)
+        out.append(count)
+    return out
 
 
 def risk_coverage_curve(uncertainty: Tensor, correct: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -116,17 +156,19 @@ def accuracy_by_quantile(uncertainty: Tensor, correct: Tensor, num_quantiles: in
     Samples sorted by uncertainty ascending are split like ``numpy.array_split`` (the first
     N mod q bins hold one extra sample); a bin is ``None`` when N < q leaves it empty. Ties that
     straddle a bin boundary are shared in expectation (module docstring), so bin accuracies are
-    invariant to the input order.
+    invariant to the input order. Each bin is the exact fraction rounded once to float
+    (:func:`expected_counts_at`): bins that are equal — every bin of a constant uncertainty, the bins
+    inside one tie group — are equal floats.
     """
     if num_quantiles < 1:
         raise ValueError(f"num_quantiles must be >= 1, got {num_quantiles}")
     u, c = _check_inputs(uncertainty, correct)
-    cumulative = expected_cumulative(u, c)
     base, extra = divmod(u.size, num_quantiles)
     bounds = [i * base + min(i, extra) for i in range(num_quantiles + 1)]
+    counts = expected_counts_at(u, c, bounds)
     return [
-        float((cumulative[hi] - cumulative[lo]) / (hi - lo)) if hi > lo else None
-        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+        float((counts[i + 1] - counts[i]) / (hi - lo)) if hi > lo else None
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))
     ]
 
 
