@@ -353,14 +353,16 @@ def config_from_dict(content: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
+def save_config(cfg: RunConfig, path: str | Path, comment: str = "") -> None:
+    """Write ``cfg`` as YAML; ``comment`` lines go first as ``# ...`` (e.g. that a run is supervised)."""
     from probssl.io import atomic_write_text
 
     data = cfg.to_dict()
     for section in data.values():  # YAML's safe dumper writes lists, not tuples
         if isinstance(section, dict):
             section.update({k: list(v) for k, v in section.items() if isinstance(v, tuple)})
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
 
 
 def method_config(config_class: type, args: dict[str, Any], method: str) -> Any:

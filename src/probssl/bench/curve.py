@@ -96,7 +96,7 @@ def learning_curve(
         epochs = parse_epochs(",".join(str(e) for e in epochs), suite)
     if arm_name == "pixels":
         raise ConfigError("--curve needs a trained arm (e.g. simclr); raw pixels are its reference row")
-    (arm,) = resolve_arms([arm_name])
+    (arm,) = resolve_arms([arm_name], suite)
     curve_dir = Path(out) / suite.name / "curve"
     run_dir = curve_dir / f"{arm.name}-s{seed}"
     pixels_dir = curve_dir / f"pixels-s{seed}"
