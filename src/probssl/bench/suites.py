@@ -166,6 +166,9 @@ class Suite:
     arms: tuple[QualityArm, ...] = ()
     #: The published figures its table is read against: (metric key, arm, the authors' value).
     paper: tuple[tuple[str, str, float], ...] = ()
+    #: Every run keeps one checkpoint per epoch, and ``--curve`` evaluates the suite's own run (no
+    #: second training): for budgets too long to train twice (``cifar10_budget``).
+    keep_every_epoch: bool = False
 
     def default_arms(self) -> tuple[QualityArm, ...]:
         """What runs without ``--arms``."""
@@ -408,6 +411,8 @@ def _arm_config(suite: Suite, arm: QualityArm, seed: int, data_dir: str | None):
     budget = copy.deepcopy(suite.budget)
     budget["method"] = arm.method
     budget["train"] = {**budget["train"], "seed": seed, "progress": False}
+    if suite.keep_every_epoch:
+        budget["train"]["keep_checkpoints"] = budget["train"]["epochs"]
     if data_dir:
         budget["data"] = {**budget["data"], "data_dir": data_dir}
     return build_config(None, list(arm.overrides), **budget)
