@@ -354,6 +354,23 @@ SUITES: dict[str, Suite] = {
         arms=LAM_PAPER_ARMS,
         paper=LAM_PAPER_FIGURES,
     ),
+    "cifar10_budget": Suite(
+        "cifar10_budget",
+        {  # configs/cifar10_budget.yaml: the SimCLR configuration with the best kNN in ≤ 2.5 h on one core
+            "backbone": "resnet18",
+            "backbone_args": {"width": 16},
+            "data": {"dataset": "cifar10_jpeg"},
+            "train": {"epochs": 54, "batch_size": 256, "channels_last": True, "precision": "auto"},
+            "optim": {**_SGD, "warmup_epochs": 3},
+        },
+        ("tiny_imagenet_val", "mnist", "noise"),
+        f"{_JPEG_NOTE}. Budget check of issue 33 (`configs/cifar10_budget.yaml`): CIFAR-stem ResNet-18 at "
+        "width 16, 54 epochs ≈ 2.5 h of training on one core (bf16), chosen by measured step costs and "
+        "short candidate runs; every epoch's checkpoint is kept (the learning curve reads them)",
+        transfer=("eurosat_test",),
+        max_seeds={"lam_ensemble": 1},
+        keep_every_epoch=True,
+    ),
     "cifar10_gpu": Suite(
         "cifar10_gpu",
         {  # configs/cifar10.yaml on the JPEG copy (the official files are not in the shared data)
