@@ -431,9 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     sub.add_parser("list", help="registered methods, datasets, backbones")
     p = sub.add_parser(
-        "bench", help="benchmark suites (digits, fashion_mnist, cifar10, cifar10_gpu), speed, eval-memory"
+        "bench",
+        help="benchmark suites (digits, fashion_mnist, cifar10, cifar10_budget, cifar10_gpu, lam_fmnist), "
+        "speed, eval-memory",
     )
-    p.add_argument("suite", help="digits | fashion_mnist | cifar10 | cifar10_gpu | speed | eval-memory")
+    p.add_argument(
+        "suite",
+        help="digits | fashion_mnist | cifar10 | cifar10_budget | cifar10_gpu | lam_fmnist | speed "
+        "| eval-memory",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (quality suites)")
     p.add_argument(
         "--first-seed",
