@@ -160,7 +160,9 @@ def test_mlp_backbone_resizes_other_view_sizes() -> None:
 
 
 def test_build_errors_are_clear() -> None:
-    with pytest.raises(KeyError, match="convnet, mlp, resnet18, resnet50, vit_base, vit_small, vit_tiny"):
+    with pytest.raises(
+        KeyError, match="convnet, flat_cnn, mlp, resnet18, resnet50, vit_base, vit_small, vit_tiny"
+    ):
         build_backbone("vit_huge", 3, 32)
     with pytest.raises(ConfigError, match="valid keys in backbone: width, num_stages, norm, weights"):
         build_backbone("convnet", 1, 28, widht=16)
@@ -276,3 +278,14 @@ def test_mlp_without_batch_norm_and_errors() -> None:
     assert _kinds(mlp([4, 2])) == ["Linear"]
     with pytest.raises(ValueError, match="at least"):
         mlp([4])
+
+
+def test_flat_cnn_is_the_released_lam_encoder() -> None:
+    """Two valid 3x3 convs (32, 64), 2x2 max-pool, flattened: 64 · 12 · 12 = 9216 features at 28 px,
+    the input of LAM's Fashion-MNIST embedding layer; its parameters are the two convs' alone."""
+    net = build_backbone("flat_cnn", 1, 28)
+    out = net(torch.randn(3, 1, 28, 28))
+    assert out.shape == (3, 9216) == (3, net.out_dim)
+    assert sum(p.numel() for p in net.parameters()) == (1 * 9 + 1) * 32 + (32 * 9 + 1) * 64
+    assert build_backbone("flat_cnn", 3, 32, width=8)(torch.randn(2, 3, 32, 32)).shape == (2, 16 * 14 * 14)
+    assert build_backbone("flat_cnn", 1, 8, width=4).out_dim == 8 * 2 * 2

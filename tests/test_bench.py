@@ -28,12 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
         ("cifar10", "cifar10_cpu", {}),
         # the GPU budget on the JPEG copy: the official files are not in the shared data
         ("cifar10_gpu", "cifar10", {"data": {"dataset": "cifar10_jpeg"}}),
+        ("lam_fmnist", "lam_fmnist", {}),
+        ("cifar10_budget", "cifar10_budget", {}),
     ],
 )
 def test_suite_budgets_match_the_documented_configs(name, config, changed):
     """The bundled YAML (src/probssl/configs/) documents each budget; the harness must train exactly that."""
     documented = yaml.safe_load((REPO / "src" / "probssl" / "configs" / f"{config}.yaml").read_text())
     documented["train"].pop("keep_checkpoints", None)  # where checkpoints go, not what is computed
+    documented.pop("method", None), documented.pop("method_args", None)  # the arms set the method
     assert suites.SUITES[name].budget == {**documented, **changed}
 
 
@@ -682,3 +685,75 @@ def test_a_two_valued_uncertainty_has_the_exact_tie_aware_trend():
     trend = tables.uncertainty_trends({"sel/emb/acc_by_quantile": bins})["trend/acc_by_own_unc"]
     assert trend == pytest.approx(exact, abs=1e-12)
     assert round(exact, 3) == -0.949
+
+
+def test_a_suite_with_arms_of_its_own_runs_them_supervised_and_reads_them_against_the_paper(
+    tiny_suite, tmp_path, monkeypatch
+):
+    """lam_fmnist's shape: its own (label-trained LAM) arms replace the shared ones, every row is
+    marked supervised, and the authors' figures come first with ours beside them."""
+    labelled = suites.QualityArm(
+        "lam_deterministic",
+        "lam",
+        ("method.pairs=labels", "method.images_per_class=4", "method.posterior=none"),
+    )
+    online = suites.QualityArm(
+        "lam_online",
+        "lam",
+        ("method.pairs=labels", "method.images_per_class=4", "method.max_pairs=200"),
+        base="lam_deterministic",
+    )
+    paper = (("knn/top1@20", "lam_online", 0.81),)  # the test's evaluation is the basic one
+    budget = {**tiny_suite.budget, "train": {**tiny_suite.budget["train"], "batch_size": 40}}
+    own = suites.Suite("own", budget, ("noise",), "n", arms=(labelled, online), paper=paper)
+    monkeypatch.setitem(suites.SUITES, "own", own)
+    assert suites.resolve_arms(None, own) == (labelled, online)
+    with pytest.raises(ConfigError, match=r"choose from \['lam_deterministic', 'lam_online'\]"):
+        suites.resolve_arms(["simclr"], own)
+    assert suites.resolve_arms(None, suites.SUITES["cifar10"]) == suites.ARMS  # the shared ones elsewhere
+    assert [a.name for a in suites.resolve_arms(None, suites.SUITES["lam_fmnist"])] == [
+        "lam_deterministic", "lam_online", "lam_posthoc", "lam_mc_dropout", "lam_ensemble"
+    ]  # fmt: skip
+    for arm in suites.SUITES["lam_fmnist"].arms:  # every arm of the paper's regime trains on labels
+        cfg = suites._arm_config(suites.SUITES["lam_fmnist"], arm, 0, None)
+        member = cfg.method_args.get("member_args", cfg.method_args)
+        assert member["pairs"] == "labels" and member["embed_dim"] == 3, arm.name
+
+    out = tmp_path / "bench"
+    results = suites.run_quality_benchmark("own", out, seeds=1, progress=False)
+    assert set(results["runs"]) == {"lam_deterministic", "lam_online"} and not results["failures"]
+    text = (out / "own" / "results.md").read_text()
+    assert text.startswith("**Against the authors' figures**")
+    cell = results["summary"]["lam_online"]["knn/top1@20"]
+    assert f"| knn/top1@20 | lam_online [supervised: class labels] | 0.81 | {cell['mean']:.4f}" in text
+    assert f"{cell['mean'] - 0.81:+.4f}" in text
+    assert "| lam_deterministic [supervised: class labels] | 1 |" in text  # the suite's own tables too
+    titles = [title for title, _ in own.tables()]
+    assert titles[0].startswith("The paper's evaluation") and "ret/ece" in own.tables()[0][1]
+    assert len(own.columns()) == len(set(own.columns()))
+
+
+def test_a_suite_that_keeps_every_epoch_gives_its_own_run_to_the_curve(tiny_suite, tmp_path, monkeypatch):
+    """cifar10_budget's shape: a budget too long to train twice keeps one checkpoint per epoch, and
+    --curve evaluates the suite's run instead of training one apart."""
+    from probssl.bench import curve
+
+    kept = suites.Suite(
+        "kept", {**tiny_suite.budget, "train": {**tiny_suite.budget["train"], "epochs": 3}}, ("noise",), "n",
+        keep_every_epoch=True,
+    )  # fmt: skip
+    monkeypatch.setitem(suites.SUITES, "kept", kept)
+    assert suites._arm_config(kept, suites.ARMS[1], 0, None).train.keep_checkpoints == 3
+    assert suites.SUITES["cifar10_budget"].keep_every_epoch and not suites.SUITES["cifar10"].keep_every_epoch
+    out = tmp_path / "bench"
+    suites.run_quality_benchmark("kept", out, seeds=1, only=["simclr"], progress=False)
+    run = out / "kept" / "simclr-s0"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == [
+        f"step_{s:08d}" for s in (4, 8, 12)
+    ]
+    model = run / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    result = curve.learning_curve("kept", out, [1, 2], progress=False)
+    assert model.stat().st_mtime_ns == stamp and not (out / "kept" / "curve" / "simclr-s0").exists()
+    assert [p["step"] for p in result["points"]] == [4, 8]
+    assert (run / "eval_step4.json").is_file() and (out / "kept" / "curve" / "curve.json").is_file()

@@ -313,6 +313,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     from probssl.nn import BACKBONES
 
     print("methods:  ", ", ".join(METHODS.names()))
+    supervised = [
+        f"{name} {option} ({what})"
+        for name in METHODS.names()
+        for option, what in METHODS.get(name).supervised_modes.items()
+    ]
+    if supervised:  # every method is self-supervised by default; these options train on class labels
+        print("supervised modes (class labels; off by default):")
+        for line in supervised:
+            print(f"  {line}")
     print("datasets: ", ", ".join(dataset_names()))
     print("backbones:", ", ".join(BACKBONES.names()))
     print("configs:  ", ", ".join(bundled_configs()), "(--config NAME)")

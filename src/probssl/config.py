@@ -393,10 +393,12 @@ def yaml_safe(value: Any) -> Any:
     return value
 
 
-def save_config(cfg: RunConfig, path: str | Path) -> None:
+def save_config(cfg: RunConfig, path: str | Path, comment: str = "") -> None:
+    """Write ``cfg`` as YAML; ``comment`` lines go first as ``# ...`` (e.g. that a run is supervised)."""
     from probssl.io import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(yaml_safe(cfg.to_dict()), sort_keys=False))
+    header = "".join(f"# {line}\n" for line in comment.splitlines())
+    atomic_write_text(path, header + yaml.safe_dump(yaml_safe(cfg.to_dict()), sort_keys=False))
 
 
 def method_config(config_class: type, args: dict[str, Any], method: str) -> Any:

@@ -96,7 +96,7 @@ def format_table(
     header = ["run", *columns]
     body = []
     for name, result in rows.items():
-        cells = [name]
+        cells = [name + supervision_mark(result)]
         for col in columns:
             cells.append(_cell(result.get(col)))
         body.append(cells)
@@ -112,6 +112,23 @@ def format_table(
         else "  ".join("-" * w for w in widths)
     )
     return "\n".join([line(header), sep, *(line(r) for r in body)])
+
+
+#: eval.json's ``meta/supervision`` of a run trained without labels; any other value is marked in tables.
+SELF_SUPERVISED = "self-supervised"
+
+
+def supervision_of(result: dict[str, Any]) -> str | None:
+    """What supervised the run (e.g. ``"class labels"``), or None for a self-supervised one."""
+    supervision = result.get("meta/supervision", SELF_SUPERVISED)
+    return None if supervision == SELF_SUPERVISED else str(supervision)
+
+
+def supervision_mark(result: dict[str, Any]) -> str:
+    """`` [supervised: class labels]`` for a run trained on labels, else "": a table must never let a
+    supervised row pass for a self-supervised one."""
+    supervision = supervision_of(result)
+    return "" if supervision is None else f" [supervised: {supervision}]"
 
 
 def _number(value: float) -> str:
@@ -152,6 +169,9 @@ def aggregate_seeds(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> 
     table: dict[str, dict[str, Any]] = {}
     for name, results in groups.items():
         cells: dict[str, Any] = {"n": str(len(results))}
+        supervised = {kind for r in results if (kind := supervision_of(r))}  # marks the group's row
+        if supervised:
+            cells["meta/supervision"] = ", ".join(sorted(supervised))
         for col in columns:
             lists = [r[col] for r in results if _numeric_list(r.get(col))]
             if lists and len({len(v) for v in lists}) == 1:  # element-wise mean, e.g. per-quintile accuracy

@@ -40,7 +40,7 @@ from probssl.checkpoint import (
     staging_dir,
 )
 from probssl.checkpoint_ranks import resume_checkpoint, save_rng_states
-from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, save_config
+from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, TrainConfig, save_config
 from probssl.data import (
     DatasetError,
     DatasetInfo,
@@ -54,6 +54,7 @@ from probssl.data import (
     resolve_dataset_info,
     skipped_items,
 )
+from probssl.data.class_balanced import ClassBalancedBatchPlan
 from probssl.data.pipeline import BatchPlan, SubsetSource, build_pipeline, choose_pipeline
 from probssl.data.resolve import is_path_dataset
 from probssl.data.sources import ImageSource
@@ -70,6 +71,7 @@ from probssl.interrupt import interruptible_backward
 from probssl.io import atomic_write_json, atomic_write_text, read_json
 from probssl.machine import processor_name
 from probssl.methods import TrainContext
+from probssl.methods.base import SELF_SUPERVISED, SSLMethod, TrainingViews
 from probssl.nn.backbones import check_backbone_options
 from probssl.optim import build_optimizer, set_weight_decay, warmup_cosine
 from probssl.precision import resolve_precision
@@ -181,6 +183,42 @@ def refuse_evaluation_only(dataset: str) -> None:
         )
 
 
+def batch_plan(
+    dataset: ImageDataset | ImageSource, tc: TrainConfig, world: int, rank: int, images_per_class: int | None
+) -> tuple[BatchPlan, torch.Tensor | None]:
+    """The run's batch plan and, for a method trained on class labels, the training labels it indexes.
+
+    Self-supervised methods (``images_per_class`` None) get random batches and no labels; a method
+    trained on labels gets class-balanced batches of ``images_per_class`` images per class.
+    """
+    if images_per_class is None:
+        return BatchPlan(len(dataset), tc.batch_size, tc.seed, world_size=world, rank=rank), None
+    labels = torch.as_tensor(np.asarray(dataset.labels), dtype=torch.long)
+    try:
+        plan = ClassBalancedBatchPlan(
+            len(dataset),
+            tc.batch_size,
+            tc.seed,
+            world_size=world,
+            rank=rank,
+            labels=labels,
+            images_per_class=images_per_class,
+        )
+    except ValueError as err:
+        raise ConfigError(f"{err} (method.images_per_class={images_per_class})") from None
+    return plan, labels
+
+
+def supervision_note(method: SSLMethod) -> str:
+    """The line config.yaml opens with when the run trains on class labels ("" when self-supervised)."""
+    if method.supervision == SELF_SUPERVISED:
+        return ""
+    return (
+        f"SUPERVISED run (supervision: {method.supervision}): trained on the training set's class labels, "
+        "not self-supervised; eval.json's meta/supervision and the tables say so"
+    )
+
+
 def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -282,12 +320,6 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
             f"train.batch_size={tc.batch_size} is larger than the training set ({len(dataset)} "
             f"images); use --batch-size {len(dataset)} or less"
         )
-    plan = BatchPlan(len(dataset), tc.batch_size, tc.seed, world_size=world, rank=rank)
-    pipeline = build_pipeline(
-        dataset, plan, data.pipeline, cfg.data.workers, pin_memory=device.type == "cuda"
-    )
-    steps_per_epoch = plan.steps_per_epoch  # the last incomplete batch is dropped
-    total_steps = tc.epochs * steps_per_epoch
 
     # ---- model, optimiser, schedules (identical init on every rank) ---------------------------
     seed_everything(tc.seed)
@@ -298,6 +330,13 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
     method = build_model(cfg, info, backbone=backbone).to(device)
     if tc.channels_last:
         method = method.to(memory_format=torch.channels_last)
+    # A method trained on class labels gets class-balanced batches and their labels (else: none).
+    plan, labels = batch_plan(dataset, tc, world, rank, method.images_per_class())
+    pipeline = build_pipeline(
+        dataset, plan, data.pipeline, cfg.data.workers, pin_memory=device.type == "cuda"
+    )
+    steps_per_epoch = plan.steps_per_epoch  # the last incomplete batch is dropped
+    total_steps = tc.epochs * steps_per_epoch
     lr = cfg.optim.lr * tc.batch_size / 256
     lr_schedule = warmup_cosine(
         lr, total_steps, round(cfg.optim.warmup_epochs * steps_per_epoch), final=lr * cfg.optim.min_lr_ratio
@@ -351,7 +390,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
         )
     elif is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
+        save_config(cfg, out_dir / "config.yaml", comment=supervision_note(method))
         atomic_write_json(out_dir / DATASET_INFO_FILE, dataclasses.asdict(info))
         write_backbone_record(out_dir, backbone)  # what `auto` became: every later use rebuilds it
         if cfg.data.skip_corrupt:
@@ -406,8 +445,11 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
     window_start, window_steps, train_start = time.perf_counter(), 0, time.perf_counter()
     loss = None
     last_step = stop_step if method.trainable else start_step
-    for step, batch in zip(
-        range(start_step, last_step), pipeline.batches(start_step, last_step), strict=True
+    for step, batch, indices in zip(
+        range(start_step, last_step),
+        pipeline.batches(start_step, last_step),
+        plan.steps(start_step, last_step),  # the batch's items: their class labels, where used
+        strict=True,
     ):
         epoch = step // steps_per_epoch
         views = augment(batch.to(device, non_blocking=True))
@@ -420,7 +462,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
             set_weight_decay(optimizer, float(wd_schedule[step]))
 
         with autocast_context(device, precision):
-            loss = model(views)
+            loss = model(views) if labels is None else model(views, labels=labels[indices].to(device))
         loss_value = float(all_reduce_mean(loss.detach().float()))
         if not math.isfinite(loss_value):
             saved = save_checkpoint(step)  # the state before this step is the last good one
@@ -461,15 +503,17 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
 
     finished = stop_step == total_steps or not method.trainable
 
-    def training_views() -> Iterator[list[torch.Tensor]]:
-        """One more epoch of augmented views in a fixed order, seeded apart from the training stream."""
+    def training_views() -> Iterator[TrainingViews]:
+        """One more epoch of augmented views in a fixed order, seeded apart from the training stream
+        (with their class labels for a method trained on them)."""
         seed_everything(tc.seed * 7919 + 104_729 + rank)
         # the epoch after the last one: same plan, so the order is epoch_permutation(n, seed, epochs)
-        for batch in pipeline.batches(total_steps, total_steps + steps_per_epoch):
+        after = (total_steps, total_steps + steps_per_epoch)
+        for batch, indices in zip(pipeline.batches(*after), plan.steps(*after), strict=True):
             views = augment(batch.to(device, non_blocking=True))
             if tc.channels_last:
                 views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            yield views
+            yield views if labels is None else (views, labels[indices].to(device))
 
     after_training_start = time.perf_counter()
     loop_seconds, steps_run = after_training_start - train_start, stop_step - start_step
@@ -491,6 +535,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
             "precision": precision,  # what `auto` became (or, resumed, what the run started at)
             "threads": torch.get_num_threads(),  # intra-op threads of this invocation (probssl.threads)
             "processor": processor_name(device),  # suites span sessions on changing machines
+            "supervision": method.supervision,  # self-supervised | class labels
         }
         if not steps_run:  # nothing trained now (--resume rewriting a corrupt model.safetensors): keep
             summary.update(_previous_timing(out_dir / "train_summary.json"))  # the timing of the real run

@@ -29,9 +29,15 @@ def _size_pair(text: str) -> tuple[int, int]:
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     """The ``bench`` sub-command and its options, on ``probssl``'s sub-parsers."""
     p = sub.add_parser(
-        "bench", help="benchmark suites (digits, fashion_mnist, cifar10, cifar10_gpu), speed, eval-memory"
+        "bench",
+        help="benchmark suites (digits, fashion_mnist, cifar10, cifar10_budget, cifar10_gpu, lam_fmnist), "
+        "speed, eval-memory",
     )
-    p.add_argument("suite", help="digits | fashion_mnist | cifar10 | cifar10_gpu | speed | eval-memory")
+    p.add_argument(
+        "suite",
+        help="digits | fashion_mnist | cifar10 | cifar10_budget | cifar10_gpu | lam_fmnist | speed "
+        "| eval-memory",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds per arm (quality suites)")
     p.add_argument(
         "--first-seed",

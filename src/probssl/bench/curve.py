@@ -9,8 +9,10 @@ checkpoints of one run whose cosine schedule has not annealed yet, so they under
 trained to that budget from scratch; the last point is the suite's own budget.
 
 Runs live in ``OUT/SUITE/curve/<arm>-s<seed>`` (apart from the suite's runs, whose checkpoints are
-not kept); ``curve.json`` and ``curve.md`` next to them; ``--update FILE`` writes the section
-``curve-SUITE``. Everything finished is reused, so the command can be interrupted and rerun.
+not kept), except for a suite with ``keep_every_epoch`` (a budget too long to train twice), whose own
+run ``OUT/SUITE/<arm>-s<seed>`` is the curve's; ``curve.json`` and ``curve.md`` go to
+``OUT/SUITE/curve``; ``--update FILE`` writes the section ``curve-SUITE``. Everything finished is
+reused, so the command can be interrupted and rerun.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from probssl.bench.provenance import provenance
 from probssl.bench.sections import replace_section
-from probssl.bench.suites import SUITES, QualityArm, Suite, _arm_config, resolve_arms
+from probssl.bench.suites import SUITES, QualityArm, Suite, _arm_config, resolve_arms, run_dir_for
 from probssl.config import ConfigError
 from probssl.io import atomic_write_json, atomic_write_text
 from probssl.run_lock import run_lock
@@ -96,9 +98,14 @@ def learning_curve(
         epochs = parse_epochs(",".join(str(e) for e in epochs), suite)
     if arm_name == "pixels":
         raise ConfigError("--curve needs a trained arm (e.g. simclr); raw pixels are its reference row")
-    (arm,) = resolve_arms([arm_name])
+    (arm,) = resolve_arms([arm_name], suite)
     curve_dir = Path(out) / suite.name / "curve"
-    run_dir = curve_dir / f"{arm.name}-s{seed}"
+    # A suite whose runs keep every epoch's checkpoint gives its own run; others train one apart.
+    run_dir = (
+        run_dir_for(Path(out), suite.name, arm.name, seed)
+        if suite.keep_every_epoch
+        else (curve_dir / f"{arm.name}-s{seed}")
+    )
     pixels_dir = curve_dir / f"pixels-s{seed}"
     total_epochs = int(suite.budget["train"]["epochs"])
     with run_lock(run_dir):

@@ -46,7 +46,7 @@ def run_parallel_benchmark(
         raise ConfigError(f"--jobs must be >= 2 for parallel workers, got {jobs}")
     if suite_name not in suites.SUITES:
         raise ConfigError(f"unknown benchmark suite {suite_name!r}; choose from {', '.join(suites.SUITES)}")
-    arms = suites.resolve_arms(only)  # an unknown arm is refused before any worker starts
+    arms = suites.resolve_arms(only, suites.SUITES[suite_name])  # unknown arms: refused before any worker
     out = Path(out)
     planned = [
         suites.run_dir_for(out, suite_name, arm.name, seed)

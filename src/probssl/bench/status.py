@@ -83,7 +83,7 @@ def suite_status(
     return [
         run_state(suites.run_dir_for(Path(out), suite_name, arm.name, seed), arm.name, seed)
         for seed in range(first_seed, first_seed + seeds)
-        for arm in suites.resolve_arms(only)
+        for arm in suites.resolve_arms(only, suite)
         if suite.runs(arm.name, seed)
     ]
 

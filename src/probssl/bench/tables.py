@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from probssl.io import read_json
+from probssl.tables import supervision_mark
 
 if TYPE_CHECKING:
     from probssl.bench.suites import QualityArm, Suite
@@ -288,6 +289,11 @@ def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
     return _number(cell["mean"], spread) + partial
 
 
+def arm_supervision_mark(by_seed: dict[Any, dict[str, Any]]) -> str:
+    """The arm's mark when any of its runs trained on class labels (``probssl.tables.supervision_mark``)."""
+    return next((mark for run in by_seed.values() if (mark := supervision_mark(run))), "")
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """The suite's tables (``results['tables']``: accuracy, uncertainty, OOD) as markdown.
 
@@ -307,8 +313,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             if not any(c in cells for c in present):
                 continue  # a deterministic arm in the own-uncertainty table: dashes say nothing
             seeds = len(results["runs"].get(arm, {}))
+            label = arm + arm_supervision_mark(results["runs"].get(arm, {}))
             lines.append(
-                "| " + " | ".join([arm, str(seeds), *(_cell(cells.get(c), seeds) for c in present)]) + " |"
+                "| " + " | ".join([label, str(seeds), *(_cell(cells.get(c), seeds) for c in present)]) + " |"
             )
         blocks.append("\n".join(lines))
     versus_base = against_base_markdown(results.get("against_base", {}), results.get("bases", {}))

@@ -146,6 +146,17 @@ PRESETS: dict[str, ViewConfig] = {
         blur_p=0.0,
         solarize_p=0.0,
     ),
+    # The image itself, no augmentation (`data.views=identity`): supervised metric learning as LAM's
+    # released code trains on Fashion-MNIST (un-augmented images, pairs from class labels).
+    "identity": ViewConfig(
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_p=0.0,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=0.0,
+        solarize_p=0.0,
+    ),
     # 96x96 RGB: the ImageNet SimCLR recipe, including blur.
     "stl": ViewConfig(
         crop_scale=(0.08, 1.0),

@@ -474,6 +474,7 @@ def evaluate_run(
     results.update({f"meta/eval_seconds/{stage}": seconds for stage, seconds in ev.seconds.items()})
     results.update({f"meta/eval_cpu_seconds/{stage}": seconds for stage, seconds in ev.cpu_seconds.items()})
     results["meta/uncertainty_doc"] = run.method.uncertainty_doc
+    results["meta/supervision"] = run.method.supervision  # self-supervised | class labels (tables mark it)
     results["seed"] = cfg.train.seed
     results.update({f"config/{k}": v for k, v in cfg.flat().items()})
     suffix = "" if step is None else f"_step{step}"

@@ -2,7 +2,9 @@
 
 A method is an ``nn.Module`` holding a backbone and its own heads. The training loop knows only
 ``loss(views)`` and ``update_targets(progress)``; the evaluation suite knows only ``embed(x)``.
-``forward`` is ``loss`` so that DistributedDataParallel's gradient hooks see the whole step.
+``forward`` is ``loss`` so that DistributedDataParallel's gradient hooks see the whole step. A method
+may offer a supervised mode (:meth:`images_per_class` not ``None``): the loop then draws
+class-balanced batches and passes their class labels, ``loss(views, labels=...)``.
 
 Methods whose posterior lives in *weight* space (cSGHMC's sample bank, LAM's Laplace posterior)
 need a little more of the machinery, through hooks that default to doing nothing: choose their own
@@ -31,6 +33,13 @@ from probssl.config import method_config, yaml_safe
 from probssl.embedding import Embedding
 
 _WARNED_NO_SAMPLES: set[str] = set()
+
+#: :attr:`SSLMethod.supervision` values: trained without labels (the library's default) or on class labels.
+SELF_SUPERVISED = "self-supervised"
+CLASS_LABELS = "class labels"
+
+#: What ``after_training``'s batches are: the views, or (views, class labels) for a label-trained method.
+TrainingViews = list[Tensor] | tuple[list[Tensor], Tensor]
 
 
 def _warn_when_samples_ignored(embed: Callable[..., Embedding]) -> Callable[..., Embedding]:
@@ -113,6 +122,8 @@ class SSLMethod(nn.Module):
     exports_uncertainty: ClassVar[bool] = False
     #: What an exported model's embedding is, where it is not ``embed``'s mean (kept in the file).
     export_note: ClassVar[str] = ""
+    #: Options that make the method train on class labels, each with what it does (``probssl list``).
+    supervised_modes: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every method's own ``embed`` gets the same input check and the one-time "no samples"
@@ -140,8 +151,24 @@ class SSLMethod(nn.Module):
     def loss(self, views: list[Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, views: list[Tensor]) -> Tensor:
-        return self.loss(views)
+    def forward(self, views: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        """``loss(views)``; a method trained on class labels (:meth:`images_per_class`) gets them too."""
+        return self.loss(views) if labels is None else self.loss(views, labels=labels)
+
+    def images_per_class(self) -> int | None:
+        """Images of each class per batch when the method trains on class labels, else ``None``.
+
+        ``None`` (every self-supervised method): batches are random and ``loss(views)`` sees no label.
+        An integer m makes the training loop draw class-balanced batches (B/m classes × m images,
+        :mod:`probssl.data.class_balanced`) and call ``loss(views, labels=...)`` with the batch's class
+        labels — a *supervised* mode, reported as such (:attr:`supervision`).
+        """
+        return None
+
+    @property
+    def supervision(self) -> str:
+        """What the training signal was: ``"self-supervised"`` or ``"class labels"`` (eval.json, tables)."""
+        return SELF_SUPERVISED if self.images_per_class() is None else CLASS_LABELS
 
     @torch.no_grad()
     def update_targets(self, progress: float) -> None:
@@ -183,11 +210,13 @@ class SSLMethod(nn.Module):
     def after_step(self, step: int, ctx: TrainContext) -> None:
         """Called after optimizer step ``step`` (0-based) and ``update_targets``, on every rank."""
 
-    def after_training(self, view_batches: Callable[[], Iterable[list[Tensor]]], ctx: TrainContext) -> None:
+    def after_training(self, view_batches: Callable[[], Iterable[TrainingViews]], ctx: TrainContext) -> None:
         """Called once after the last step, on every rank, before the final weights are saved.
 
         ``view_batches()`` yields one epoch of augmented training views (this rank's shard, seeded:
-        a resumed run sees the same views), for post-hoc posteriors such as LAM's Hessian pass.
+        a resumed run sees the same views), for post-hoc posteriors such as LAM's Hessian pass; for
+        a method trained on class labels (:meth:`images_per_class`) each item is a
+        ``(views, labels)`` pair of class-balanced batches.
         """
 
     def attach_run(self, run_dir: Path, up_to_step: int | None = None) -> None:

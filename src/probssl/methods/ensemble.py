@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from probssl.config import ConfigError, method_config
 from probssl.embedding import Embedding
-from probssl.methods.base import MethodConfig, SSLMethod, TrainContext
+from probssl.methods.base import MethodConfig, SSLMethod, TrainContext, TrainingViews
 from probssl.methods.registry import METHODS
 
 
@@ -103,8 +103,11 @@ class DeepEnsemble(SSLMethod):
         for member in self.members:
             member.set_input_normalisation(mean, std)
 
-    def loss(self, views: list[Tensor]) -> Tensor:
-        return torch.stack([member.loss(views) for member in self.members]).sum()
+    def images_per_class(self) -> int | None:
+        return self.members[0].images_per_class()  # the members share one config
+
+    def loss(self, views: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        return torch.stack([member(views, labels) for member in self.members]).sum()
 
     @torch.no_grad()
     def update_targets(self, progress: float) -> None:
@@ -123,7 +126,7 @@ class DeepEnsemble(SSLMethod):
         for member in self.members:
             member.after_step(step, ctx)
 
-    def after_training(self, view_batches: Callable[[], Iterable[list[Tensor]]], ctx: TrainContext) -> None:
+    def after_training(self, view_batches: Callable[[], Iterable[TrainingViews]], ctx: TrainContext) -> None:
         for member in self.members:
             member.after_training(view_batches, ctx)
 

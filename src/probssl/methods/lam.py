@@ -2,8 +2,10 @@
 
 network:   h = f(v)                      (backbone, deterministic)
            x = W h + b,  z = x / ‖x‖      (the embedding layer θ = [W, b], then L2 normalisation)
-pairs:     the 2B views of a (global) batch, labelled by the image they came from, mined
-           ("semihard" by default, or "all")
+pairs:     pairs = views (default, self-supervised): the 2B views of a (global) batch, labelled by the
+           image they came from; pairs = labels (supervised, the paper's setting): one view of each
+           image of a class-balanced batch (m images of each of B/m classes), labelled by its class.
+           Mined "semihard" (default) or "all"
 loss:      (1/P) Σ_pairs  ½d² (positive)  or  ½[m − d]₊² (negative),   d = ‖z_a − z_o‖
 posterior: q(θ) = N(θ*, (H + λ)⁻¹), H the diagonal GGN of that loss (pos | fix | full,
            euclidean | arccos: :mod:`probssl.posteriors.laplace`)
@@ -24,9 +26,16 @@ not drawn per batch), give z_s = normalise(W_s h + b_s); mean = normalise(mean_s
 = Σ_d std_d(z_s).
 
 Self-supervised reading and simplifications (also in BENCHMARKS.md):
-- The paper learns a metric from class labels. Here the labels are image identities: the two
-  augmented views of an image are the positive pair, every other view a negative (SimCLR's
+- The paper learns a metric from class labels. By default the labels here are image identities: the
+  two augmented views of an image are the positive pair, every other view a negative (SimCLR's
   pairing), so LAM trains without labels like every other method in the library.
+  ``method.pairs=labels`` is the paper's supervised setting: positives are images of the same class,
+  negatives of other classes, mined inside class-balanced batches of ``method.images_per_class``
+  images per class (the released code draws random batches, which on a 10-class set hold ~B/10 images
+  of every class; a class-balanced batch guarantees positives for any number of classes). One view
+  per image (the released code trains on un-augmented images: pair it with ``data.views=identity``
+  for the paper's recipe). Such a run is supervised: eval.json's ``meta/supervision`` and the
+  tables say so.
 - MC dropout drops only the embedding layer's input (last-layer dropout): the backbone has no
   dropout layers, and the Laplace posterior covers that same layer, so the two are comparable.
 - The GGN variant defaults to ``pos``. With self-supervised pairs each view has one positive and
@@ -51,11 +60,12 @@ from torch import Tensor, nn
 from probssl.distributed import gather_with_grad, is_distributed
 from probssl.embedding import Embedding
 from probssl.losses.metric_learning import contrastive_pair_loss, mine_pairs
-from probssl.methods.base import MethodConfig, SSLMethod, TrainContext
+from probssl.methods.base import MethodConfig, SSLMethod, TrainContext, TrainingViews
 from probssl.methods.registry import METHODS
 from probssl.posteriors.laplace import OUTPUT_SPACES, VARIANTS, DiagonalLaplace, online_hessian_scale
 
 POSTERIORS = ("online", "posthoc", "none", "mc_dropout")
+PAIRINGS = ("views", "labels")
 MINERS = ("semihard", "all")
 #: Seed of the evaluation's weight draws / dropout masks: every batch of an evaluation (and every
 #: evaluation of the same weights) sees the same S posterior draws.
@@ -76,6 +86,8 @@ class LAMConfig(MethodConfig):
     max_pairs: int | None = 5000  # pairs per batch Hessian, a random subset (as the released code)
     dropout: float = 0.05  # p of MC dropout (posterior = mc_dropout only)
     eval_samples: int = 20  # S when the evaluation asks for no particular number
+    pairs: str = "views"  # views (self-supervised: two views of an image) | labels (supervised: classes)
+    images_per_class: int = 32  # pairs = labels: m images of each class in a class-balanced batch
 
     def validate(self) -> None:
         choices = {
@@ -83,6 +95,7 @@ class LAMConfig(MethodConfig):
             "miner": (self.miner, MINERS),
             "variant": (self.variant, VARIANTS),
             "output_space": (self.output_space, OUTPUT_SPACES),
+            "pairs": (self.pairs, PAIRINGS),
         }
         for name, (value, valid) in choices.items():
             if value not in valid:
@@ -97,6 +110,10 @@ class LAMConfig(MethodConfig):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.embed_dim < 1 or self.eval_samples < 1:
             raise ValueError("embed_dim and eval_samples must be >= 1")
+        if self.images_per_class < 2:  # one image of a class (one view) has no positive in its batch
+            raise ValueError(
+                f"images_per_class must be >= 2 (positives per class), got {self.images_per_class}"
+            )
 
 
 def image_identity_labels(num_images: int, num_views: int, device: torch.device) -> Tensor:
@@ -112,6 +129,10 @@ class LAM(SSLMethod):
         "Laplace (or MC-dropout) posterior of the embedding layer: Σ_d std over posterior draws of the "
         "unit embedding; 0 with posterior = none or one draw, grows with the posterior variance"
     )
+    supervised_modes = {
+        "method.pairs=labels": "pairs mined from class labels in class-balanced batches "
+        "(method.images_per_class per class), the paper's metric-learning setting"
+    }
 
     export_note = (
         "the embedding under the posterior mean weights θ* (normalise(W* h + b*)); probssl embed averages "
@@ -121,6 +142,8 @@ class LAM(SSLMethod):
     def __init__(self, backbone: nn.Module, cfg: LAMConfig) -> None:
         cfg.validate()
         super().__init__(backbone, cfg)
+        # Supervised pairs come from classes, not from a second view of the same image.
+        self.num_views = 1 if cfg.pairs == "labels" else 2
         self.embedding = nn.Linear(backbone.out_dim, cfg.embed_dim)
         self.laplace = DiagonalLaplace(
             self.embedding,
@@ -143,22 +166,37 @@ class LAM(SSLMethod):
         self._seed = ctx.seed
         return None
 
-    def _global_features(self, views: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Backbone features of all views of the global batch, image-major, and their image labels."""
+    def images_per_class(self) -> int | None:
+        return self.cfg.images_per_class if self.cfg.pairs == "labels" else None
+
+    def _global_features(self, views: list[Tensor], labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Backbone features of all views of the global batch, image-major, and the labels that pair
+        them: each view's image (``pairs = views``) or its image's class (``pairs = labels``)."""
+        if (labels is None) != (self.cfg.pairs == "views"):
+            raise ValueError(
+                "method.pairs=labels mines pairs from class labels: loss(views, labels) needs the batch's "
+                "labels [B] (the training loop passes them)"
+                if labels is None
+                else "labels were passed but method.pairs=views pairs the views of each image; "
+                "use method.pairs=labels to train on class labels"
+            )
         feats = torch.stack([self.backbone(v).float() for v in views], dim=1)  # [B, V, I]
         if self.cfg.posterior == "mc_dropout":
             feats = F.dropout(feats, self.cfg.dropout, training=self.training)
         if is_distributed():
             feats = gather_with_grad(feats)  # every rank mines the same global pairs
+            labels = gather_with_grad(labels) if labels is not None else None  # in the same rank order
         b, v, i = feats.shape
-        return feats.reshape(b * v, i), image_identity_labels(b, v, feats.device)
+        if labels is None:
+            return feats.reshape(b * v, i), image_identity_labels(b, v, feats.device)
+        return feats.reshape(b * v, i), labels.to(feats.device).long().repeat_interleave(v)
 
     def _weight_noise(self) -> torch.Generator:
         device = self.embedding.weight.device
         return torch.Generator(device=device).manual_seed(self._seed * 1_000_003 + int(self.steps_done))
 
-    def loss(self, views: list[Tensor]) -> Tensor:
-        feats, labels = self._global_features(views)
+    def loss(self, views: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        feats, labels = self._global_features(views, labels)
         if self.cfg.posterior == "online":
             noise = self._weight_noise()
             theta = self.laplace.sample(1, generator=noise)[0]  # differentiable in θ*
@@ -184,16 +222,18 @@ class LAM(SSLMethod):
         self.steps_done += 1
 
     @torch.no_grad()
-    def after_training(self, view_batches: Callable[[], Iterable[list[Tensor]]], ctx: TrainContext) -> None:
-        """Post-hoc LAM: one pass over augmented training views sums the GGN at θ* (then λ)."""
+    def after_training(self, view_batches: Callable[[], Iterable[TrainingViews]], ctx: TrainContext) -> None:
+        """Post-hoc LAM: one pass over augmented training views sums the GGN at θ* (then λ), on the
+        same pairs as training: of views, or of classes (``(views, labels)`` batches)."""
         if self.cfg.posterior != "posthoc":
             return
         was_training = self.training
         self.eval()  # BatchNorm in eval mode: the curvature of the network that will be evaluated
         self.laplace.hessian.zero_()
         subsets = torch.Generator(device=self.embedding.weight.device).manual_seed(ctx.seed)
-        for views in view_batches():
-            feats, labels = self._global_features(views)
+        for batch in view_batches():
+            views, classes = batch if isinstance(batch, tuple) else (batch, None)
+            feats, labels = self._global_features(views, classes)
             h, _ = self.laplace.batch_hessian(feats, labels, generator=subsets)
             self.laplace.hessian += h
         if self.cfg.optimize_prior:

@@ -31,6 +31,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ConvNet",
+    "FlatCNN",
     "MLPBackbone",
     "ResNet",
     "STEMS",
@@ -282,6 +283,40 @@ class ConvNet(nn.Module):
         return self.features(x).mean(dim=(2, 3))
 
 
+class FlatCNN(nn.Module):
+    """Two valid 3x3 convs (``width``, ``2·width`` channels, ReLU), a 2x2 max-pool, flattened: no pooling
+    to a vector, so out_dim = 2·width·((S − 4) // 2)² (9216 for 28x28 at width 32).
+
+    Why: the encoder of LAM's released Fashion-MNIST / MNIST code (the feature extractor of PyTorch's
+    MNIST example), which its paper's small-image numbers come from; the embedding layer LAM puts its
+    posterior on is then a 9216-input linear map. No normalisation by default, as there.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, width: int = 32, norm: str = "none") -> None:
+        super().__init__()
+        _check_norm(norm)
+        if image_size < 6 or width < 1:
+            raise ValueError(
+                f"flat_cnn needs images of at least 6 px and width >= 1, got {image_size}, {width}"
+            )
+        bias = norm == "none"
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, bias=bias),
+            norm_2d(norm, width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, bias=bias),
+            norm_2d(norm, 2 * width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.out_dim: int = 2 * width * ((image_size - 4) // 2) ** 2
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.features(x)
+
+
 class MLPBackbone(nn.Module):
     """Flatten + two Linear-norm-ReLU layers: a tiny baseline and a fast encoder for tests.
 
@@ -355,6 +390,12 @@ def convnet(
 ) -> ConvNet:
     """Small ConvNet, out_dim ``width * 2**(num_stages - 1)`` (128 by default)."""
     return ConvNet(in_channels, image_size, width, num_stages, norm)
+
+
+@BACKBONES.register("flat_cnn")
+def flat_cnn(in_channels: int, image_size: int, width: int = 32, norm: str = "none") -> FlatCNN:
+    """LAM's small-image encoder: 2 convs + max-pool, flattened (out_dim 9216 at 28 px, width 32)."""
+    return FlatCNN(in_channels, image_size, width, norm)
 
 
 @BACKBONES.register("mlp")
