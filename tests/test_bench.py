@@ -44,9 +44,10 @@ def test_cifar10_suite_tables_carry_the_issue19_columns_and_the_jpeg_note():
     suite = suites.SUITES["cifar10"]
     titles = [title for title, _ in suite.tables()]
     assert titles[:3] == ["Accuracy", "Uncertainty", "OOD detection (AUROC)"]
-    assert titles[3].startswith("Own uncertainty against the deterministic references")
-    assert titles[4].startswith("Trends of the uncertainty")
-    assert titles[5].startswith("Cost")
+    assert titles[3].startswith("The combined detector")
+    assert titles[4].startswith("Own uncertainty against the deterministic references")
+    assert titles[5].startswith("Trends of the uncertainty")
+    assert titles[6].startswith("Cost")
     columns = suite.columns()
     assert len(columns) == len(set(columns))
     for name in ("tiny_imagenet_val", "mnist", "noise"):
@@ -757,3 +758,30 @@ def test_a_suite_that_keeps_every_epoch_gives_its_own_run_to_the_curve(tiny_suit
     assert model.stat().st_mtime_ns == stamp and not (out / "kept" / "curve" / "simclr-s0").exists()
     assert [p["step"] for p in result["points"]] == [4, 8]
     assert (run / "eval_step4.json").is_file() and (out / "kept" / "curve" / "curve.json").is_file()
+
+
+def test_the_combined_detector_is_compared_with_its_members_and_an_oracle_choice_paired_within_a_run():
+    """``own_in_combined`` = combined − the same rule without the own p-value (runs with an own
+    uncertainty only); ``combined-best_single`` = combined − the largest single detector's AUROC of the
+    run (the combinations and the ``best_feature`` alias are not single detectors)."""
+    run = {
+        "ood/mnist/combined/auroc": 0.95,
+        "ood/mnist/combined_features/auroc": 0.93,
+        "ood/mnist/best_feature/auroc": 0.99,  # an alias of knn1: never the oracle's pick
+        "ood/mnist/knn1/auroc": 0.90,
+        "ood/mnist/mahalanobis_raw/auroc": 0.97,
+        "ood/mnist/emb/auroc": 0.60,
+        "ood/noise/combined/auroc": 0.99,
+        "ood/noise/combined_features/auroc": 0.99,
+        "ood/noise/knn1/auroc": 1.0,
+        "ood/id/combined/fpr@0.05": 0.05,  # not an OOD set's AUROC
+    }
+    differences = tables.paired_comparisons(run)
+    assert differences["vs/ood/mnist/own_in_combined"] == pytest.approx(0.02)
+    assert differences["vs/ood/mnist/combined-best_single"] == pytest.approx(0.95 - 0.97)
+    assert differences["vs/ood/noise/combined-best_single"] == pytest.approx(-0.01)
+    assert "vs/ood/noise/own_in_combined" not in differences  # no own score against noise in this run
+    deterministic = {k: v for k, v in run.items() if "/emb/" not in k}
+    assert not any(k.endswith("own_in_combined") for k in tables.paired_comparisons(deterministic))
+    columns = suites.SUITES["cifar10"].columns()
+    assert "vs/ood/mnist/own_in_combined" in columns and "ood/id/combined/fpr@0.01" in columns

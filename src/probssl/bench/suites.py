@@ -251,11 +251,30 @@ class Suite:
                     ],
                 )
             ]
+        combined = [
+            f"{prefix}/{name}/{key}"
+            for name in self.ood
+            for prefix, key in (
+                ("ood", "combined/auroc"),
+                ("vs/ood", "combined-best_single"),
+                ("vs/ood", "own_in_combined"),
+            )
+        ]
+        combined += [f"ood/id/combined/fpr@{alpha}" for alpha in ("0.01", "0.05", "0.1")]
+        combined.append("sel/reliability/ece")
         return [
             *paper,
             ("Accuracy", accuracy),
             ("Uncertainty", uncertainty),
             ("OOD detection (AUROC)", ood),
+            (
+                "The combined detector (docs/methods.md §5): AUROC per OOD set; `combined-best_single`: "
+                "against the best single detector of the same run, chosen afterwards (< 0: below that "
+                "oracle); `own_in_combined`: minus the same rule without the method's own p-value (> 0: the "
+                "own uncertainty adds power); realized false-positive rates at α on in-distribution test "
+                "images; ECE of `reliability`",
+                combined,
+            ),
             (
                 "Own uncertainty against the deterministic references (AUROC differences paired within "
                 "each run; > 0: the first score is better)",

@@ -41,6 +41,12 @@ def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
       estimate — does the posterior help a strong detector?
     - ``vs/sel/own-knn1`` and ``vs/sel/own-entropy``: error-ranking AUROC of the own uncertainty minus
       the kNN distance's and minus the probe's predictive entropy's.
+    - ``vs/ood/<set>/own_in_combined``: the combined detector's AUROC minus that of the same rule without
+      the method's own p-value (``combined_features``) — does the own uncertainty add power to the
+      combination? (Runs with an own uncertainty only.)
+    - ``vs/ood/<set>/combined-best_single``: the combined detector's AUROC minus the best single
+      detector's of the same run, chosen *afterwards* over every ``ood/<set>/<detector>/auroc`` — what
+      declaring the rule in advance costs against an oracle choice (issue 29's robustness goal).
 
     Averaging paired differences over seeds (rather than subtracting two seed means) keeps the seed-
     to-seed spread that both scores share out of the comparison's ± std. A difference exists only when
@@ -60,8 +66,33 @@ def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
             pairs[f"vs/ood/{name}/bma-{ref}"] = (f"ood/{name}/{ref}_bma/auroc", f"ood/{name}/{ref}/auroc")
         if len(parts) == 4 and parts[0] == "ood" and parts[2:] == ["mi", "auroc"]:
             pairs[f"vs/ood/{parts[1]}/mi-{ref}"] = (key, f"ood/{parts[1]}/{ref}/auroc")
+        own = len(parts) == 4 and f"ood/{parts[1]}/emb/auroc" in run  # a method with its own uncertainty
+        if own and parts[0] == "ood" and parts[2:] == ["combined", "auroc"]:
+            pairs[f"vs/ood/{parts[1]}/own_in_combined"] = (key, f"ood/{parts[1]}/combined_features/auroc")
     numbers = {k: v for k, v in run.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-    return {key: numbers[a] - numbers[b] for key, (a, b) in pairs.items() if a in numbers and b in numbers}
+    differences = {
+        key: numbers[a] - numbers[b] for key, (a, b) in pairs.items() if a in numbers and b in numbers
+    }
+    return differences | _combined_against_best_single(numbers)
+
+
+#: ``ood/<set>/<name>/auroc`` keys that are not single detectors: the combinations and the alias of the
+#: pre-declared reference (``best_feature`` repeats ``knn1``).
+_NOT_SINGLE = ("combined", "combined_features", "best_feature")
+
+
+def _combined_against_best_single(numbers: dict[str, float]) -> dict[str, float]:
+    """``vs/ood/<set>/combined-best_single`` for every OOD set with a combined detector."""
+    best: dict[str, float] = {}
+    for key, value in numbers.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[0] == "ood" and parts[3] == "auroc" and parts[2] not in _NOT_SINGLE:
+            best[parts[1]] = max(best.get(parts[1], value), value)
+    return {
+        f"vs/ood/{name}/combined-best_single": numbers[f"ood/{name}/combined/auroc"] - top
+        for name, top in best.items()
+        if f"ood/{name}/combined/auroc" in numbers
+    }
 
 
 def uncertainty_trends(run: dict[str, Any]) -> dict[str, float]:
