@@ -248,14 +248,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from probssl.tables import (
-        DEFAULT_COLUMNS,
-        aggregate_seeds,
-        check_columns,
-        format_table,
-        read_eval,
-        select_runs,
-    )
+    from probssl.results import read_eval, select_runs
+    from probssl.tables import DEFAULT_COLUMNS, aggregate_seeds, check_columns, format_table
 
     if args.update:
         from probssl.output_files import is_text_for_tables, refuse_foreign_output
@@ -287,8 +281,8 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from probssl.eval.report import build_report
     from probssl.output_files import is_report, refuse_foreign_output
+    from probssl.results import select_runs
     from probssl.runs import warn_partial_results
-    from probssl.tables import select_runs
 
     refuse_foreign_output(args.out, "--out", "report", is_report)
     run_dirs, notes = select_runs(args.run_dirs, need_eval=False)  # report notes a missing eval.json itself

@@ -238,13 +238,6 @@ def build_model(
     return method
 
 
-def is_run_dir(path: str | Path) -> bool:
-    """A directory ``probssl train`` wrote (``config.yaml``) or results were copied into (``eval.json``):
-    what ``table`` and ``report`` accept."""
-    path = Path(path)
-    return (path / "config.yaml").is_file() or (path / "eval.json").is_file()
-
-
 @dataclass
 class LoadedRun:
     run_dir: Path
