@@ -13,8 +13,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from probssl.bench.catalogue import PAPER_PROTOCOL, QualityArm, Suite
 from probssl.results import (
     format_mean_std,
     numeric,
@@ -24,9 +25,6 @@ from probssl.results import (
     supervision_mark,
     training_keys,
 )
-
-if TYPE_CHECKING:
-    from probssl.bench.suites import QualityArm, Suite
 
 
 def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
@@ -313,3 +311,20 @@ def results_markdown(results: dict[str, Any]) -> str:
     for arm, message in results.get("failures", {}).items():
         text += f"\n\n**{arm} failed**: {message}"
     return text
+
+
+def paper_markdown(suite: Suite, summary: dict[str, Any], runs: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """The suite's figures beside the authors' (``Suite.paper``): ours as mean ± std over seeds, the
+    difference, and what the metric measures in their protocol and ours (``PAPER_PROTOCOL``)."""
+    lines = [
+        "**Against the authors' figures**\n",
+        "| metric | arm | authors | ours | ours − authors | what it measures |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, arm, value in suite.paper:
+        cell = summary.get(arm, {}).get(key)
+        ours = "–" if cell is None else f"{format_mean_std(cell['mean'], cell['std'])} (n={cell['n']})"
+        diff = "–" if cell is None else f"{cell['mean'] - value:+.4f}"
+        label = arm + arm_supervision_mark(runs.get(arm, {}))
+        lines.append(f"| {key} | {label} | {value:.2f} | {ours} | {diff} | {PAPER_PROTOCOL.get(key, '')} |")
+    return "\n".join(lines)
