@@ -220,13 +220,8 @@ def _ensemble(tmp_path: Path) -> None:
     """One draw per member (its own mean); mean = their average, normalised when the members' embeddings
     are unit vectors; uncertainty = Σ_d std over members."""
     x = _images()
-    ensemble = METHODS.get("ensemble")
     for member, on_sphere in (("lam", True), ("simclr", False)):
-        # Built from its config: the default member_args (LAM's posterior=none) would not fit SimCLR.
-        member_args = {"posterior": "none"} if on_sphere else {}
-        cfg = ensemble.config_class(member=member, size=3, member_args=member_args)
-        torch.manual_seed(0)
-        method = _after_one_step(ensemble(build_backbone("convnet", 1, 8), cfg))
+        method = _trained("ensemble", {"member": member, "size": 3})  # each member at its own defaults
         draws = np.stack([_np(_embed(m, x).mean) for m in method.members])
         emb = _embed(method, x, 7)  # the ensemble's size fixes the draws, whatever is asked for
         _close(emb.samples, draws, f"{member}: one draw per member")
