@@ -302,11 +302,11 @@ def test_eval_memory_benchmark_reports_bank_and_overhead(tmp_path):
 def test_sweep_arms_are_valid_configs():
     """Every arm (default and sweep) builds a valid config for every suite: no typo in an override."""
     for suite in catalogue.SUITES.values():
-        for arm in catalogue.ALL_ARMS:
+        for arm in catalogue.all_shared_arms():
             cfg = suites._arm_config(suite, arm, seed=1, data_dir=None)
             assert cfg.method == arm.method and cfg.train.seed == 1
             method_config(METHODS.get(arm.method).config_class, cfg.method_args, arm.method)  # keys, types
-    names = [a.name for a in catalogue.ALL_ARMS]
+    names = [a.name for a in catalogue.all_shared_arms()]
     assert len(names) == len(set(names))
     assert {"scl_beta1e-3", "scl_bits1024", "lam_online_full_arccos"} <= set(names)
 
@@ -323,7 +323,7 @@ def test_sweep_arms_are_valid_configs():
 )
 def test_a_sweep_alias_is_exactly_its_default_arm(alias, overrides):
     """The sweep point the alias stands for builds the same method config as the arm it names."""
-    arm = next(a for a in catalogue.ALL_ARMS if a.name == catalogue.SWEEP_ALIASES[alias])
+    arm = next(a for a in catalogue.all_shared_arms() if a.name == catalogue.SWEEP_ALIASES[alias])
     spelled_out = catalogue.QualityArm(alias, arm.method, overrides)
     suite = catalogue.SUITES["fashion_mnist"]
 
@@ -332,7 +332,7 @@ def test_a_sweep_alias_is_exactly_its_default_arm(alias, overrides):
         return method_config(METHODS.get(a.method).config_class, cfg.method_args, a.method)
 
     assert resolved(arm) == resolved(spelled_out)
-    assert alias not in {a.name for a in catalogue.ALL_ARMS}
+    assert alias not in {a.name for a in catalogue.all_shared_arms()}
 
 
 def test_the_same_command_and_seed_reproduce_the_table(tiny_suite, tmp_path):
@@ -570,7 +570,7 @@ def test_each_probabilistic_arm_is_set_against_its_deterministic_base():
     runs["simclr"] = {0: {"linear/top1": 0.9}, 1: {"linear/top1": 0.91}}
     columns = ("linear/top1", "cal/ece15")
     comparisons = [tables.BaseComparison.same(key) for key in columns]
-    table = tables.against_base(tables.summarise(runs, columns), catalogue.ALL_ARMS, comparisons)
+    table = tables.against_base(tables.summarise(runs, columns), catalogue.all_shared_arms(), comparisons)
     assert set(table) == {"csghmc", "prosmin"}  # scl's base (simclr) is here, scl is not; bases have no row
     a, b = seeds["csghmc"], seeds["byol"]
     cell = table["csghmc"]["linear/top1"]
@@ -600,7 +600,8 @@ def test_own_uncertainty_is_set_against_the_base_reference_detector():
     suite = catalogue.SUITES["fashion_mnist"]
     comparisons = tables.base_ood_columns(suite)
     keys = {key for c in comparisons for key in (c.arm_key, c.base_key)}
-    table = tables.against_base(tables.summarise(runs, sorted(keys)), catalogue.ALL_ARMS, comparisons)
+    summary = tables.summarise(runs, sorted(keys))
+    table = tables.against_base(summary, catalogue.all_shared_arms(), comparisons)
     cell = table["csghmc"]["ood/mnist/own-base_best_feature"]
     assert cell["diff"] == pytest.approx(statistics.fmean(own) - statistics.fmean(reference))
     se = (statistics.variance(own) / 3 + statistics.variance(reference) / 3) ** 0.5
@@ -711,7 +712,7 @@ def test_a_suite_with_arms_of_its_own_runs_them_supervised_and_reads_them_agains
     with pytest.raises(ConfigError, match=r"choose from \['lam_deterministic', 'lam_online'\]"):
         catalogue.resolve_arms(["simclr"], own)
     shared = catalogue.resolve_arms(None, catalogue.SUITES["cifar10"])
-    assert shared == catalogue.ARMS  # the shared ones elsewhere
+    assert shared == catalogue.shared_arms() == catalogue.ARMS  # the shared ones elsewhere
     assert [a.name for a in catalogue.resolve_arms(None, catalogue.SUITES["lam_fmnist"])] == [
         "lam_deterministic", "lam_online", "lam_posthoc", "lam_mc_dropout", "lam_ensemble"
     ]  # fmt: skip

@@ -319,6 +319,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("datasets: ", ", ".join(dataset_names()))
     print("backbones:", ", ".join(BACKBONES.names()))
     print("configs:  ", ", ".join(bundled_configs()), "(--config NAME)")
+    if args.update:  # README.md's "What each method's uncertainty means", from each uncertainty_doc
+        from probssl.bench.sections import replace_section
+        from probssl.methods.uncertainty_table import README_SECTION, uncertainty_table
+        from probssl.output_files import is_text_for_tables, refuse_foreign_output
+
+        refuse_foreign_output(args.update, "--update", "list", is_text_for_tables)
+        replace_section(args.update, README_SECTION, uncertainty_table())
+        print(f"updated section {README_SECTION!r} of {args.update}")
     return 0
 
 
@@ -400,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-progress", action="store_true")
-    sub.add_parser("list", help="registered methods, datasets, backbones")
+    p = sub.add_parser("list", help="registered methods, datasets, backbones")
+    p.add_argument(
+        "--update", metavar="FILE", help="also rewrite FILE's generated table of each method's uncertainty"
+    )
     add_bench_parser(sub)
     return parser
 

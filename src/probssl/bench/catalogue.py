@@ -16,28 +16,41 @@ from typing import Any
 from probssl.config import ConfigError
 
 
+def _declared_base(method: str) -> str | None:
+    from probssl.methods import METHODS
+
+    return METHODS.get(method).deterministic_base
+
+
 @dataclass(frozen=True)
 class QualityArm:
     name: str
     method: str
     overrides: tuple[str, ...] = ()
     #: The deterministic arm its paper's claims are measured against (same objective, no posterior),
-    #: as in ``probssl bench speed``; None for the bases themselves.
+    #: as in ``probssl bench speed``; None for the bases themselves. Left out, an arm that runs its
+    #: method at the defaults takes the method's own ``deterministic_base`` (an arm of that name); an
+    #: arm with overrides has a base only when it names one.
     base: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.base is None and not self.overrides:
+            object.__setattr__(self, "base", _declared_base(self.method))
 
+
+#: The named arms, in the tables' order; every other registered method joins them (:func:`shared_arms`).
 ARMS: tuple[QualityArm, ...] = (
     QualityArm("pixels", "pixels"),
     QualityArm("simclr", "simclr"),
     QualityArm("byol", "byol"),
     QualityArm("simsiam", "simsiam"),
-    QualityArm("csghmc", "csghmc", base="byol"),  # BYOL's loss, sampled with cyclical SGHMC
+    QualityArm("csghmc", "csghmc"),  # BYOL's loss, sampled with cyclical SGHMC; its base is BYOL
     # cSGHMC's ablation (issue 4, scripts/bench_csghmc.sh): the same cyclical schedule and sample
     # positions at temperature 0 — a snapshot ensemble, so the table separates noise from cycling.
     QualityArm("csghmc_snapshot", "csghmc", ("method.temperature=0",), base="byol"),
-    QualityArm("prosmin", "prosmin", base="byol"),  # an EMA target network, as BYOL
-    QualityArm("vi_simsiam", "vi_simsiam", base="simsiam"),
-    QualityArm("scl", "scl", base="simclr"),
+    QualityArm("prosmin", "prosmin"),
+    QualityArm("vi_simsiam", "vi_simsiam"),
+    QualityArm("scl", "scl"),
     QualityArm("lam_deterministic", "lam", ("method.posterior=none",)),
     QualityArm("lam_mc_dropout", "lam", ("method.posterior=mc_dropout",), base="lam_deterministic"),
     QualityArm("lam_ensemble", "ensemble", ("method.member=lam", "method.size=5"), base="lam_deterministic"),
@@ -69,7 +82,21 @@ SWEEP_ARMS: tuple[QualityArm, ...] = (
 #: Sweep points that are a default arm (SCL's default β is 1e-4; online LAM's default GGN is pos
 #: in the Euclidean output space): naming them runs, and tabulates, that arm.
 SWEEP_ALIASES: dict[str, str] = {"scl_beta1e-4": "scl", "lam_online_pos_euclidean": "lam_online"}
-ALL_ARMS = ARMS + SWEEP_ARMS
+
+
+def shared_arms() -> tuple[QualityArm, ...]:
+    """The arms of every suite without arms of its own: ``ARMS``, then each registered method that no
+    arm of ``ARMS`` runs, at its defaults and against its ``deterministic_base`` — so a method added to
+    the registry is benchmarked with no edit here."""
+    from probssl.methods import METHODS
+
+    covered = {arm.method for arm in ARMS}
+    return ARMS + tuple(QualityArm(name, name) for name in METHODS.names() if name not in covered)
+
+
+def all_shared_arms() -> tuple[QualityArm, ...]:
+    """Every arm ``--arms`` may name in a suite without arms of its own: the shared ones and the sweeps."""
+    return shared_arms() + SWEEP_ARMS
 
 _SGD = {"name": "sgd", "lr": 0.05, "weight_decay": 5.0e-4}
 
@@ -133,7 +160,7 @@ class Suite:
     #: Arms run at fewer seeds than asked (seeds 0 .. N-1 only): e.g. a 5-member ensemble that costs
     #: five runs. The table's ``seeds`` column shows what was run.
     max_seeds: dict[str, int] = field(default_factory=dict)
-    #: The suite's own arms, replacing the shared ``ARMS`` / ``SWEEP_ARMS`` (a suite about one method
+    #: The suite's own arms, replacing the shared ones and ``SWEEP_ARMS`` (a suite about one method
     #: in its paper's regime, e.g. ``lam_fmnist``); empty: the shared ones.
     arms: tuple[QualityArm, ...] = ()
     #: The published figures its table is read against: (metric key, arm, the authors' value).
@@ -144,11 +171,11 @@ class Suite:
 
     def default_arms(self) -> tuple[QualityArm, ...]:
         """What runs without ``--arms``."""
-        return self.arms or ARMS
+        return self.arms or shared_arms()
 
     def all_arms(self) -> tuple[QualityArm, ...]:
         """Every arm ``--arms`` may name (the defaults and the sweeps)."""
-        return self.arms or ALL_ARMS
+        return self.arms or all_shared_arms()
 
     def runs(self, arm: str, seed: int) -> bool:
         """Whether seed ``seed`` of ``arm`` belongs to the suite (``max_seeds`` caps some arms)."""
@@ -366,10 +393,10 @@ SUITES: dict[str, Suite] = {
 def resolve_arms(only: Sequence[str] | None, suite: Suite | None = None) -> tuple[QualityArm, ...]:
     """The arms ``--arms`` names (aliases resolved, in suite order), or the default arms — of ``suite``
     when it has arms of its own, else the shared ones."""
-    default, every = (suite.default_arms(), suite.all_arms()) if suite else (ARMS, ALL_ARMS)
+    default, every = (suite.default_arms(), suite.all_arms()) if suite else (shared_arms(), all_shared_arms())
     if not only:
         return default
-    aliases = SWEEP_ALIASES if every is ALL_ARMS else {}
+    aliases = SWEEP_ALIASES if suite is None or not suite.arms else {}
     names = {aliases.get(name, name) for name in only}
     unknown = names - {a.name for a in every}
     if unknown:

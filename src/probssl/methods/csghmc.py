@@ -107,6 +107,8 @@ class CSGHMCConfig(MethodConfig):
 @METHODS.register("csghmc")
 class CyclicalSGHMCSSL(WrappingMethod):
     config_class = CSGHMCConfig
+    deterministic_base = "byol"  # the default objective's loss, sampled
+    step_time_goal = 1.10
     wrapped_field, wrapped_args_field = "objective", "objective_args"
     self_wrap_hint = "; use byol or simclr"
     probabilistic = True

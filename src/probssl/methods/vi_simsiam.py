@@ -120,6 +120,8 @@ class VISimSiam(SSLMethod):
         "small (≈ 1/d at initialisation) for confident images and grows for ambiguous ones"
     )
     config_class = VISimSiamConfig
+    deterministic_base = "simsiam"  # the fixed-κ case is SimSiam
+    step_time_goal = 1.10
 
     def __init__(self, backbone: nn.Module, cfg: VISimSiamConfig) -> None:
         _validate(cfg)
