@@ -258,7 +258,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     run_dirs, notes = select_runs(args.run_dirs)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    rows = {str(d): read_eval(d) for d in run_dirs}
+    rows = {str(d): read_eval(d, with_training=True) for d in run_dirs}  # + meta/train_precision, _processor
     columns = args.columns.split(",") if args.columns else list(DEFAULT_COLUMNS)
     if args.columns:
         check_columns(rows, columns)
