@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from probssl import run_lock
-from probssl.bench import suites, tables
+from probssl.bench import catalogue, suites, tables
 from probssl.bench.sections import SectionError, check_markers, read_section, replace_section
 from probssl.bench.speed import Arm, run_speed_benchmark, speed_markdown
 from probssl.cli import main
@@ -37,11 +37,11 @@ def test_suite_budgets_match_the_documented_configs(name, config, changed):
     documented = yaml.safe_load((REPO / "src" / "probssl" / "configs" / f"{config}.yaml").read_text())
     documented["train"].pop("keep_checkpoints", None)  # where checkpoints go, not what is computed
     documented.pop("method", None), documented.pop("method_args", None)  # the arms set the method
-    assert suites.SUITES[name].budget == {**documented, **changed}
+    assert catalogue.SUITES[name].budget == {**documented, **changed}
 
 
 def test_cifar10_suite_tables_carry_the_issue19_columns_and_the_jpeg_note():
-    suite = suites.SUITES["cifar10"]
+    suite = catalogue.SUITES["cifar10"]
     titles = [title for title, _ in suite.tables()]
     assert titles[:3] == ["Accuracy", "Uncertainty", "OOD detection (AUROC)"]
     assert titles[3].startswith("The combined detector")
@@ -74,15 +74,15 @@ def test_cifar10_suite_tables_carry_the_issue19_columns_and_the_jpeg_note():
 
 def test_max_seeds_caps_an_arm_and_the_tables_are_split(tmp_path, monkeypatch):
     """A capped arm is not run beyond its seeds; the markdown has one table per group, seeds shown."""
-    suite = suites.Suite(
+    suite = catalogue.Suite(
         "capped", {"data": {"dataset": "digits"}}, ("noise",), "n", ("mnist",), max_seeds={"byol": 1}
     )
-    monkeypatch.setitem(suites.SUITES, "capped", suite)
+    monkeypatch.setitem(catalogue.SUITES, "capped", suite)
     calls = []
 
     def fake(suite, arm, seed, out, data_dir, progress):
         calls.append((arm.name, seed))
-        run = suites.run_dir_for(out, suite.name, arm.name, seed)
+        run = catalogue.run_dir_for(out, suite.name, arm.name, seed)
         run.mkdir(parents=True)
         metrics = {"linear/top1": 0.5 + seed / 10, "ood/noise/best_feature/auroc": 0.9, "sel/crop_up": 0.25}
         (run / "eval.json").write_text(json.dumps(metrics))
@@ -167,8 +167,8 @@ def tiny_suite(monkeypatch):
         "train": {"epochs": 1, "batch_size": 32, "deterministic": True, "tensorboard": False},
         "optim": {"name": "sgd", "lr": 0.05, "warmup_epochs": 0},
     }
-    tiny = suites.Suite("tiny", budget, ("noise",), "a test suite")
-    monkeypatch.setitem(suites.SUITES, "tiny", tiny)
+    tiny = catalogue.Suite("tiny", budget, ("noise",), "a test suite")
+    monkeypatch.setitem(catalogue.SUITES, "tiny", tiny)
     # The full evaluation is the expensive part: the basic one exercises the same harness.
     from probssl.eval import evaluate
 
@@ -302,12 +302,12 @@ def test_eval_memory_benchmark_reports_bank_and_overhead(tmp_path):
 
 def test_sweep_arms_are_valid_configs():
     """Every arm (default and sweep) builds a valid config for every suite: no typo in an override."""
-    for suite in suites.SUITES.values():
-        for arm in suites.ALL_ARMS:
+    for suite in catalogue.SUITES.values():
+        for arm in catalogue.all_shared_arms():
             cfg = suites._arm_config(suite, arm, seed=1, data_dir=None)
             assert cfg.method == arm.method and cfg.train.seed == 1
             method_config(METHODS.get(arm.method).config_class, cfg.method_args, arm.method)  # keys, types
-    names = [a.name for a in suites.ALL_ARMS]
+    names = [a.name for a in catalogue.all_shared_arms()]
     assert len(names) == len(set(names))
     assert {"scl_beta1e-3", "scl_bits1024", "lam_online_full_arccos"} <= set(names)
 
@@ -324,16 +324,16 @@ def test_sweep_arms_are_valid_configs():
 )
 def test_a_sweep_alias_is_exactly_its_default_arm(alias, overrides):
     """The sweep point the alias stands for builds the same method config as the arm it names."""
-    arm = next(a for a in suites.ALL_ARMS if a.name == suites.SWEEP_ALIASES[alias])
-    spelled_out = suites.QualityArm(alias, arm.method, overrides)
-    suite = suites.SUITES["fashion_mnist"]
+    arm = next(a for a in catalogue.all_shared_arms() if a.name == catalogue.SWEEP_ALIASES[alias])
+    spelled_out = catalogue.QualityArm(alias, arm.method, overrides)
+    suite = catalogue.SUITES["fashion_mnist"]
 
     def resolved(a):
         cfg = suites._arm_config(suite, a, seed=0, data_dir=None)
         return method_config(METHODS.get(a.method).config_class, cfg.method_args, a.method)
 
     assert resolved(arm) == resolved(spelled_out)
-    assert alias not in {a.name for a in suites.ALL_ARMS}
+    assert alias not in {a.name for a in catalogue.all_shared_arms()}
 
 
 def test_the_same_command_and_seed_reproduce_the_table(tiny_suite, tmp_path):
@@ -539,7 +539,7 @@ def test_own_uncertainty_is_compared_with_the_references_paired_within_each_run(
     assert differences[0]["vs/sel/own-knn1"] == pytest.approx(0.05)
     assert differences[0]["vs/sel/own-entropy"] == pytest.approx(-0.10)
 
-    suite = suites.SUITES["fashion_mnist"]
+    suite = catalogue.SUITES["fashion_mnist"]
     by_arm = {
         "csghmc": {s: run | d for s, (run, d) in enumerate(zip(runs, differences, strict=True))},
         "simclr": {0: {}},
@@ -571,14 +571,14 @@ def test_each_probabilistic_arm_is_set_against_its_deterministic_base():
     runs["simclr"] = {0: {"linear/top1": 0.9}, 1: {"linear/top1": 0.91}}
     columns = ("linear/top1", "cal/ece15")
     comparisons = [tables.BaseComparison.same(key) for key in columns]
-    table = tables.against_base(tables.summarise(runs, columns), suites.ALL_ARMS, comparisons)
+    table = tables.against_base(tables.summarise(runs, columns), catalogue.all_shared_arms(), comparisons)
     assert set(table) == {"csghmc", "prosmin"}  # scl's base (simclr) is here, scl is not; bases have no row
     a, b = seeds["csghmc"], seeds["byol"]
     cell = table["csghmc"]["linear/top1"]
     assert cell["diff"] == pytest.approx(statistics.fmean(a) - statistics.fmean(b))
     assert cell["se"] == pytest.approx((statistics.variance(a) / 3 + statistics.variance(b) / 3) ** 0.5)
     assert table["prosmin"]["linear/top1"]["se"] is None and "cal/ece15" not in table["csghmc"]
-    for suite in suites.SUITES.values():  # the runner summarises the tables' columns once and reuses them
+    for suite in catalogue.SUITES.values():  # the runner summarises the tables' columns once and reuses them
         compared = tables.AGAINST_BASE + tables.base_ood_columns(suite)
         assert {key for c in compared for key in (c.arm_key, c.base_key)} <= set(suite.columns())
     text = tables.against_base_markdown(table, {"csghmc": "byol", "prosmin": "byol"})
@@ -598,10 +598,11 @@ def test_own_uncertainty_is_set_against_the_base_reference_detector():
         },
         "byol": {s: {"ood/mnist/best_feature/auroc": v} for s, v in enumerate(reference)},
     }
-    suite = suites.SUITES["fashion_mnist"]
+    suite = catalogue.SUITES["fashion_mnist"]
     comparisons = tables.base_ood_columns(suite)
     keys = {key for c in comparisons for key in (c.arm_key, c.base_key)}
-    table = tables.against_base(tables.summarise(runs, sorted(keys)), suites.ALL_ARMS, comparisons)
+    summary = tables.summarise(runs, sorted(keys))
+    table = tables.against_base(summary, catalogue.all_shared_arms(), comparisons)
     cell = table["csghmc"]["ood/mnist/own-base_best_feature"]
     assert cell["diff"] == pytest.approx(statistics.fmean(own) - statistics.fmean(reference))
     se = (statistics.variance(own) / 3 + statistics.variance(reference) / 3) ** 0.5
@@ -621,7 +622,7 @@ def test_evaluation_cpu_sums_the_stages_and_divides_by_the_training_wall():
         "meta/eval_cpu_seconds": 5.5
     }  # pixels
     assert tables.evaluation_cpu({"meta/train_seconds": 50.0}) == {}  # evaluated before stages were timed
-    assert "meta/eval_cpu_to_train" in suites.SUITES["fashion_mnist"].columns()
+    assert "meta/eval_cpu_to_train" in catalogue.SUITES["fashion_mnist"].columns()
 
 
 def test_uncertainty_trends_are_rank_correlations_over_bins_and_severities():
@@ -654,7 +655,7 @@ def test_uncertainty_trends_are_rank_correlations_over_bins_and_severities():
     deterministic = {"sel/acc_by_quantile": [0.5] * 5, "sel/emb/acc_by_quantile": [0.9, None, 0.5, 0.4, 0.3]}
     assert tables.uncertainty_trends(deterministic) == {}
 
-    suite = suites.SUITES["cifar10"]
+    suite = catalogue.SUITES["cifar10"]
     assert "trend/own_unc_by_severity" in suite.columns()
 
 
@@ -693,12 +694,12 @@ def test_a_suite_with_arms_of_its_own_runs_them_supervised_and_reads_them_agains
 ):
     """lam_fmnist's shape: its own (label-trained LAM) arms replace the shared ones, every row is
     marked supervised, and the authors' figures come first with ours beside them."""
-    labelled = suites.QualityArm(
+    labelled = catalogue.QualityArm(
         "lam_deterministic",
         "lam",
         ("method.pairs=labels", "method.images_per_class=4", "method.posterior=none"),
     )
-    online = suites.QualityArm(
+    online = catalogue.QualityArm(
         "lam_online",
         "lam",
         ("method.pairs=labels", "method.images_per_class=4", "method.max_pairs=200"),
@@ -706,17 +707,18 @@ def test_a_suite_with_arms_of_its_own_runs_them_supervised_and_reads_them_agains
     )
     paper = (("knn/top1@20", "lam_online", 0.81),)  # the test's evaluation is the basic one
     budget = {**tiny_suite.budget, "train": {**tiny_suite.budget["train"], "batch_size": 40}}
-    own = suites.Suite("own", budget, ("noise",), "n", arms=(labelled, online), paper=paper)
-    monkeypatch.setitem(suites.SUITES, "own", own)
-    assert suites.resolve_arms(None, own) == (labelled, online)
+    own = catalogue.Suite("own", budget, ("noise",), "n", arms=(labelled, online), paper=paper)
+    monkeypatch.setitem(catalogue.SUITES, "own", own)
+    assert catalogue.resolve_arms(None, own) == (labelled, online)
     with pytest.raises(ConfigError, match=r"choose from \['lam_deterministic', 'lam_online'\]"):
-        suites.resolve_arms(["simclr"], own)
-    assert suites.resolve_arms(None, suites.SUITES["cifar10"]) == suites.ARMS  # the shared ones elsewhere
-    assert [a.name for a in suites.resolve_arms(None, suites.SUITES["lam_fmnist"])] == [
+        catalogue.resolve_arms(["simclr"], own)
+    shared = catalogue.resolve_arms(None, catalogue.SUITES["cifar10"])
+    assert shared == catalogue.shared_arms() == catalogue.ARMS  # the shared ones elsewhere
+    assert [a.name for a in catalogue.resolve_arms(None, catalogue.SUITES["lam_fmnist"])] == [
         "lam_deterministic", "lam_online", "lam_posthoc", "lam_mc_dropout", "lam_ensemble"
     ]  # fmt: skip
-    for arm in suites.SUITES["lam_fmnist"].arms:  # every arm of the paper's regime trains on labels
-        cfg = suites._arm_config(suites.SUITES["lam_fmnist"], arm, 0, None)
+    for arm in catalogue.SUITES["lam_fmnist"].arms:  # every arm of the paper's regime trains on labels
+        cfg = suites._arm_config(catalogue.SUITES["lam_fmnist"], arm, 0, None)
         member = cfg.method_args.get("member_args", cfg.method_args)
         assert member["pairs"] == "labels" and member["embed_dim"] == 3, arm.name
 
@@ -739,13 +741,14 @@ def test_a_suite_that_keeps_every_epoch_gives_its_own_run_to_the_curve(tiny_suit
     --curve evaluates the suite's run instead of training one apart."""
     from probssl.bench import curve
 
-    kept = suites.Suite(
+    kept = catalogue.Suite(
         "kept", {**tiny_suite.budget, "train": {**tiny_suite.budget["train"], "epochs": 3}}, ("noise",), "n",
         keep_every_epoch=True,
     )  # fmt: skip
-    monkeypatch.setitem(suites.SUITES, "kept", kept)
-    assert suites._arm_config(kept, suites.ARMS[1], 0, None).train.keep_checkpoints == 3
-    assert suites.SUITES["cifar10_budget"].keep_every_epoch and not suites.SUITES["cifar10"].keep_every_epoch
+    monkeypatch.setitem(catalogue.SUITES, "kept", kept)
+    assert suites._arm_config(kept, catalogue.ARMS[1], 0, None).train.keep_checkpoints == 3
+    suites_ = catalogue.SUITES
+    assert suites_["cifar10_budget"].keep_every_epoch and not suites_["cifar10"].keep_every_epoch
     out = tmp_path / "bench"
     suites.run_quality_benchmark("kept", out, seeds=1, only=["simclr"], progress=False)
     run = out / "kept" / "simclr-s0"
@@ -783,5 +786,5 @@ def test_the_combined_detector_is_compared_with_its_members_and_an_oracle_choice
     assert "vs/ood/noise/own_in_combined" not in differences  # no own score against noise in this run
     deterministic = {k: v for k, v in run.items() if "/emb/" not in k}
     assert not any(k.endswith("own_in_combined") for k in tables.paired_comparisons(deterministic))
-    columns = suites.SUITES["cifar10"].columns()
+    columns = catalogue.SUITES["cifar10"].columns()
     assert "vs/ood/mnist/own_in_combined" in columns and "ood/id/combined/fpr@0.01" in columns

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probssl.bench import suites, tables
+from probssl.bench import catalogue, suites, tables
 from probssl.config import method_config
 from probssl.data import get_dataset_info, official_files, registered_folders
 from probssl.data.catalog import CIFAR10_CLASSES
@@ -78,15 +78,15 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize("suite_name", ["cifar10", "cifar10_gpu"])
 def test_every_cifar10_arm_builds_at_the_suite_budget(suite_name):
-    suite = suites.SUITES[suite_name]
+    suite = catalogue.SUITES[suite_name]
     info = get_dataset_info(suite.budget["data"]["dataset"])
     assert (info.channels, info.image_size) == (3, 32)
-    for arm in suites.ARMS:
+    for arm in catalogue.ARMS:
         cfg = suites._arm_config(suite, arm, seed=0, data_dir=None)
         method_config(METHODS.get(arm.method).config_class, cfg.method_args, arm.method)
         if suite_name == "cifar10":  # the CPU budget's models are small enough to build them all here
             build_model(cfg, info)
-    snapshot = next(a for a in suites.ARMS if a.name == "csghmc_snapshot")
+    snapshot = next(a for a in catalogue.ARMS if a.name == "csghmc_snapshot")
     cfg = suites._arm_config(suite, snapshot, seed=0, data_dir=None)
     csghmc = method_config(METHODS.get("csghmc").config_class, cfg.method_args, "csghmc")
     assert csghmc.temperature == 0
@@ -97,11 +97,11 @@ def test_every_cifar10_arm_builds_at_the_suite_budget(suite_name):
 
 def test_one_cifar10_arm_trains_and_runs_the_full_evaluation_on_a_stand_in(stand_in, tmp_path, monkeypatch):
     """The real suite's dataset, OOD and transfer wiring, at a budget of a few steps."""
-    suite = copy.deepcopy(suites.SUITES["cifar10"])
+    suite = copy.deepcopy(catalogue.SUITES["cifar10"])
     suite.budget["backbone_args"] = {"width": 8}
     suite.budget["train"] = {**suite.budget["train"], "epochs": 1, "batch_size": 32}
     suite.budget["data"] = {**suite.budget["data"], "download": False}
-    monkeypatch.setitem(suites.SUITES, "cifar10", suite)
+    monkeypatch.setitem(catalogue.SUITES, "cifar10", suite)
     results = suites.run_quality_benchmark(
         "cifar10", tmp_path / "bench", seeds=1, data_dir=str(stand_in), only=["simclr"], progress=False
     )

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from probssl.cli import main
+from probssl.methods import METHODS
 
 
 @pytest.mark.parametrize(
@@ -12,7 +13,7 @@ from probssl.cli import main
     [
         (
             ["train", "--method", "simclrr"],
-            "unknown method 'simclrr'; valid methods: byol, csghmc, ensemble, lam, pixels, prosmin, scl, simclr, simsiam, vi_simsiam",  # noqa: E501
+            f"unknown method 'simclrr'; valid methods: {', '.join(METHODS.names())}",  # every registered one
         ),
         (["train", "--dataset", "imagenet"], "unknown dataset"),
         (["train", "--backbone", "vit"], "unknown backbone 'vit'"),

@@ -1,7 +1,8 @@
 """Every registered method's ``Embedding`` against its documented definition (docs/methods.md).
 
 One test per registered method, found through the registry: a method added later fails here until
-its definition is written down below (and in docs/methods.md and the README's uncertainty table).
+its definition is written down — below, or as ``documented_embedding(tmp_path)`` in the method's own
+test file ``tests/test_<name>.py`` (docs/adding_a_method.md) — and its section is in docs/methods.md.
 Each definition is recomputed independently in float64 numpy from the method's documented
 ingredients (the backbone's features, the posterior's weight samples, the latent's parameters), never
 by calling ``embed`` a second way.
@@ -13,6 +14,7 @@ differs from the online network and every head has moved off its initialisation.
 from __future__ import annotations
 
 import copy
+import importlib
 import re
 import warnings
 from collections.abc import Callable
@@ -220,13 +222,8 @@ def _ensemble(tmp_path: Path) -> None:
     """One draw per member (its own mean); mean = their average, normalised when the members' embeddings
     are unit vectors; uncertainty = Σ_d std over members."""
     x = _images()
-    ensemble = METHODS.get("ensemble")
     for member, on_sphere in (("lam", True), ("simclr", False)):
-        # Built from its config: the default member_args (LAM's posterior=none) would not fit SimCLR.
-        member_args = {"posterior": "none"} if on_sphere else {}
-        cfg = ensemble.config_class(member=member, size=3, member_args=member_args)
-        torch.manual_seed(0)
-        method = _after_one_step(ensemble(build_backbone("convnet", 1, 8), cfg))
+        method = _trained("ensemble", {"member": member, "size": 3})  # each member at its own defaults
         draws = np.stack([_np(_embed(m, x).mean) for m in method.members])
         emb = _embed(method, x, 7)  # the ensemble's size fixes the draws, whatever is asked for
         _close(emb.samples, draws, f"{member}: one draw per member")
@@ -249,24 +246,39 @@ DOCUMENTED: dict[str, Callable[[Path], None]] = {
 }
 
 
+def documented_definition(name: str, tests: Path = ROOT / "tests") -> Callable[[Path], None]:
+    """The check of method ``name``'s documented embedding: from ``DOCUMENTED``, else the
+    ``documented_embedding`` function of its own test file, ``tests/test_<name>.py``."""
+    if name in DOCUMENTED:
+        return DOCUMENTED[name]
+    path = tests / f"test_{name}.py"
+    module = importlib.import_module(path.stem) if path.is_file() else None  # tests/ is on sys.path
+    definition = getattr(module, "documented_embedding", None)
+    assert definition is not None, (
+        f"method '{name}' is registered but its Embedding (mean, samples, uncertainty) has no documented "
+        "definition checked here: write it in docs/methods.md and as documented_embedding(tmp_path) in "
+        f"{path}"
+    )
+    return definition
+
+
 @pytest.mark.parametrize("name", METHODS.names())
 def test_embedding_matches_its_documented_definition(name, tmp_path):
-    assert name in DOCUMENTED, (
-        f"method '{name}' is registered but its Embedding (mean, samples, uncertainty) has no documented "
-        "definition checked here: write it in docs/methods.md and add it to DOCUMENTED"
-    )
-    DOCUMENTED[name](tmp_path)
+    documented_definition(name)(tmp_path)
 
 
-@pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_is_documented_in_methods_md_and_the_readme(name):
-    methods_md = (ROOT / "docs" / "methods.md").read_text()
+def check_documented(name: str, methods_md: str, readme: str) -> None:
+    """``name`` has a section or entry in docs/methods.md's methods part and a row in README's table."""
     sections = methods_md.split("## 4.")[0]  # the methods part, before the evaluation
     assert re.search(rf"`--method {name}`|\*\*{name}\*\*", sections, re.IGNORECASE), (
         f"docs/methods.md names no section or entry for '{name}'"
     )
-    readme = (ROOT / "README.md").read_text()
     table = readme.split("## What each method's uncertainty means")[1].split("\n## ")[0]
     rows = [row.split("|")[1] for row in table.splitlines() if row.startswith("| ")]
     listed = {n.strip() for row in rows for n in row.split(",")}
-    assert name in listed, f"README's uncertainty table has no row for '{name}'"
+    assert name in listed, f"README's uncertainty table has no row for '{name}' (probssl list --update)"
+
+
+@pytest.mark.parametrize("name", METHODS.names())
+def test_every_method_is_documented_in_methods_md_and_the_readme(name):
+    check_documented(name, (ROOT / "docs" / "methods.md").read_text(), (ROOT / "README.md").read_text())

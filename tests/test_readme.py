@@ -36,3 +36,19 @@ def test_every_readme_command_parses(command):
     assert all("=" in e and not e.startswith("-") for e in extra), extra
     if getattr(args, "config", None):
         build_config(args.config)  # a bundled config by name (or configs/NAME.yaml)
+
+
+def test_the_uncertainty_table_is_the_registrys(tmp_path):
+    """README's "What each method's uncertainty means" is each method's ``uncertainty_doc``, generated:
+    a new method gets its row from ``probssl list --update README.md``, never by hand."""
+    from probssl.bench.sections import read_section
+    from probssl.cli import main
+    from probssl.methods.uncertainty_table import README_SECTION, uncertainty_table
+
+    assert read_section(REPO / "README.md", README_SECTION) == uncertainty_table(), (
+        "README.md's uncertainty table is stale: run `probssl list --update README.md`"
+    )
+    copy = tmp_path / "README.md"
+    copy.write_text(README.replace(uncertainty_table(), "| stale |"))
+    assert main(["list", "--update", str(copy)]) == 0
+    assert copy.read_text() == README

@@ -583,7 +583,8 @@ def test_sparsification_legend_gap_is_the_tables(tmp_path: Path, monkeypatch: py
 
 
 def test_cells_read_as_their_numbers(tmp_path: Path) -> None:
-    """A chosen 1e-5 reads 1.00e-05, not a measured 0.0000; cells that read the same are best together."""
+    """A chosen 1e-5 reads 1e-05 (as `probssl table` writes it), not a measured 0.0000; cells that read the
+    same are best together."""
     values = [(1e-5, 0.99996), (1e-3, 1.0), (1e-6, 0.9)]
     dirs = [
         _write_run(tmp_path / f"r{i}", {"linear/l2": l2, "ood/x/knn1/auroc": auroc, "config/method": f"m{i}"})
@@ -592,7 +593,7 @@ def test_cells_read_as_their_numbers(tmp_path: Path) -> None:
     parser = _Cells()
     parser.feed(build_report(dirs, tmp_path / "r.html").read_text(encoding="utf-8"))
     cells = {name: {key: (classes, text) for key, classes, text in row} for name, row in parser.rows.items()}
-    assert [cells[f"m{i}"]["linear/l2"][1] for i in range(3)] == ["1.00e-05", "0.0010", "1.00e-06"]
+    assert [cells[f"m{i}"]["linear/l2"][1] for i in range(3)] == ["1e-05", "0.001", "1e-06"]
     auroc = [cells[f"m{i}"]["ood/x/knn1/auroc"] for i in range(3)]
     assert [text for _, text in auroc] == ["1.0000", "1.0000", "0.9000"]
     assert ["best" in classes.split() for classes, _ in auroc] == [True, True, False]
@@ -646,18 +647,28 @@ def test_arms_with_several_seeds_read_as_mean_and_std(tmp_path: Path) -> None:
         f"{arm} · seed {s}" for arm in ("simclr", "byol") for s in range(3)
     }
     runs = [json.loads((d / "eval.json").read_text()) for d in dirs]
+
+    def number(x: float) -> str:  # 4 decimals, 4 significant digits below 0.01 (probssl.results.numbers)
+        return f"{x:.4g}" if 0 < abs(x) < 0.01 else f"{x:.4f}"
+
     ece = [run["cal/ece15"] for run in runs[:3]]
     assert cells["simclr · 3 seeds"]["cal/ece15"][1] == (
-        f"{statistics.mean(ece):.4f} ± {statistics.stdev(ece):.4f}"
+        f"{number(statistics.mean(ece))} ± {number(statistics.stdev(ece))}"
     )
     err = [run["sel/err_auroc"] for run in runs[:2]]
     assert cells["simclr · 3 seeds"]["sel/err_auroc"][1] == (
-        f"{statistics.mean(err):.4f} ± {statistics.stdev(err):.4f} (n=2)"
+        f"{number(statistics.mean(err))} ± {number(statistics.stdev(err))} (n=2)"
     )
+    # The same cells as `probssl table --by-seed` writes them, from the same runs.
+    from probssl.tables import aggregate_seeds
+
+    rows = {str(d): run for d, run in zip(dirs[:3], runs[:3], strict=True)}
+    by_seed = aggregate_seeds(rows, ["sel/err_auroc"])
+    assert by_seed["simclr"]["sel/err_auroc"] == cells["simclr · 3 seeds"]["sel/err_auroc"][1]
     assert cells["simclr · seed 0"]["cal/ece15"][1] == f"{ece[0]:.4f}"  # the folded per-run rows
     top1 = {arm: cells[f"{arm} · 3 seeds"]["linear/top1"][0].split() for arm in ("simclr", "byol")}
     assert "best" in top1["simclr"] and "best" not in top1["byol"]  # best by mean (0.90 > 0.89)
-    assert cells["simclr · 3 seeds"]["linear/top1"][1] == "0.9000 ± 0"  # equal seeds: no ± 1.1e-16
+    assert cells["simclr · 3 seeds"]["linear/top1"][1] == "0.9000 ± 0.0000"  # equal seeds: no ± 1.1e-16
     assert page.count('<details class="per-run">') == 3  # headline, all-metrics and corruption tables
     assert (
         page.index("simclr · 3 seeds")

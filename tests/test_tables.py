@@ -118,3 +118,13 @@ def test_an_unknown_column_lists_the_valid_keys(tmp_path, capsys):
         and "valid keys: linear/top1, cal/ece15" in err
     )
     assert "config/" not in err
+
+
+def test_table_reads_where_a_run_trained(tmp_path, capsys):
+    """The one reader of results adds train_summary.json's precision and processor (meta/train_*)."""
+    run = _run(tmp_path, "simclr-s0", {"linear/top1": 0.9})
+    (run / "train_summary.json").write_text(json.dumps({"precision": "bf16", "processor": "AMD EPYC"}))
+    columns = "linear/top1,meta/train_precision,meta/train_processor"
+    assert main(["table", str(run), "--columns", columns]) == 0
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[1:] == ["0.9000", "bf16", "AMD", "EPYC"]

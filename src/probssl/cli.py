@@ -248,14 +248,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from probssl.tables import (
-        DEFAULT_COLUMNS,
-        aggregate_seeds,
-        check_columns,
-        format_table,
-        read_eval,
-        select_runs,
-    )
+    from probssl.results import read_eval, select_runs
+    from probssl.tables import DEFAULT_COLUMNS, aggregate_seeds, check_columns, format_table
 
     if args.update:
         from probssl.output_files import is_text_for_tables, refuse_foreign_output
@@ -264,7 +258,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     run_dirs, notes = select_runs(args.run_dirs)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    rows = {str(d): read_eval(d) for d in run_dirs}
+    rows = {str(d): read_eval(d, with_training=True) for d in run_dirs}  # + meta/train_precision, _processor
     columns = args.columns.split(",") if args.columns else list(DEFAULT_COLUMNS)
     if args.columns:
         check_columns(rows, columns)
@@ -287,8 +281,8 @@ def cmd_table(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from probssl.eval.report import build_report
     from probssl.output_files import is_report, refuse_foreign_output
+    from probssl.results import select_runs
     from probssl.runs import warn_partial_results
-    from probssl.tables import select_runs
 
     refuse_foreign_output(args.out, "--out", "report", is_report)
     run_dirs, notes = select_runs(args.run_dirs, need_eval=False)  # report notes a missing eval.json itself
@@ -325,6 +319,14 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("datasets: ", ", ".join(dataset_names()))
     print("backbones:", ", ".join(BACKBONES.names()))
     print("configs:  ", ", ".join(bundled_configs()), "(--config NAME)")
+    if args.update:  # README.md's "What each method's uncertainty means", from each uncertainty_doc
+        from probssl.bench.sections import replace_section
+        from probssl.methods.uncertainty_table import README_SECTION, uncertainty_table
+        from probssl.output_files import is_text_for_tables, refuse_foreign_output
+
+        refuse_foreign_output(args.update, "--update", "list", is_text_for_tables)
+        replace_section(args.update, README_SECTION, uncertainty_table())
+        print(f"updated section {README_SECTION!r} of {args.update}")
     return 0
 
 
@@ -406,7 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--epochs", type=int)
     p.add_argument("--no-progress", action="store_true")
-    sub.add_parser("list", help="registered methods, datasets, backbones")
+    p = sub.add_parser("list", help="registered methods, datasets, backbones")
+    p.add_argument(
+        "--update", metavar="FILE", help="also rewrite FILE's generated table of each method's uncertainty"
+    )
     add_bench_parser(sub)
     return parser
 

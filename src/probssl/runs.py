@@ -229,20 +229,18 @@ def build_model(
         freeze_backbone(backbone, cache_features=training and _augmentation_is_fixed(cfg, info))
     method = build_method(cfg.method, backbone, cfg.method_args)
     if cfg.train.freeze_backbone and method.posterior_over_backbone:
+        in_heads = [
+            name
+            for name in METHODS.names()
+            if METHODS.get(name).probabilistic and not METHODS.get(name).posterior_over_backbone
+        ]
         raise ConfigError(
             f"train.freeze_backbone=true leaves {cfg.method} nothing to sample: its posterior is over the "
-            "encoder's weights. Freeze with a method whose uncertainty lives in its heads (lam, vi_simsiam, "
-            "prosmin, scl, ensemble)"
+            "encoder's weights. Freeze with a method whose uncertainty lives in its heads "
+            f"({', '.join(in_heads)})"
         )
     method.set_input_normalisation(info.mean, info.std)
     return method
-
-
-def is_run_dir(path: str | Path) -> bool:
-    """A directory ``probssl train`` wrote (``config.yaml``) or results were copied into (``eval.json``):
-    what ``table`` and ``report`` accept."""
-    path = Path(path)
-    return (path / "config.yaml").is_file() or (path / "eval.json").is_file()
 
 
 @dataclass

@@ -1,13 +1,26 @@
-"""Plain-text / Markdown tables built from ``eval.json`` files — never typed by hand."""
+"""``probssl table``: plain-text / Markdown tables built from ``eval.json`` files — never typed by hand.
+
+Reading the runs, grouping seeds and how a number reads are :mod:`probssl.results`, shared with the
+report and the bench tables; this module lays out the rows and columns.
+"""
 
 from __future__ import annotations
 
-import json
-import re
 import statistics
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
+
+from probssl.results import (
+    format_list,
+    format_number,
+    numeric,
+    partial_note,
+    seed_group,
+    summarise_values,
+    supervision_mark,
+    supervision_of,
+)
+from probssl.results.numbers import format_spread
 
 DEFAULT_COLUMNS = (
     "knn/top1@20",
@@ -20,47 +33,6 @@ DEFAULT_COLUMNS = (
     "ood/id/combined/fpr@0.05",
     "sel/reliability/ece",
 )
-
-
-def read_eval(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "eval.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `probssl eval {run_dir}` first")
-    return json.loads(path.read_text())
-
-
-def select_runs(paths: Sequence[str | Path], need_eval: bool = True) -> tuple[list[Path], list[str]]:
-    """The run directories among ``paths`` (a shell glob like ``runs/demo/*`` also catches
-    ``report.html``), and one note per path left out and why.
-
-    With ``need_eval`` a run without ``eval.json`` is left out too (it is not evaluated yet), so one
-    unfinished run does not stop a table of the others. Nothing left is an error: the message says
-    what was given and what a run directory is.
-    """
-    from probssl.runs import is_run_dir
-
-    kept: list[Path] = []
-    notes: list[str] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        if not is_run_dir(path):
-            if path.is_dir():  # a plain file beside the runs (report.html, results.md) is skipped quietly
-                notes.append(f"skipped {path}: not a run directory (no config.yaml or eval.json)")
-            continue
-        if need_eval and not (path / "eval.json").is_file():
-            notes.append(f"skipped {path}: not evaluated yet (run `probssl eval {path}`)")
-            continue
-        kept.append(path)
-    if not kept:
-        given = ", ".join(str(p) for p in paths[:4]) + (" ..." if len(paths) > 4 else "")
-        what = "an evaluated run directory" if need_eval else "a run directory"
-        raise FileNotFoundError(
-            f"none of {given} is {what}; pass the --out directories of `probssl train` runs"
-            + (" after `probssl eval RUN`" if need_eval else "")
-        )
-    return kept, notes
 
 
 def known_columns(rows: dict[str, dict[str, Any]]) -> list[str]:
@@ -114,43 +86,15 @@ def format_table(
     return "\n".join([line(header), sep, *(line(r) for r in body)])
 
 
-#: eval.json's ``meta/supervision`` of a run trained without labels; any other value is marked in tables.
-SELF_SUPERVISED = "self-supervised"
-
-
-def supervision_of(result: dict[str, Any]) -> str | None:
-    """What supervised the run (e.g. ``"class labels"``), or None for a self-supervised one."""
-    supervision = result.get("meta/supervision", SELF_SUPERVISED)
-    return None if supervision == SELF_SUPERVISED else str(supervision)
-
-
-def supervision_mark(result: dict[str, Any]) -> str:
-    """`` [supervised: class labels]`` for a run trained on labels, else "": a table must never let a
-    supervised row pass for a self-supervised one."""
-    supervision = supervision_of(result)
-    return "" if supervision is None else f" [supervised: {supervision}]"
-
-
-def _number(value: float) -> str:
-    """Four decimals, or four significant digits for small non-zero values (1/κ ≈ 0.0019 would
-    otherwise hide its variation)."""
-    return f"{value:.4g}" if 0 < abs(value) < 0.01 else f"{value:.4f}"
-
-
 def _cell(value: Any) -> str:
-    """Floats to 4 places; lists of numbers (e.g. accuracy per uncertainty quintile) joined by ' / '."""
+    """A number by :func:`~probssl.results.format_number`; a list of numbers joined by ' / '."""
     if value is None:
         return "–"
     if isinstance(value, float):
-        return _number(value)
-    if isinstance(value, list) and value and all(isinstance(v, int | float) for v in value):
-        return " / ".join(f"{v:.3f}" for v in value)
+        return format_number(value)
+    if _numeric_list(value):
+        return format_list(value)
     return str(value)
-
-
-def seed_group(run_dir: str | Path) -> str:
-    """Runs that differ only by seed share a name up to a ``-s<seed>`` suffix: ``byol-s2`` → ``byol``."""
-    return re.sub(r"-s\d+$", "", Path(run_dir).name)
 
 
 def _numeric_list(value: Any) -> bool:
@@ -176,15 +120,10 @@ def aggregate_seeds(rows: dict[str, dict[str, Any]], columns: Sequence[str]) -> 
             lists = [r[col] for r in results if _numeric_list(r.get(col))]
             if lists and len({len(v) for v in lists}) == 1:  # element-wise mean, e.g. per-quintile accuracy
                 mean_list = [statistics.fmean(column) for column in zip(*lists, strict=True)]
-                partial = f" (n={len(lists)})" if len(lists) != len(results) else ""
-                cells[col] = " / ".join(f"{v:.3f}" for v in mean_list) + partial
+                cells[col] = format_list(mean_list) + partial_note(len(lists), len(results))
                 continue
-            values = [r[col] for r in results if isinstance(r.get(col), int | float)]
-            if not values:
-                continue
-            mean = statistics.fmean(values)
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            partial = f" (n={len(values)})" if len(values) != len(results) else ""
-            cells[col] = f"{_number(mean)} ± {_number(std)}{partial}"
+            summary = summarise_values(r[col] for r in results if numeric(r.get(col)))
+            if summary is not None:
+                cells[col] = format_spread(summary.mean, summary.std) + partial_note(summary.n, len(results))
         table[name] = cells
     return table

@@ -128,18 +128,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     if args.suite == "speed":
-        from probssl.bench.speed import DEFAULT_ARMS, run_speed_benchmark
+        from probssl.bench.speed import default_arms, run_speed_benchmark
 
-        arms = DEFAULT_ARMS
+        arms = every = default_arms()
         if args.arms:
             wanted = set(args.arms.split(","))
-            unknown = wanted - {a.name for a in DEFAULT_ARMS}
+            unknown = wanted - {a.name for a in every}
             if unknown:
                 raise ConfigError(
-                    f"unknown speed arm(s) {sorted(unknown)}; choose from {[a.name for a in DEFAULT_ARMS]}"
+                    f"unknown speed arm(s) {sorted(unknown)}; choose from {[a.name for a in every]}"
                 )
-            keep = wanted | {a.base for a in DEFAULT_ARMS if a.name in wanted and a.base}
-            arms = tuple(a for a in DEFAULT_ARMS if a.name in keep)
+            keep = wanted | {a.base for a in every if a.name in wanted and a.base}
+            arms = tuple(a for a in every if a.name in keep)
         if args.table_only:  # rebuild the tables (and sections) from the saved results
             saved = sorted(out.glob("speed-*.json"))
             if not saved:

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from probssl.bench.catalogue import SUITES, QualityArm, Suite, resolve_arms, run_dir_for
 from probssl.bench.provenance import provenance
 from probssl.bench.sections import replace_section
-from probssl.bench.suites import SUITES, QualityArm, Suite, _arm_config, resolve_arms, run_dir_for
+from probssl.bench.suites import _arm_config
 from probssl.config import ConfigError
 from probssl.io import atomic_write_json, atomic_write_text
 from probssl.run_lock import run_lock

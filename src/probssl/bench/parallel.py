@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from probssl.bench import suites
+from probssl.bench.catalogue import SUITES, resolve_arms, run_dir_for
 from probssl.config import ConfigError
 from probssl.threads import usable_cores
 
@@ -44,15 +45,15 @@ def run_parallel_benchmark(
     """Run the suite with ``jobs`` worker processes; return the results of the whole suite."""
     if jobs < 2:
         raise ConfigError(f"--jobs must be >= 2 for parallel workers, got {jobs}")
-    if suite_name not in suites.SUITES:
-        raise ConfigError(f"unknown benchmark suite {suite_name!r}; choose from {', '.join(suites.SUITES)}")
-    arms = suites.resolve_arms(only, suites.SUITES[suite_name])  # unknown arms: refused before any worker
+    if suite_name not in SUITES:
+        raise ConfigError(f"unknown benchmark suite {suite_name!r}; choose from {', '.join(SUITES)}")
+    arms = resolve_arms(only, SUITES[suite_name])  # unknown arms: refused before any worker
     out = Path(out)
     planned = [
-        suites.run_dir_for(out, suite_name, arm.name, seed)
+        run_dir_for(out, suite_name, arm.name, seed)
         for seed in range(first_seed, first_seed + seeds)
         for arm in arms
-        if suites.SUITES[suite_name].runs(arm.name, seed)
+        if SUITES[suite_name].runs(arm.name, seed)
     ]
     workers_dir = out / suite_name / ".workers"
     workers_dir.mkdir(parents=True, exist_ok=True)

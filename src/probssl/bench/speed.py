@@ -58,18 +58,24 @@ class Arm:
     goal: float | None = None  # the ratio to the base its issue asks for (≤ goal)
 
 
-#: The pairs of the five methods' issues: (probabilistic arm, deterministic base, goal ratio).
-DEFAULT_ARMS: tuple[Arm, ...] = (
-    Arm("simclr", "simclr"),
-    Arm("byol", "byol"),
-    Arm("simsiam", "simsiam"),
+#: LAM's posterior against its own deterministic form: one method, two arms (its base is an option of
+#: the method, not another registered method), with the goal of its issue.
+LAM_ARMS: tuple[Arm, ...] = (
     Arm("lam_deterministic", "lam", ("method.posterior=none",)),
-    Arm("csghmc", "csghmc", (), "byol", 1.10),
-    Arm("prosmin", "prosmin", (), "byol", 1.5),
-    Arm("vi_simsiam", "vi_simsiam", (), "simsiam", 1.10),
-    Arm("scl", "scl", (), "simclr", 1.10),
     Arm("lam_online", "lam", ("method.posterior=online",), "lam_deterministic", 1.3),
 )
+
+
+def default_arms() -> tuple[Arm, ...]:
+    """Every registered method that declares a ``deterministic_base``, timed against it with the goal it
+    declares (``step_time_goal``), after the bases themselves; then LAM's pair. A method added to the
+    registry is timed with no edit here."""
+    from probssl.methods import METHODS
+
+    declared = {name: METHODS.get(name) for name in METHODS.names() if METHODS.get(name).deterministic_base}
+    bases = [Arm(base, base) for base in dict.fromkeys(cls.deterministic_base for cls in declared.values())]
+    timed = [Arm(n, n, (), cls.deterministic_base, cls.step_time_goal) for n, cls in declared.items()]
+    return (*bases, LAM_ARMS[0], *timed, LAM_ARMS[1])
 
 
 @dataclass
@@ -222,7 +228,7 @@ def _time(fn: Callable[[], None], steps: int, device: torch.device) -> float:
 def run_speed_benchmark(
     config: str | Path | None = None,
     overrides: list[str] | None = None,
-    arms: tuple[Arm, ...] = DEFAULT_ARMS,
+    arms: tuple[Arm, ...] | None = None,
     repeats: int = 5,
     steps: int = 10,
     warmup: int = 3,
@@ -231,7 +237,9 @@ def run_speed_benchmark(
     progress: Callable[[str], None] | None = None,
     include_reference_augment: bool = True,
 ) -> dict[str, Any]:
-    """Time every arm interleaved; return a JSON-ready dict (rows, machine, protocol)."""
+    """Time every arm (by default :func:`default_arms`) interleaved; return a JSON-ready dict (rows,
+    machine, protocol)."""
+    arms = arms or default_arms()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base_cfg = build_config(config, list(overrides or []))
     info = _dataset_info(base_cfg)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from probssl.bench import suites
+from probssl.bench import catalogue
 from probssl.checkpoint import latest_checkpoint
 from probssl.config import ConfigError
 from probssl.io import read_json
@@ -77,13 +77,13 @@ def suite_status(
 ) -> list[RunState]:
     """Every run the suite asks for (seeds ``first_seed ..``, ``--arms``), seed by seed, in the order the
     workers take them."""
-    if suite_name not in suites.SUITES:
-        raise ConfigError(f"--status is for quality suites; choose from {', '.join(suites.SUITES)}")
-    suite = suites.SUITES[suite_name]
+    if suite_name not in catalogue.SUITES:
+        raise ConfigError(f"--status is for quality suites; choose from {', '.join(catalogue.SUITES)}")
+    suite = catalogue.SUITES[suite_name]
     return [
-        run_state(suites.run_dir_for(Path(out), suite_name, arm.name, seed), arm.name, seed)
+        run_state(catalogue.run_dir_for(Path(out), suite_name, arm.name, seed), arm.name, seed)
         for seed in range(first_seed, first_seed + seeds)
-        for arm in suites.resolve_arms(only, suite)
+        for arm in catalogue.resolve_arms(only, suite)
         if suite.runs(arm.name, seed)
     ]
 

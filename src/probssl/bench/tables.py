@@ -8,24 +8,23 @@ deterministic base, evaluation cost, and where the runs trained.
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from probssl.io import read_json
-from probssl.tables import supervision_mark
-
-if TYPE_CHECKING:
-    from probssl.bench.suites import QualityArm, Suite
-
-
-#: train_summary.json keys a suite's rows carry (as ``meta/train_<key>``): where each run trained.
-TRAINING_KEYS = ("precision", "processor")
+from probssl.bench.catalogue import PAPER_PROTOCOL, QualityArm, Suite
+from probssl.results import (
+    format_mean_std,
+    numeric,
+    partial_note,
+    read_eval,
+    summarise_values,
+    supervision_mark,
+    training_keys,
+)
 
 
 def paired_comparisons(run: dict[str, Any]) -> dict[str, float]:
@@ -155,17 +154,13 @@ def evaluation_cpu(run: dict[str, Any]) -> dict[str, float]:
 
 
 def load_run_results(run_dir: Path) -> dict[str, Any]:
-    """A finished run's eval.json plus where it trained, ``meta/train_precision`` and
-    ``meta/train_processor`` from its train_summary.json (absent in runs trained before they were
-    recorded). A suite is finished over several sessions, and the processor — hence what
-    ``precision: auto`` resolves to, and every time — changes between them."""
-    results = json.loads((run_dir / "eval.json").read_text())
+    """A finished run's eval.json, the numbers derived from it here (paired comparisons, evaluation CPU,
+    trends) and where it trained (:func:`probssl.results.training_keys`)."""
+    results = read_eval(run_dir)
     results.update(paired_comparisons(results))
     results.update(evaluation_cpu(results))
     results.update(uncertainty_trends(results))
-    summary = read_json(run_dir / "train_summary.json")
-    if isinstance(summary, dict):
-        results.update({f"meta/train_{k}": summary[k] for k in TRAINING_KEYS if summary.get(k) is not None})
+    results.update(training_keys(run_dir))
     return results
 
 
@@ -204,13 +199,9 @@ def summarise(runs: dict[str, dict[int, dict[str, Any]]], columns: Sequence[str]
     for arm, by_seed in runs.items():
         cells = {}
         for col in columns:
-            values = [r[col] for r in by_seed.values() if isinstance(r.get(col), int | float)]
-            if values:
-                cells[col] = {
-                    "mean": statistics.fmean(values),
-                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                    "n": len(values),
-                }
+            summary = summarise_values(r[col] for r in by_seed.values() if numeric(r.get(col)))
+            if summary is not None:
+                cells[col] = summary.as_dict()
         table[arm] = cells
     return table
 
@@ -299,29 +290,20 @@ def against_base_markdown(table: dict[str, dict[str, dict[str, float]]], bases: 
             if cell is None:
                 row.append("–")
                 continue
-            row.append(_number(cell["diff"], cell["se"], signed=True))
+            row.append(format_mean_std(cell["diff"], cell["se"], signed=True))
         lines.append(f"| {arm} | {bases[arm]} | " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-def _number(value: float, spread: float | None = None, signed: bool = False) -> str:
-    """``value ± spread`` as the markdown tables print it: 4 decimals, 1 for values ≥ 10 (seconds and
-    ratios need no more); no ``±`` without a spread."""
-    digits = 1 if abs(value) >= 10 else 4
-    text = f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-    return text + (f" ± {spread:.{digits}f}" if spread is not None else "")
 
 
 def _cell(cell: dict[str, Any] | None, seeds: int) -> str:
     if cell is None:
         return "–"
-    partial = f" (n={cell['n']})" if cell["n"] != seeds else ""
     spread = cell["std"] if cell["n"] > 1 else None  # one seed has no spread, not 0
-    return _number(cell["mean"], spread) + partial
+    return format_mean_std(cell["mean"], spread) + partial_note(cell["n"], seeds)
 
 
 def arm_supervision_mark(by_seed: dict[Any, dict[str, Any]]) -> str:
-    """The arm's mark when any of its runs trained on class labels (``probssl.tables.supervision_mark``)."""
+    """The arm's mark when any of its runs trained on class labels (``probssl.results.supervision_mark``)."""
     return next((mark for run in by_seed.values() if (mark := supervision_mark(run))), "")
 
 
@@ -360,3 +342,20 @@ def results_markdown(results: dict[str, Any]) -> str:
     for arm, message in results.get("failures", {}).items():
         text += f"\n\n**{arm} failed**: {message}"
     return text
+
+
+def paper_markdown(suite: Suite, summary: dict[str, Any], runs: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """The suite's figures beside the authors' (``Suite.paper``): ours as mean ± std over seeds, the
+    difference, and what the metric measures in their protocol and ours (``PAPER_PROTOCOL``)."""
+    lines = [
+        "**Against the authors' figures**\n",
+        "| metric | arm | authors | ours | ours − authors | what it measures |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, arm, value in suite.paper:
+        cell = summary.get(arm, {}).get(key)
+        ours = "–" if cell is None else f"{format_mean_std(cell['mean'], cell['std'])} (n={cell['n']})"
+        diff = "–" if cell is None else f"{cell['mean'] - value:+.4f}"
+        label = arm + arm_supervision_mark(runs.get(arm, {}))
+        lines.append(f"| {key} | {label} | {value:.2f} | {ours} | {diff} | {PAPER_PROTOCOL.get(key, '')} |")
+    return "\n".join(lines)

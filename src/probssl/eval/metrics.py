@@ -7,8 +7,13 @@ float64 so that averaging many small numbers does not lose precision.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+
+Metrics = dict[str, Any]
+"""A flat block of eval.json: ``prefix/name`` keys to numbers (or a short descriptive string)."""
 
 
 def _prepare(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

@@ -124,6 +124,13 @@ class SSLMethod(nn.Module):
     export_note: ClassVar[str] = ""
     #: Options that make the method train on class labels, each with what it does (``probssl list``).
     supervised_modes: ClassVar[dict[str, str]] = {}
+    #: The registered deterministic method (at its defaults) this one adds a posterior to, whose numbers
+    #: its paper's claims are measured against: the bench tables' "against its base" and ``probssl bench
+    #: speed``'s ratio. None for the bases themselves and where it depends on the options (LAM's
+    #: posteriors, the ensemble's member).
+    deterministic_base: ClassVar[str | None] = None
+    #: The training step's time over its base's that the method's issue set as a goal (``bench speed``).
+    step_time_goal: ClassVar[float | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Every method's own ``embed`` gets the same input check and the one-time "no samples"

@@ -53,10 +53,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from probssl.config import ConfigError, method_config
+from probssl.config import ConfigError
 from probssl.embedding import Embedding
 from probssl.methods.base import MethodConfig, SSLMethod, TrainContext
 from probssl.methods.registry import METHODS
+from probssl.methods.wrapper import WrappingMethod
 from probssl.posteriors.sample_bank import SampleBank, recompute_batchnorm_stats
 from probssl.posteriors.sghmc import VARIANTS, CyclicalSGHMC, sample_positions
 
@@ -104,8 +105,12 @@ class CSGHMCConfig(MethodConfig):
 
 
 @METHODS.register("csghmc")
-class CyclicalSGHMCSSL(SSLMethod):
+class CyclicalSGHMCSSL(WrappingMethod):
     config_class = CSGHMCConfig
+    deterministic_base = "byol"  # the default objective's loss, sampled
+    step_time_goal = 1.10
+    wrapped_field, wrapped_args_field = "objective", "objective_args"
+    self_wrap_hint = "; use byol or simclr"
     probabilistic = True
     posterior_over_backbone = True
     export_note = (
@@ -118,31 +123,14 @@ class CyclicalSGHMCSSL(SSLMethod):
         "most 1"
     )
 
-    @classmethod
-    def resolved_args(cls, args: dict[str, Any], name: str) -> dict[str, Any]:
-        """The sampler's own arguments and, filled in the same way, those of the objective it wraps."""
-        resolved = super().resolved_args(args, name)
-        name, objective = resolved["objective"], METHODS.get(resolved["objective"])
-        if objective is not cls:  # wrapping itself is refused by the constructor, with its own message
-            resolved["objective_args"] = objective.resolved_args(resolved["objective_args"], name)
-        return resolved
-
     def __init__(self, backbone: nn.Module, cfg: CSGHMCConfig) -> None:
-        nn.Module.__init__(self)  # the backbone lives inside the objective, registered once
-        self.cfg = cfg
+        super().__init__(cfg)
         if cfg.variant not in VARIANTS:
             raise ConfigError(f"method.variant must be one of {', '.join(VARIANTS)}, got '{cfg.variant}'")
-        if cfg.objective == "csghmc":
-            raise ConfigError("method.objective cannot be csghmc itself; use byol or simclr")
-        objective_cls = METHODS.get(cfg.objective)
-        if not objective_cls.trainable:
-            raise ConfigError(f"method.objective '{cfg.objective}' has nothing to train")
+        objective_cls = self.wrapped_class()
         if cfg.cycles < 1 or cfg.samples_per_cycle < 1:
             raise ConfigError("method.cycles and method.samples_per_cycle must be >= 1")
-        self.objective: SSLMethod = objective_cls(
-            backbone, method_config(objective_cls.config_class, cfg.objective_args, cfg.objective)
-        )
-        self.num_views = self.objective.num_views
+        self.objective: SSLMethod = self.build_wrapped(objective_cls, backbone)
         self._sampler: CyclicalSGHMC | None = None
         self._positions: set[int] = set()
         self._steps_per_cycle = 0
@@ -150,14 +138,10 @@ class CyclicalSGHMCSSL(SSLMethod):
         self._samples: list[dict[str, Tensor]] = []  # evaluation: one backbone state per sample
         self._samples_fingerprint = ""
 
-    @property
-    def backbone(self) -> nn.Module:  # type: ignore[override]
-        return self.objective.backbone
+    def wrapped_methods(self) -> list[SSLMethod]:
+        return [self.objective]
 
-    # ---- training ------------------------------------------------------------------------------
-
-    def loss(self, views: list[Tensor]) -> Tensor:
-        return self.objective.loss(views)
+    # ---- training: the objective's loss, its targets and input normalisation (WrappingMethod) ----
 
     def configure_optimizer(self, ctx: TrainContext) -> CyclicalSGHMC:
         c = self.cfg
@@ -185,12 +169,9 @@ class CyclicalSGHMCSSL(SSLMethod):
         )
         return self._sampler
 
-    @torch.no_grad()
-    def update_targets(self, progress: float) -> None:
-        self.objective.update_targets(progress)
-
     def after_step(self, step: int, ctx: TrainContext) -> None:
-        """Store the encoder after the steps at the sampling positions; rank 0 writes the bank."""
+        """Store the encoder after the steps at the sampling positions; rank 0 writes the bank (the bank
+        is the posterior: the objective's own per-step hook is not called)."""
         if self._bank is None:
             return  # not rank 0, or not trained through configure_optimizer
         cycle, position = divmod(step, self._steps_per_cycle)
@@ -215,7 +196,8 @@ class CyclicalSGHMCSSL(SSLMethod):
     # ---- evaluation ----------------------------------------------------------------------------
 
     def attach_run(self, run_dir: Path, up_to_step: int | None = None) -> None:
-        """Load the run's sample bank (only samples taken by ``up_to_step`` when given)."""
+        """Load the run's sample bank (only samples taken by ``up_to_step`` when given); the bank, not the
+        objective, is what evaluation reads."""
         directory = Path(run_dir) / BANK_DIR
         self._samples, self._samples_fingerprint = [], ""
         if not (directory / "index.json").is_file():

@@ -18,25 +18,24 @@ Simplifications, said here and in BENCHMARKS.md:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from probssl.config import ConfigError, method_config
+from probssl.config import ConfigError
 from probssl.embedding import Embedding
-from probssl.methods.base import MethodConfig, SSLMethod, TrainContext, TrainingViews
+from probssl.methods.base import MethodConfig, SSLMethod
 from probssl.methods.registry import METHODS
+from probssl.methods.wrapper import WrappingMethod
 
 
 @dataclass
 class EnsembleConfig(MethodConfig):
     member: str = "lam"  # any registered trainable method
-    member_args: dict[str, Any] = field(default_factory=lambda: {"posterior": "none"})
+    member_args: dict[str, Any] = field(default_factory=dict)  # over the member's defaults (see below)
     size: int = 5  # M
 
 
@@ -55,8 +54,12 @@ def _member_mean(draws: Tensor) -> Tensor:
 
 
 @METHODS.register("ensemble")
-class DeepEnsemble(SSLMethod):
+class DeepEnsemble(WrappingMethod):
     config_class = EnsembleConfig
+    wrapped_field, wrapped_args_field = "member", "member_args"
+    #: LAM's table ensembles deterministic LAMs (each member a point; the spread is between members), so
+    #: a LAM member starts from ``posterior: none``; any other member starts from its own defaults.
+    wrapped_defaults = {"lam": {"posterior": "none"}}
     probabilistic = True
     uncertainty_doc = (
         "disagreement between members: Σ_d std over members of the embedding; 0 when they agree, in the "
@@ -65,78 +68,23 @@ class DeepEnsemble(SSLMethod):
     draws_fixed_by_model = True  # M members = M draws, whatever ``samples`` asks for
     export_note = "the mean of the members' point embeddings (L2-normalised when they are unit vectors)"
 
-    @classmethod
-    def resolved_args(cls, args: dict[str, Any], name: str) -> dict[str, Any]:
-        """The ensemble's own arguments and, filled in the same way, those of its member method."""
-        resolved = super().resolved_args(args, name)
-        member = METHODS.get(resolved["member"])
-        if member is not cls:  # wrapping itself is refused by the constructor, with its own message
-            resolved["member_args"] = member.resolved_args(resolved["member_args"], resolved["member"])
-        return resolved
-
     def __init__(self, backbone: nn.Module, cfg: EnsembleConfig) -> None:
-        nn.Module.__init__(self)  # the backbones live inside the members, registered once
-        self.cfg = cfg
+        super().__init__(cfg)
         if cfg.size < 2:
             raise ConfigError(f"method.size must be >= 2 for an ensemble, got {cfg.size}")
-        if cfg.member == "ensemble":
-            raise ConfigError("method.member cannot be ensemble itself")
-        member_cls = METHODS.get(cfg.member)
-        if not member_cls.trainable:
-            raise ConfigError(f"method.member '{cfg.member}' has nothing to train")
+        member_cls = self.wrapped_class()
         members = []
         for m in range(cfg.size):
             own = backbone if m == 0 else copy.deepcopy(backbone)
             if m > 0 and not getattr(backbone, "pretrained", False):  # given weights (backbone.weights)
                 _reinitialise(own)  # stay in every member: then the heads' initialisations differ
-            members.append(
-                member_cls(own, method_config(member_cls.config_class, cfg.member_args, cfg.member))
-            )
+            members.append(self.build_wrapped(member_cls, own))
         self.members = nn.ModuleList(members)
-        self.num_views = self.members[0].num_views
 
-    @property
-    def backbone(self) -> nn.Module:  # type: ignore[override]
-        return self.members[0].backbone
+    def wrapped_methods(self) -> list[SSLMethod]:
+        return list(self.members)
 
-    def set_input_normalisation(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        for member in self.members:
-            member.set_input_normalisation(mean, std)
-
-    def images_per_class(self) -> int | None:
-        return self.members[0].images_per_class()  # the members share one config
-
-    def loss(self, views: list[Tensor], labels: Tensor | None = None) -> Tensor:
-        return torch.stack([member(views, labels) for member in self.members]).sum()
-
-    @torch.no_grad()
-    def update_targets(self, progress: float) -> None:
-        for member in self.members:
-            member.update_targets(progress)
-
-    def configure_optimizer(self, ctx: TrainContext) -> torch.optim.Optimizer | None:
-        for member in self.members:
-            if member.configure_optimizer(ctx) is not None:
-                raise ConfigError(
-                    f"method.member '{self.cfg.member}' brings its own optimizer; not ensembled"
-                )
-        return None
-
-    def after_step(self, step: int, ctx: TrainContext) -> None:
-        for member in self.members:
-            member.after_step(step, ctx)
-
-    def after_training(self, view_batches: Callable[[], Iterable[TrainingViews]], ctx: TrainContext) -> None:
-        for member in self.members:
-            member.after_training(view_batches, ctx)
-
-    def attach_run(self, run_dir: Path, up_to_step: int | None = None) -> None:
-        for member in self.members:
-            member.attach_run(run_dir, up_to_step)
-
-    def prepare_for_evaluation(self, train_batches: Callable[[], Iterable[Tensor]]) -> None:
-        for member in self.members:
-            member.prepare_for_evaluation(train_batches)
+    # ---- training and the evaluation hooks: every member's, in turn (WrappingMethod) -------------
 
     def available_draws(self) -> int | None:
         return len(self.members)
@@ -153,6 +101,3 @@ class DeepEnsemble(SSLMethod):
 
     def point_embedding(self, x: Tensor) -> Tensor:
         return _member_mean(torch.stack([member.point_embedding(x) for member in self.members]))
-
-    def extra_state_for_logging(self) -> dict[str, Any]:
-        return {}

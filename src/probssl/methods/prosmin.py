@@ -114,6 +114,8 @@ class ProSMIN(SSLMethod):
         "0, on the head's output scale"
     )
     config_class = ProSMINConfig
+    deterministic_base = "byol"  # an EMA target network, as BYOL
+    step_time_goal = 1.5
 
     def __init__(self, backbone: nn.Module, cfg: ProSMINConfig) -> None:
         cfg.validate()

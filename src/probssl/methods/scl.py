@@ -92,6 +92,8 @@ class SCL(SSLMethod):
         "(0–1) of the Bernoulli code"
     )
     config_class = SCLConfig
+    deterministic_base = "simclr"  # SimCLR's NT-Xent on a stochastic latent
+    step_time_goal = 1.10
 
     def __init__(self, backbone: nn.Module, cfg: SCLConfig) -> None:
         super().__init__(backbone, cfg)

@@ -21,20 +21,25 @@ class SimSiamConfig(MethodConfig):
     pred_hidden_dim: int = 128  # the bottleneck predictor of the paper (dim / 4)
 
 
+def simsiam_heads(in_dim: int, proj_dim: int, pred_hidden_dim: int) -> tuple[nn.Module, nn.Module]:
+    """SimSiam's projector g and predictor h: a 3-layer projector ending in a non-affine BN, as in the
+    paper's CIFAR/ImageNet code, and the bottleneck predictor. VI-SimSiam builds the same two."""
+    projector = mlp(
+        [in_dim, proj_dim, proj_dim, proj_dim],
+        last_batch_norm=True,
+        last_affine=False,
+        last_bias=False,
+    )
+    return projector, mlp([proj_dim, pred_hidden_dim, proj_dim])
+
+
 @METHODS.register("simsiam")
 class SimSiam(SSLMethod):
     config_class = SimSiamConfig
 
     def __init__(self, backbone: nn.Module, cfg: SimSiamConfig) -> None:
         super().__init__(backbone, cfg)
-        # 3-layer projector ending in a non-affine BN, as in the paper's CIFAR/ImageNet code.
-        self.projector = mlp(
-            [backbone.out_dim, cfg.proj_dim, cfg.proj_dim, cfg.proj_dim],
-            last_batch_norm=True,
-            last_affine=False,
-            last_bias=False,
-        )
-        self.predictor = mlp([cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim])
+        self.projector, self.predictor = simsiam_heads(backbone.out_dim, cfg.proj_dim, cfg.pred_hidden_dim)
 
     def loss(self, views: list[Tensor]) -> Tensor:
         v1, v2 = views[:2]

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from probssl.embedding import Embedding
 from probssl.methods.base import MethodConfig, SSLMethod
 from probssl.methods.registry import METHODS
+from probssl.methods.simsiam import simsiam_heads
 from probssl.nn.distributions import PowerSpherical
 from probssl.nn.heads import mlp
 
@@ -119,18 +120,14 @@ class VISimSiam(SSLMethod):
         "small (≈ 1/d at initialisation) for confident images and grows for ambiguous ones"
     )
     config_class = VISimSiamConfig
+    deterministic_base = "simsiam"  # the fixed-κ case is SimSiam
+    step_time_goal = 1.10
 
     def __init__(self, backbone: nn.Module, cfg: VISimSiamConfig) -> None:
         _validate(cfg)
         super().__init__(backbone, cfg)
-        # Projector and predictor exactly as SimSiam's, so the fixed-κ case is SimSiam.
-        self.projector = mlp(
-            [backbone.out_dim, cfg.proj_dim, cfg.proj_dim, cfg.proj_dim],
-            last_batch_norm=True,
-            last_affine=False,
-            last_bias=False,
-        )
-        self.predictor = mlp([cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim])
+        # SimSiam's projector and predictor, so the fixed-κ case is SimSiam.
+        self.projector, self.predictor = simsiam_heads(backbone.out_dim, cfg.proj_dim, cfg.pred_hidden_dim)
         self.kappa_head = mlp([backbone.out_dim, cfg.kappa_hidden_dim, 1])
         # The default κ_init = d may fall outside (κ_min, κ_max) for unusual bounds: keep it inside.
         self.kappa_init = cfg.kappa_init if cfg.kappa_init != 0.0 else float(cfg.proj_dim)

@@ -25,8 +25,9 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from probssl.eval.report.metric_keys import _is_number, _shift_points
+from probssl.eval.report.metric_keys import _shift_points
 from probssl.eval.report.runs import Run
+from probssl.results import numeric
 
 _IN_COLOUR, _OUT_COLOUR = "#3b6fd6", "#e8730c"
 _DPI = 110
@@ -184,7 +185,7 @@ def _reliability_figure(runs: Sequence[Run], data: Mapping[str, dict[str, np.nda
 def _reliability_title(run: Run, d: Mapping[str, np.ndarray]) -> str:
     """Run name plus ECE: from eval.json when present, else recomputed from the bins."""
     ece = run.metrics.get("cal/ece15")
-    if not _is_number(ece):
+    if not numeric(ece):
         total = d["count"].sum()
         ok = ~np.isnan(d["acc"])
         ece = float((d["count"][ok] * np.abs(d["acc"][ok] - d["conf"][ok])).sum() / total) if total else None
@@ -326,7 +327,7 @@ def _oracle_gap(run: Run, d: Mapping[str, Any]) -> float | None:
     """``ret/ausc_oracle − ret/ausc``: the table's two numbers when eval.json has them, so the legend
     and the table cannot disagree; else the same mean height between the curves."""
     ausc, oracle = run.metrics.get("ret/ausc"), run.metrics.get("ret/ausc_oracle")
-    if _is_number(ausc) and _is_number(oracle):
+    if numeric(ausc) and numeric(oracle):
         return float(oracle) - float(ausc)
     if d["oracle"] is None:
         return None

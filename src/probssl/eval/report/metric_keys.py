@@ -3,8 +3,8 @@ number reads in a cell, and which columns a table shows.
 
 Tables are built, not typed: columns are whatever metric keys any run has, grouped by prefix; the
 direction of "better" comes from the metric's name (ECE, NLL, Brier, FPR95, AURC ... are lower-better).
-A metric a run does not have is shown "n/a", never as a number. The HTML around them is
-:mod:`.tables`.
+A metric a run does not have is shown "n/a", never as a number; a number reads as in every other table
+(:mod:`probssl.results.numbers`). The HTML around them is :mod:`.tables`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from probssl.eval.ood_groups import ood_group
 from probssl.eval.summary import GROUP_NAMES, NOT_AVAILABLE, best_feature_detector, ood_sets
+from probssl.results import format_number, numeric
 
 # Metric groups in display order: (key prefix, heading).
 GROUPS: tuple[tuple[str, str], ...] = (
@@ -63,10 +64,6 @@ def metric_direction(key: str) -> Literal["higher", "lower"] | None:
     return None
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def _group_of(key: str) -> str:
     prefix = key.split("/", 1)[0]
     return prefix if any(prefix == g for g, _ in GROUPS) else _OTHER_GROUP[0]
@@ -79,7 +76,7 @@ _OOD_CRITERION_KEY = re.compile(r"ood/[^/]+/[^/]+/(?!auroc$)[^/]+")
 
 def _is_metric(key: str, value: Any) -> bool:
     descriptive = key.startswith(_DESCRIPTIVE_PREFIXES) or key in _DESCRIPTIVE_KEYS
-    return _is_number(value) and not descriptive and "/" in key and not _OOD_CRITERION_KEY.fullmatch(key)
+    return numeric(value) and not descriptive and "/" in key and not _OOD_CRITERION_KEY.fullmatch(key)
 
 
 _SHIFT_KEY = re.compile(r"shift/(?P<name>[^/]+)/(?P<severity>\d+)/(?P<metric>[^/]+)")
@@ -90,7 +87,7 @@ def _shift_points(metrics: Mapping[str, Any]) -> dict[str, dict[str, dict[int, f
     points: dict[str, dict[str, dict[int, float]]] = {}
     for key, value in metrics.items():
         match = _SHIFT_KEY.fullmatch(key)
-        if match and _is_number(value):
+        if match and numeric(value):
             by_metric = points.setdefault(match["name"], {})
             by_metric.setdefault(match["metric"], {})[int(match["severity"])] = float(value)
     return points
@@ -208,33 +205,16 @@ def _best_rows(values: Sequence[float | None], direction: str | None) -> set[int
     return {i for i, v in finite if math.isclose(v, best, rel_tol=1e-12, abs_tol=1e-15)}
 
 
-def _format(value: float) -> str:
-    """A finite number as a cell shows it: 4 decimals, fewer for large values, and 3 significant digits
-    below 1e-4, where 4 decimals would print a chosen 1e-5 (``linear/l2``) as a measured 0.0000."""
-    magnitude = abs(value)
-    if magnitude >= 1000:
-        return f"{value:,.1f}"
-    if magnitude >= 10:
-        return f"{value:.3f}"
-    if 0 < magnitude < 1e-4:
-        return f"{value:.2e}"
-    return f"{value:.4f}"
-
-
 def _shown(value: float) -> float:
     """``value`` rounded as its cell shows it."""
-    return float(_format(value).replace(",", ""))
+    return float(format_number(value))
 
 
 def _format_number(value: Any) -> str:
+    """A cell's number as every table writes it (:func:`probssl.results.format_number`), escaped text
+    for anything else, "n/a" for a metric the run lacks."""
     if value is None:
         return NOT_AVAILABLE
-    if isinstance(value, bool) or not _is_number(value):
+    if not numeric(value):
         return html.escape(str(value))
-    if isinstance(value, int):
-        return f"{value:,}"
-    if math.isnan(value):
-        return "nan"
-    if math.isinf(value):
-        return "∞" if value > 0 else "−∞"
-    return _format(value)
+    return format_number(value)

@@ -15,6 +15,7 @@ import matplotlib.patches
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from probssl.eval.ood import binary_auroc
 from probssl.eval.report import figures
 from probssl.eval.report.figures import (
     _IN_COLOUR,
@@ -26,23 +27,15 @@ from probssl.eval.report.figures import (
     _wrapped,
     significant_digits,
 )
-from probssl.eval.report.metric_keys import _is_number
 from probssl.eval.report.runs import Run
+from probssl.results import numeric
 
 
 def _auroc(score_in: np.ndarray, score_out: np.ndarray) -> float:
-    """P(out scores higher than in), ties counted half (Mann-Whitney U)."""
+    """AUROC with OOD positive, by the suite's one tested definition (:func:`probssl.eval.ood.binary_auroc`):
+    for a run whose eval.json lacks the number its histogram shows."""
     scores = np.concatenate([score_in, score_out])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    # average ranks over ties
-    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
-    average = first + (counts - 1) / 2 + 1
-    ranks[order] = np.repeat(average, counts)
-    n_in, n_out = len(score_in), len(score_out)
-    u = ranks[n_in:].sum() - n_out * (n_out + 1) / 2
-    return float(u / (n_in * n_out))
+    return binary_auroc(scores, np.r_[np.zeros(len(score_in), bool), np.ones(len(score_out), bool)])
 
 
 #: How each OOD score is named on a histogram, in the order its panels sit: the probe's score, the
@@ -72,7 +65,7 @@ def _ood_data(run: Run) -> dict[str, dict[str, dict[str, Any]]] | None:
                 "out": score_out,
                 "criterion": criterion,
                 # The table's number for this very score, so page and histogram cannot disagree.
-                "auroc": float(table_value) if _is_number(table_value) else _auroc(score_in, score_out),
+                "auroc": float(table_value) if numeric(table_value) else _auroc(score_in, score_out),
             }
     return out or None
 

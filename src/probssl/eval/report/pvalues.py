@@ -25,8 +25,8 @@ from probssl.eval.report.figures import (
     _styled,
     _wrapped,
 )
-from probssl.eval.report.metric_keys import _is_number
 from probssl.eval.report.runs import Run
+from probssl.results import numeric
 
 DETECTOR = "combined"  # probssl.eval.conformal.COMBINED
 ALPHA = 0.05  # probssl.eval.conformal.DEFAULT_ALPHA
@@ -60,8 +60,8 @@ def pvalue_data(run: Run) -> dict[str, dict[str, Any]] | None:
         out[str(set_name)] = {
             "in": p_in,
             "out": p_out,
-            "fpr": float(fpr) if _is_number(fpr) else float(np.mean(p_in < ALPHA)),
-            "tpr": float(tpr) if _is_number(tpr) else float(np.mean(p_out < ALPHA)),
+            "fpr": float(fpr) if numeric(fpr) else float(np.mean(p_in < ALPHA)),
+            "tpr": float(tpr) if numeric(tpr) else float(np.mean(p_out < ALPHA)),
         }
     return out or None
 

@@ -7,11 +7,12 @@ broken run must not cost the reader the whole page.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from probssl.results import read_json_object, split_seed
 
 # 17 colours that stay apart on white: a bench suite has up to 16 arms (the seeds of one arm share one).
 _PALETTE = (
@@ -33,31 +34,16 @@ class Run:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
-    """A JSON object from ``path``, or {} with a note: a half-written file must not sink the whole report."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        notes.append(f"could not read {path.name}: {err}")
-        return {}
-    if not isinstance(data, dict):
-        notes.append(f"{path.name} is not a JSON object")
-        return {}
-    return data
-
-
 def load_run(run_dir: str | Path) -> Run:
     """Read one run directory. Missing ``eval.json`` or details give an empty section plus a note."""
     path = Path(run_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"run directory {path} does not exist")
     notes: list[str] = []
-    metrics = _read_json(path / "eval.json", notes)
+    metrics = read_json_object(path / "eval.json", notes)
     if not (path / "eval.json").is_file():
         notes.append("no eval.json (run `probssl eval` on it)")
-    details = _read_json(path / "eval_details.json", notes)
+    details = read_json_object(path / "eval_details.json", notes)
     if not (path / "eval_details.json").is_file():
         notes.append("no eval_details.json: only what eval.json holds (table, corruption curves)")
     return Run(name=path.name, path=path, metrics=metrics, details=details, notes=notes)
@@ -91,12 +77,10 @@ def _seed_and_method(run: Run) -> tuple[Any, str | None]:
 
 
 def _arm(run: Run, seed: Any) -> str | None:
-    """The bench arm of a run directory named ``<arm>-s<seed>`` (``lam_online-s0``), else None."""
-    suffix = f"-s{seed}"
-    name = run.path.name
-    if seed is None or not name.endswith(suffix) or name == suffix:
-        return None
-    return name.removesuffix(suffix)
+    """The bench arm of a run directory named ``<arm>-s<seed>`` (``lam_online-s0``) with the seed its
+    eval.json records, else None."""
+    arm, named_seed = split_seed(run.path.name)
+    return arm if named_seed is not None and str(named_seed) == str(seed) else None
 
 
 def _disambiguate(names: list[str], extra: Sequence[str | None]) -> list[str]:

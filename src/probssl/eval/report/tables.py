@@ -13,8 +13,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from probssl.eval.report.metric_keys import (
     _OTHER_GROUP,
     GROUPS,
@@ -28,6 +26,7 @@ from probssl.eval.report.metric_keys import (
 from probssl.eval.report.names import readable_label
 from probssl.eval.report.runs import Run
 from probssl.eval.summary import NOT_AVAILABLE
+from probssl.results import partial_note, summarise_values
 
 # ------------------------------------------------------------------------------------------------ html
 
@@ -145,9 +144,9 @@ def arm_rows(
     """One row per group of (run, its metric row): the mean over the group's runs of every metric, with
     its :class:`Spread`.
 
-    A metric enters the mean of the runs that have it as a finite number (``n`` says how many), the way
-    the bench tables in BENCHMARKS.md average seeds; the row is named by the group (``simclr · 3 seeds``)
-    and keeps the group's colour.
+    A metric enters the mean of the runs that have it as a finite number (``n`` says how many), with
+    the arithmetic of every other table (:func:`probssl.results.summarise_values`); the row is named by
+    the group (``simclr · 3 seeds``) and keeps the group's colour.
     """
     heads: list[Run] = []
     means: list[dict[str, float]] = []
@@ -158,13 +157,15 @@ def arm_rows(
             for key, value in row.items():
                 if math.isfinite(value):
                     values.setdefault(key, []).append(value)
+        summaries = {key: summarise_values(v) for key, v in values.items()}
         first = group[0][0]
         heads.append(replace(first, name=first.group or first.name))
-        means.append({key: float(np.mean(v)) for key, v in values.items()})
+        means.append({key: s.mean for key, s in summaries.items() if s is not None})
         spreads.append(
             {
-                key: Spread(float(np.std(v, ddof=1)) if len(v) > 1 else None, len(v), len(group))
-                for key, v in values.items()
+                key: Spread(s.std if s.n > 1 else None, s.n, len(group))
+                for key, s in summaries.items()
+                if s is not None
             }
         )
     return heads, means, spreads
@@ -199,17 +200,15 @@ def _metric_table(
 
 
 def _cell_parts(value: float | None, spread: Spread | None) -> list[str]:
-    """A cell's words: the number, then ``± std`` and ``(n=…)`` for a seed mean."""
+    """A cell's words: the number, then ``± std`` and ``(n=…)`` for a seed mean — as ``probssl table
+    --by-seed`` writes them (:mod:`probssl.results.numbers`)."""
     parts = [_format_number(value)]
     if spread is None or value is None:
         return parts
     if spread.std is not None:
-        # Seeds that agree up to float rounding (an AUROC of 1.0 three times) read ± 0, not ± 1.30e-16.
-        exact = spread.std <= 1e-9 * abs(value)
-        parts.append(f"± {'0' if exact else _format_number(spread.std)}")
-    if spread.n != spread.of:
-        parts.append(f"(n={spread.n})")
-    return parts
+        parts.append(f"± {_format_number(spread.std)}")
+    note = partial_note(spread.n, spread.of).strip()
+    return [*parts, note] if note else parts
 
 
 def _cell_text(value: float | None, spread: Spread | None) -> str:
