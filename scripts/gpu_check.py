@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # run from a checkout without installing
 
-from probssl.bench.speed import DEFAULT_ARMS, run_speed_benchmark, speed_markdown  # noqa: E402
+from probssl.bench.speed import default_arms, run_speed_benchmark, speed_markdown  # noqa: E402
 from probssl.config import build_config  # noqa: E402
 from probssl.data import MultiViewAugment, get_dataset_info, load_dataset  # noqa: E402
 from probssl.data.pipeline import epoch_permutation  # noqa: E402
@@ -74,15 +74,16 @@ def describe_device(device: torch.device) -> dict:
 def select_arms(names: str | None) -> tuple:
     """The default arms, or the named ones plus their bases (as ``probssl bench speed --arms``)."""
     if not names:
-        return DEFAULT_ARMS
+        return default_arms()
     wanted = set(names.split(","))
-    unknown = wanted - {a.name for a in DEFAULT_ARMS}
+    arms = default_arms()
+    unknown = wanted - {a.name for a in arms}
     if unknown:
         raise SystemExit(
-            f"error: unknown arm(s) {sorted(unknown)}; choose from {[a.name for a in DEFAULT_ARMS]}"
+            f"error: unknown arm(s) {sorted(unknown)}; choose from {[a.name for a in arms]}"
         )
-    keep = wanted | {a.base for a in DEFAULT_ARMS if a.name in wanted and a.base}
-    return tuple(a for a in DEFAULT_ARMS if a.name in keep)
+    keep = wanted | {a.base for a in arms if a.name in wanted and a.base}
+    return tuple(a for a in arms if a.name in keep)
 
 
 def speed(out: Path, device: torch.device, dry: bool, arms: tuple) -> dict:
