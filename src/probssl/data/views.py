@@ -110,6 +110,17 @@ class ViewConfig:
         )
 
 
+#: The whole image as it is, in every view: one preset under two names (``none``, ``identity``).
+NO_AUGMENTATION = ViewConfig(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip_p=0.0,
+    jitter_p=0.0,
+    grayscale_p=0.0,
+    blur_p=0.0,
+    solarize_p=0.0,
+)
+
 PRESETS: dict[str, ViewConfig] = {
     # sklearn digits, 8x8 grey: the whole digit fills the frame, so crops stay large (a 0.08 crop would be a
     # 2x2 patch of stroke), no flips (mirrored 2/5/7 are not digits), and small rotations + noise + intensity
@@ -148,15 +159,7 @@ PRESETS: dict[str, ViewConfig] = {
     ),
     # The image itself, no augmentation (`data.views=identity`): supervised metric learning as LAM's
     # released code trains on Fashion-MNIST (un-augmented images, pairs from class labels).
-    "identity": ViewConfig(
-        crop_scale=(1.0, 1.0),
-        crop_ratio=(1.0, 1.0),
-        flip_p=0.0,
-        jitter_p=0.0,
-        grayscale_p=0.0,
-        blur_p=0.0,
-        solarize_p=0.0,
-    ),
+    "identity": NO_AUGMENTATION,
     # 96x96 RGB: the ImageNet SimCLR recipe, including blur.
     "stl": ViewConfig(
         crop_scale=(0.08, 1.0),
@@ -168,17 +171,9 @@ PRESETS: dict[str, ViewConfig] = {
         blur_sigma=(0.1, 2.0),
         solarize_p=0.0,
     ),
-    # No augmentation: the whole image as it is, in every view. For heads trained on a frozen encoder
-    # from features computed once (train.freeze_backbone=true data.views=none).
-    "none": ViewConfig(
-        crop_scale=(1.0, 1.0),
-        crop_ratio=(1.0, 1.0),
-        flip_p=0.0,
-        jitter_p=0.0,
-        grayscale_p=0.0,
-        blur_p=0.0,
-        solarize_p=0.0,
-    ),
+    # The same, under the name a frozen encoder's heads use: features computed once
+    # (train.freeze_backbone=true data.views=none).
+    "none": NO_AUGMENTATION,
 }
 
 
