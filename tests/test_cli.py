@@ -74,6 +74,20 @@ def test_cli_resume_continues_and_refuses_a_changed_config(tmp_path, capsys):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_max_steps_zero_says_nothing_was_trained_and_resume_starts_it(tmp_path, capsys):
+    # max_steps=0 writes the run's settings and no checkpoint: the message must not claim a step count it
+    # does not know ("step 0 of ?") — it says so, and --resume then trains the run from step 0.
+    out = str(tmp_path / "run")
+    argv = ["train", "--method", "simclr", "--dataset", "digits", "--subset", "64", "--batch-size", "32"]
+    argv += ["--epochs", "1", "--out", out, "--no-progress", "backbone.width=8", "train.tensorboard=false"]
+    assert main([*argv, "train.max_steps=0"]) == 0
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.startswith("stopped simclr on digits before its first step (train.max_steps=0)")
+    assert "?" not in said and "no checkpoint" in said
+    assert main(["train", "--resume", "--out", out, "--no-progress"]) == 0
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
 def test_overrides_may_sit_anywhere_among_the_flags(tmp_path, capsys):
     # The second group of key=value pairs is parsed as overrides (its typo is reported as a config key) ...
     argv = ["train", "optim.lr=0.1", "--method", "simclr", "--no-progress", "method.temprature=1"]

@@ -104,12 +104,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     if main_rank and not final_weights_intact(out):  # train.max_steps stopped it early
         latest = latest_checkpoint(out)
-        step = json.loads((latest / "meta.json").read_text()) if latest else {}
-        print(
-            f"stopped {cfg.method} on {cfg.data.dataset} at step {step.get('step', 0)} of "
-            f"{step.get('total_steps', '?')} (train.max_steps): {out}; "
-            f"continue with: probssl train --resume --out {out}"
-        )
+        if latest is None:  # train.max_steps=0: set up, nothing trained, no checkpoint to resume from
+            print(
+                f"stopped {cfg.method} on {cfg.data.dataset} before its first step (train.max_steps=0): "
+                f"{out} holds the run's settings, no checkpoint; train it from step 0 with: "
+                f"probssl train --resume --out {out}"
+            )
+        else:
+            step = json.loads((latest / "meta.json").read_text())
+            print(
+                f"stopped {cfg.method} on {cfg.data.dataset} at step {step['step']:,} of "
+                f"{step['total_steps']:,} (train.max_steps): {out}; "
+                f"continue with: probssl train --resume --out {out}"
+            )
     elif main_rank:
         print(f"trained {cfg.method} on {cfg.data.dataset}: {out}")
     return 0
