@@ -402,10 +402,11 @@ def save_config(cfg: RunConfig, path: str | Path, comment: str = "") -> None:
 
 
 def method_config(config_class: type, args: dict[str, Any], method: str) -> Any:
-    """Build a method's hyper-parameter dataclass from ``method_args``, validating keys and types."""
+    """Build a method's hyper-parameter dataclass from ``method_args``, validating keys, types and ranges."""
     cfg = config_class()
     try:
         apply_mapping(cfg, args, prefix="method.")
-    except ConfigError as err:
+        cfg.validate()  # ranges (MethodConfig.validate): refused here, before any data is read
+    except (ConfigError, ValueError) as err:
         raise ConfigError(f"{err} (method '{method}')") from None
     return cfg

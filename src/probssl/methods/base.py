@@ -69,6 +69,48 @@ def _warn_when_samples_ignored(embed: Callable[..., Embedding]) -> Callable[...,
 class MethodConfig:
     """Base class of each method's hyper-parameter dataclass (one home per value)."""
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming ``method.<key>`` and what it may be, for a value out of range.
+
+        Why a method, not ``__post_init__``: a run's overrides are set on the dataclass after it is made.
+        :func:`probssl.config.method_config` calls it, so a bad value is a one-line ``ConfigError``
+        before any data is read or run directory written; :class:`SSLMethod`'s constructor calls it
+        too, for methods built from the Python API. The base class accepts everything.
+        """
+
+
+def check_at_least(cfg: MethodConfig, minimum: float, *names: str, why: str = "") -> None:
+    """Each ``method.<name>`` must be ≥ ``minimum`` (``why``: what a smaller value would break)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise ValueError(f"method.{name} must be >= {minimum:g}{why}, got {value}")
+
+
+def check_positive(cfg: MethodConfig, *names: str, why: str = "") -> None:
+    """Each ``method.<name>`` must be > 0."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise ValueError(f"method.{name} must be > 0{why}, got {value}")
+
+
+def check_interval(cfg: MethodConfig, name: str, interval: str) -> None:
+    """``method.<name>`` must lie in ``interval``, written as in mathematics: "[0, 1]", "(0, 1]", "[0, 1)"."""
+    value = getattr(cfg, name)
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    if not (above and below):
+        raise ValueError(f"method.{name} must be in {interval}, got {value}")
+
+
+def check_choice(cfg: MethodConfig, name: str, choices: Iterable[str]) -> None:
+    """``method.<name>`` must be one of ``choices``."""
+    value, valid = getattr(cfg, name), tuple(choices)
+    if value not in valid:
+        raise ValueError(f"method.{name} must be one of {', '.join(valid)}, got {value!r}")
+
 
 @dataclass(frozen=True)
 class TrainContext:
@@ -141,6 +183,7 @@ class SSLMethod(nn.Module):
             cls.embed = _warn_when_samples_ignored(_expects_normalised_float(embed))
 
     def __init__(self, backbone: nn.Module, cfg: MethodConfig) -> None:
+        cfg.validate()  # also done by method_config; here for methods built from the Python API
         super().__init__()
         self.backbone = backbone
         self.cfg = cfg

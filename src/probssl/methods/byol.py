@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from probssl.losses.contrastive import byol_loss
-from probssl.methods.base import MethodConfig, SSLMethod
+from probssl.methods.base import MethodConfig, SSLMethod, check_at_least, check_interval
 from probssl.methods.registry import METHODS
 from probssl.nn.heads import mlp
 
@@ -27,6 +27,10 @@ class BYOLConfig(MethodConfig):
     proj_dim: int = 128
     pred_hidden_dim: int = 512
     base_momentum: float = 0.99
+
+    def validate(self) -> None:
+        check_at_least(self, 1, "proj_hidden_dim", "proj_dim", "pred_hidden_dim")
+        check_interval(self, "base_momentum", "[0, 1]")
 
 
 def cosine_momentum(base: float, progress: float) -> float:

@@ -55,7 +55,14 @@ from torch.func import functional_call
 
 from probssl.config import ConfigError
 from probssl.embedding import Embedding
-from probssl.methods.base import MethodConfig, SSLMethod, TrainContext
+from probssl.methods.base import (
+    MethodConfig,
+    SSLMethod,
+    TrainContext,
+    check_at_least,
+    check_choice,
+    check_interval,
+)
 from probssl.methods.registry import METHODS
 from probssl.methods.wrapper import WrappingMethod
 from probssl.posteriors.sample_bank import SampleBank, recompute_batchnorm_stats
@@ -103,6 +110,16 @@ class CSGHMCConfig(MethodConfig):
     bank_dtype: str = "float32"  # float32 | float16 storage of the samples
     bn_images: int = 5000  # training images per sample for BatchNorm re-estimation
 
+    def validate(self) -> None:
+        """The sampler's own ranges (:class:`CyclicalSGHMC`), checked before training starts."""
+        check_choice(self, "variant", VARIANTS)
+        check_at_least(self, 1, "cycles", "samples_per_cycle", "bn_images")
+        check_interval(self, "exploration_fraction", "[0, 1]")
+        check_at_least(self, 0, "temperature", "prior_precision")
+        check_interval(self, "friction", "(0, 1]")
+        check_interval(self, "beta", "[0, 1)")
+        check_choice(self, "bank_dtype", ("float32", "float16"))
+
 
 @METHODS.register("csghmc")
 class CyclicalSGHMCSSL(WrappingMethod):
@@ -125,11 +142,7 @@ class CyclicalSGHMCSSL(WrappingMethod):
 
     def __init__(self, backbone: nn.Module, cfg: CSGHMCConfig) -> None:
         super().__init__(cfg)
-        if cfg.variant not in VARIANTS:
-            raise ConfigError(f"method.variant must be one of {', '.join(VARIANTS)}, got '{cfg.variant}'")
         objective_cls = self.wrapped_class()
-        if cfg.cycles < 1 or cfg.samples_per_cycle < 1:
-            raise ConfigError("method.cycles and method.samples_per_cycle must be >= 1")
         self.objective: SSLMethod = self.build_wrapped(objective_cls, backbone)
         self._sampler: CyclicalSGHMC | None = None
         self._positions: set[int] = set()

@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from probssl.config import ConfigError
 from probssl.embedding import Embedding
-from probssl.methods.base import MethodConfig, SSLMethod
+from probssl.methods.base import MethodConfig, SSLMethod, check_at_least
 from probssl.methods.registry import METHODS
 from probssl.methods.wrapper import WrappingMethod
 
@@ -37,6 +36,9 @@ class EnsembleConfig(MethodConfig):
     member: str = "lam"  # any registered trainable method
     member_args: dict[str, Any] = field(default_factory=dict)  # over the member's defaults (see below)
     size: int = 5  # M
+
+    def validate(self) -> None:
+        check_at_least(self, 2, "size", why=" for an ensemble")
 
 
 def _reinitialise(module: nn.Module) -> None:
@@ -70,8 +72,6 @@ class DeepEnsemble(WrappingMethod):
 
     def __init__(self, backbone: nn.Module, cfg: EnsembleConfig) -> None:
         super().__init__(cfg)
-        if cfg.size < 2:
-            raise ConfigError(f"method.size must be >= 2 for an ensemble, got {cfg.size}")
         member_cls = self.wrapped_class()
         members = []
         for m in range(cfg.size):

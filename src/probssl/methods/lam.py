@@ -60,7 +60,16 @@ from torch import Tensor, nn
 from probssl.distributed import gather_with_grad, is_distributed
 from probssl.embedding import Embedding
 from probssl.losses.metric_learning import contrastive_pair_loss, mine_pairs
-from probssl.methods.base import MethodConfig, SSLMethod, TrainContext, TrainingViews
+from probssl.methods.base import (
+    MethodConfig,
+    SSLMethod,
+    TrainContext,
+    TrainingViews,
+    check_at_least,
+    check_choice,
+    check_interval,
+    check_positive,
+)
 from probssl.methods.registry import METHODS
 from probssl.posteriors.laplace import OUTPUT_SPACES, VARIANTS, DiagonalLaplace, online_hessian_scale
 
@@ -90,30 +99,21 @@ class LAMConfig(MethodConfig):
     images_per_class: int = 32  # pairs = labels: m images of each class in a class-balanced batch
 
     def validate(self) -> None:
-        choices = {
-            "posterior": (self.posterior, POSTERIORS),
-            "miner": (self.miner, MINERS),
-            "variant": (self.variant, VARIANTS),
-            "output_space": (self.output_space, OUTPUT_SPACES),
-            "pairs": (self.pairs, PAIRINGS),
-        }
-        for name, (value, valid) in choices.items():
-            if value not in valid:
-                raise ValueError(f"method.{name}={value!r} is not one of {', '.join(valid)}")
-        if not 0.0 < self.margin <= 2.0:
-            raise ValueError(f"margin must be in (0, 2] (distances on the unit sphere), got {self.margin}")
-        if self.prior_precision <= 0:
-            raise ValueError(f"prior_precision must be > 0, got {self.prior_precision}")
-        if not 0.0 <= self.hessian_memory <= 1.0:
-            raise ValueError(f"hessian_memory must be in [0, 1], got {self.hessian_memory}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.embed_dim < 1 or self.eval_samples < 1:
-            raise ValueError("embed_dim and eval_samples must be >= 1")
-        if self.images_per_class < 2:  # one image of a class (one view) has no positive in its batch
-            raise ValueError(
-                f"images_per_class must be >= 2 (positives per class), got {self.images_per_class}"
-            )
+        for name, valid in (
+            ("posterior", POSTERIORS),
+            ("miner", MINERS),
+            ("variant", VARIANTS),
+            ("output_space", OUTPUT_SPACES),
+            ("pairs", PAIRINGS),
+        ):
+            check_choice(self, name, valid)
+        check_interval(self, "margin", "(0, 2]")  # distances between unit vectors
+        check_positive(self, "prior_precision")
+        check_interval(self, "hessian_memory", "[0, 1]")
+        check_interval(self, "dropout", "[0, 1)")
+        check_at_least(self, 1, "embed_dim", "eval_samples")
+        # one image of a class (one view) has no positive in its batch
+        check_at_least(self, 2, "images_per_class", why=" (positives per class)")
 
 
 def image_identity_labels(num_images: int, num_views: int, device: torch.device) -> Tensor:
@@ -140,7 +140,6 @@ class LAM(SSLMethod):
     )
 
     def __init__(self, backbone: nn.Module, cfg: LAMConfig) -> None:
-        cfg.validate()
         super().__init__(backbone, cfg)
         # Supervised pairs come from classes, not from a second view of the same image.
         self.num_views = 1 if cfg.pairs == "labels" else 2

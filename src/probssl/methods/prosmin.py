@@ -42,7 +42,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from probssl.distributed import all_reduce_mean
 from probssl.embedding import Embedding
 from probssl.losses.scoring_rules import energy_score_l1
-from probssl.methods.base import MethodConfig, SSLMethod
+from probssl.methods.base import MethodConfig, SSLMethod, check_at_least, check_interval, check_positive
 from probssl.methods.byol import cosine_momentum, ema_update
 from probssl.methods.registry import METHODS
 from probssl.nn.heads import mlp
@@ -66,23 +66,16 @@ class ProSMINConfig(MethodConfig):
     num_local: int = 0  # local crops expected after the 2 global views (online network only)
 
     def validate(self) -> None:
-        """Called when the method is built (overrides are applied after the dataclass is made)."""
-        for name in ("proj_hidden_dim", "bottleneck_dim", "out_dim", "pred_hidden_dim", "pred_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_samples < 2:
-            raise ValueError(
-                f"num_samples must be >= 2 (the spread term needs pairs), got {self.num_samples}"
-            )
-        if self.energy_lambda <= 0:
-            raise ValueError(f"energy_lambda must be > 0, got {self.energy_lambda}")
+        check_at_least(self, 1, "proj_hidden_dim", "bottleneck_dim", "out_dim", "pred_hidden_dim", "pred_dim")
+        check_at_least(self, 2, "num_samples", why=" (the spread term needs pairs)")
+        check_positive(self, "energy_lambda")
         if not self.logvar_min < self.logvar_max:
-            raise ValueError(f"need logvar_min < logvar_max, got {self.logvar_min}, {self.logvar_max}")
-        for name in ("center_momentum", "base_momentum"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.num_local < 0:
-            raise ValueError(f"num_local must be >= 0, got {self.num_local}")
+            raise ValueError(
+                f"need method.logvar_min < method.logvar_max, got {self.logvar_min}, {self.logvar_max}"
+            )
+        check_interval(self, "center_momentum", "[0, 1]")
+        check_interval(self, "base_momentum", "[0, 1]")
+        check_at_least(self, 0, "num_local")
 
 
 class NormalisedBottleneckProjector(nn.Module):
@@ -118,7 +111,6 @@ class ProSMIN(SSLMethod):
     step_time_goal = 1.5
 
     def __init__(self, backbone: nn.Module, cfg: ProSMINConfig) -> None:
-        cfg.validate()
         super().__init__(backbone, cfg)
         self.projector = NormalisedBottleneckProjector(backbone.out_dim, cfg)
         self.predictor = mlp([cfg.out_dim, cfg.pred_hidden_dim, cfg.pred_dim], batch_norm=cfg.head_batch_norm)

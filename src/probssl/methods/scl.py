@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from probssl.embedding import Embedding
 from probssl.losses.contrastive import nt_xent_loss
-from probssl.methods.base import MethodConfig, SSLMethod
+from probssl.methods.base import MethodConfig, SSLMethod, check_at_least, check_choice, check_positive
 from probssl.methods.registry import METHODS
 from probssl.nn.heads import mlp
 from probssl.nn.stochastic import (
@@ -60,19 +60,18 @@ class SCLConfig(MethodConfig):
     logvar_min: float = -10.0  # clamp of log σ² (gaussian), keeps exp() finite
     logvar_max: float = 10.0
 
-
-def _check(cfg: SCLConfig) -> None:
-    """Validated here, not in the dataclass: the run config sets fields after construction."""
-    if cfg.latent not in LATENTS:
-        raise ValueError(f"method.latent must be one of {LATENTS}, got {cfg.latent!r}")
-    if cfg.estimator not in ESTIMATORS:
-        raise ValueError(f"method.estimator must be one of {ESTIMATORS}, got {cfg.estimator!r}")
-    if cfg.latent_dim is not None and cfg.latent_dim < 1:
-        raise ValueError(f"method.latent_dim must be positive, got {cfg.latent_dim}")
-    if cfg.kl_weight < 0:
-        raise ValueError(f"method.kl_weight must be >= 0, got {cfg.kl_weight}")
-    if cfg.temperature_start <= 0 or cfg.temperature_end <= 0:
-        raise ValueError("method.temperature_start and method.temperature_end must be positive")
+    def validate(self) -> None:
+        check_choice(self, "latent", LATENTS)
+        check_choice(self, "estimator", ESTIMATORS)
+        check_positive(self, "temperature", "temperature_start", "temperature_end")
+        check_at_least(self, 1, "proj_hidden_dim", "proj_dim")
+        if self.latent_dim is not None:
+            check_at_least(self, 1, "latent_dim")
+        check_at_least(self, 0, "kl_weight")
+        if not self.logvar_min < self.logvar_max:
+            raise ValueError(
+                f"need method.logvar_min < method.logvar_max, got {self.logvar_min}, {self.logvar_max}"
+            )
 
 
 def compression_ratio_stats(
@@ -97,7 +96,6 @@ class SCL(SSLMethod):
 
     def __init__(self, backbone: nn.Module, cfg: SCLConfig) -> None:
         super().__init__(backbone, cfg)
-        _check(cfg)
         dim = cfg.latent_dim if cfg.latent_dim is not None else backbone.out_dim
         self.latent: GaussianLatent | BernoulliLatent
         if cfg.latent == "gaussian":

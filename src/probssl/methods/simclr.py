@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from probssl.losses.contrastive import nt_xent_loss
-from probssl.methods.base import MethodConfig, SSLMethod
+from probssl.methods.base import MethodConfig, SSLMethod, check_at_least, check_positive
 from probssl.methods.registry import METHODS
 from probssl.nn.heads import mlp
 
@@ -20,6 +20,10 @@ class SimCLRConfig(MethodConfig):
     temperature: float = 0.2
     proj_hidden_dim: int = 512
     proj_dim: int = 128
+
+    def validate(self) -> None:
+        check_positive(self, "temperature", why=" (the logits are similarities / τ)")
+        check_at_least(self, 1, "proj_hidden_dim", "proj_dim")
 
 
 @METHODS.register("simclr")

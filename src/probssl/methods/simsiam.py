@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from probssl.losses.contrastive import negative_cosine_similarity
-from probssl.methods.base import MethodConfig, SSLMethod
+from probssl.methods.base import MethodConfig, SSLMethod, check_at_least
 from probssl.methods.registry import METHODS
 from probssl.nn.heads import mlp
 
@@ -19,6 +19,9 @@ from probssl.nn.heads import mlp
 class SimSiamConfig(MethodConfig):
     proj_dim: int = 512
     pred_hidden_dim: int = 128  # the bottleneck predictor of the paper (dim / 4)
+
+    def validate(self) -> None:
+        check_at_least(self, 1, "proj_dim", "pred_hidden_dim")
 
 
 def simsiam_heads(in_dim: int, proj_dim: int, pred_hidden_dim: int) -> tuple[nn.Module, nn.Module]:

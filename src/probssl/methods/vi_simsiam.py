@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from probssl.embedding import Embedding
-from probssl.methods.base import MethodConfig, SSLMethod
+from probssl.methods.base import MethodConfig, SSLMethod, check_at_least, check_choice
 from probssl.methods.registry import METHODS
 from probssl.methods.simsiam import simsiam_heads
 from probssl.nn.distributions import PowerSpherical
@@ -66,20 +66,19 @@ class VISimSiamConfig(MethodConfig):
     sampled: bool = False  # E_q[−cos(z, ẑ)] with reparameterised draws instead of −log q(ẑ)
     num_samples: int = 1  # draws per image for the sampled variant
 
-
-def _validate(cfg: VISimSiamConfig) -> None:
-    if cfg.proj_dim < 2:
-        raise ValueError(f"proj_dim must be >= 2 (a sphere S^(d-1) with d >= 2), got {cfg.proj_dim}")
-    if cfg.kappa_activation not in ("softplus", "exp"):
-        raise ValueError(f"kappa_activation must be 'softplus' or 'exp', got {cfg.kappa_activation!r}")
-    if not 0.0 < cfg.kappa_min < cfg.kappa_max:
-        raise ValueError(f"need 0 < kappa_min < kappa_max, got {cfg.kappa_min}, {cfg.kappa_max}")
-    if cfg.kappa_init != 0.0 and not cfg.kappa_min < cfg.kappa_init < cfg.kappa_max:
-        raise ValueError(f"kappa_init must lie in (kappa_min, kappa_max) or be 0, got {cfg.kappa_init}")
-    if cfg.kl_weight < 0.0:
-        raise ValueError(f"kl_weight must be >= 0, got {cfg.kl_weight}")
-    if cfg.num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {cfg.num_samples}")
+    def validate(self) -> None:
+        check_at_least(self, 2, "proj_dim", why=" (a sphere S^(d-1) with d >= 2)")
+        check_at_least(self, 1, "pred_hidden_dim", "kappa_hidden_dim", "num_samples")
+        check_choice(self, "kappa_activation", ("softplus", "exp"))
+        if not 0.0 < self.kappa_min < self.kappa_max:
+            raise ValueError(
+                f"need 0 < method.kappa_min < method.kappa_max, got {self.kappa_min}, {self.kappa_max}"
+            )
+        if self.kappa_init != 0.0 and not self.kappa_min < self.kappa_init < self.kappa_max:
+            raise ValueError(
+                f"method.kappa_init must lie in (kappa_min, kappa_max) or be 0, got {self.kappa_init}"
+            )
+        check_at_least(self, 0, "kl_weight")
 
 
 def power_spherical_alignment_loss(
@@ -124,7 +123,6 @@ class VISimSiam(SSLMethod):
     step_time_goal = 1.10
 
     def __init__(self, backbone: nn.Module, cfg: VISimSiamConfig) -> None:
-        _validate(cfg)
         super().__init__(backbone, cfg)
         # SimSiam's projector and predictor, so the fixed-κ case is SimSiam.
         self.projector, self.predictor = simsiam_heads(backbone.out_dim, cfg.proj_dim, cfg.pred_hidden_dim)

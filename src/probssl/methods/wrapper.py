@@ -56,6 +56,7 @@ class WrappingMethod(SSLMethod):
         return resolved
 
     def __init__(self, cfg: MethodConfig) -> None:
+        cfg.validate()
         nn.Module.__init__(self)  # the backbone lives inside the wrapped method(s), registered once
         self.cfg = cfg
 
