@@ -115,7 +115,12 @@ def test_the_input_pipelines_read_the_plans_items():
     [
         (torch.tensor([0, 1, -1, 1] * 5), 4, 2, "unlabelled"),
         (torch.tensor([0, 1] * 10), 6, 4, "multiple of images_per_class=4"),
-        (torch.tensor([0, 1, 2] * 10), 8, 2, r"4 classes per batch, but the training set has 3.*at least 3"),
+        (
+            torch.tensor([0, 1, 2] * 10),
+            8,
+            2,
+            r"4 classes per batch, but the training set has 3.*at least 3 \(e\.g\. 4\)",
+        ),
     ],
 )
 def test_impossible_batches_are_refused_with_what_to_change(labels, batch, m, message):

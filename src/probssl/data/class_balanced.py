@@ -96,10 +96,12 @@ class ClassBalancedBatchPlan(BatchPlan):
             )
         num_classes = int(torch.unique(labels).numel())
         if b // m > num_classes:
+            # the smallest m' that divides the batch and asks for no more classes than there are
+            fits = next(k for k in range(-(-b // num_classes), b + 1) if b % k == 0)
             raise ValueError(
                 f"train.batch_size={b} / images_per_class={m} = {b // m} classes per batch, but the training "
-                f"set has {num_classes}; raise images_per_class to at least {-(-b // num_classes)} or lower "
-                "the batch size"
+                f"set has {num_classes}; set images_per_class to a divisor of the batch size of at least "
+                f"{-(-b // num_classes)} (e.g. {fits}) or lower the batch size"
             )
 
     def steps(self, start_step: int, stop_step: int) -> Iterator[torch.Tensor]:
