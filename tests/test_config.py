@@ -125,3 +125,26 @@ def test_a_missing_config_lists_the_bundled_ones(tmp_path, monkeypatch):
         build_config("fashion_mnistt")
     with pytest.raises(ConfigError, match="config file not found: elsewhere/digits.yaml"):
         build_config("elsewhere/digits.yaml")  # only the bare name or configs/NAME.yaml fall back
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optim.momentum=1.5", r"optim.momentum must be in \[0, 1\)"),
+        ("optim.weight_decay=-1", "optim.weight_decay must be ≥ 0"),
+        ("optim.warmup_epochs=-2", "optim.warmup_epochs must be ≥ 0"),
+        ("optim.min_lr_ratio=2", r"optim.min_lr_ratio must be in \[0, 1\]"),
+        ("eval.knn_k=[20, 0]", "eval.knn_k must be one or more neighbour counts ≥ 1"),
+        ("eval.knn_temperature=0", "eval.knn_temperature must be > 0"),
+        ("eval.linear_max_iter=0", "eval.linear_max_iter must be ≥ 1"),
+        ("train.keep_checkpoints=0", "train.keep_checkpoints must be ≥ 1"),
+        ("train.log_every=0", "train.log_every must be ≥ 1"),
+        ("data.memory_limit_gb=0", "data.memory_limit_gb must be > 0"),
+        ("data.views=cifar10", "data.views='cifar10' is not a preset; valid: .*cifar"),
+    ],
+)
+def test_values_a_type_admits_but_a_run_cannot_use_are_refused_up_front(override, message):
+    # Each trained silently, failed at the first step with a library's traceback, or failed at
+    # evaluation after the whole training before these checks (see config._validate_ranges).
+    with pytest.raises(ConfigError, match=message):
+        build_config(overrides=[override])

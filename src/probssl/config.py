@@ -374,6 +374,46 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.max_steps must be ≥ 0, got {cfg.train.max_steps}")
     if cfg.optim.weight_decay_end is not None and cfg.optim.weight_decay_end < 0:
         raise ConfigError(f"optim.weight_decay_end must be ≥ 0, got {cfg.optim.weight_decay_end}")
+    _validate_ranges(cfg)
+
+
+def _validate_ranges(cfg: RunConfig) -> None:
+    """Values a type admits but the run cannot use: refused here, before any data is read, rather than
+    as a traceback at the first step (a negative warm-up), at evaluation after hours of training
+    (``eval.knn_k=0``), or never (a momentum of 1.5 or a negative weight decay train silently)."""
+    at_least = {
+        "optim.weight_decay": (cfg.optim.weight_decay, 0),
+        "optim.warmup_epochs": (cfg.optim.warmup_epochs, 0),
+        "train.checkpoint_every": (cfg.train.checkpoint_every, 0),
+        "train.keep_checkpoints": (cfg.train.keep_checkpoints, 1),  # 0 would leave --resume nothing
+        "train.log_every": (cfg.train.log_every, 1),
+        "eval.linear_max_iter": (cfg.eval.linear_max_iter, 1),
+        "eval.shift_max_items": (cfg.eval.shift_max_items, 1),
+        "eval.transfer_max_items": (cfg.eval.transfer_max_items, 1),
+    }
+    for key, (value, minimum) in at_least.items():
+        if value < minimum:
+            raise ConfigError(f"{key} must be ≥ {minimum}, got {value}")
+    if not 0.0 <= cfg.optim.momentum < 1.0:
+        raise ConfigError(f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            f"optim.min_lr_ratio must be in [0, 1] (a share of optim.lr), got {cfg.optim.min_lr_ratio}"
+        )
+    if not cfg.data.memory_limit_gb > 0:
+        raise ConfigError(f"data.memory_limit_gb must be > 0, got {cfg.data.memory_limit_gb}")
+    if not cfg.eval.knn_k or any(k < 1 for k in cfg.eval.knn_k):
+        raise ConfigError(f"eval.knn_k must be one or more neighbour counts ≥ 1, got {list(cfg.eval.knn_k)}")
+    if not cfg.eval.knn_temperature > 0:
+        raise ConfigError(f"eval.knn_temperature must be > 0, got {cfg.eval.knn_temperature}")
+    if cfg.data.views is not None:
+        from probssl.data.views import PRESETS  # torch and kornia: imported only when a preset is named
+
+        if cfg.data.views not in PRESETS:
+            raise ConfigError(
+                f"data.views={cfg.data.views!r} is not a preset; valid: {', '.join(sorted(PRESETS))} "
+                "(or leave it out for the dataset's own)"
+            )
 
 
 def config_from_dict(content: dict[str, Any]) -> RunConfig:
