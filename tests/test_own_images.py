@@ -575,3 +575,48 @@ def test_two_processes_meeting_a_new_source_decode_it_once(tmp_path: Path) -> No
         worker.join()
     assert source.reads == 6  # once, not once per process
     assert len(results) == 2 and all(np.array_equal(r[:, 0, 0, 0], np.arange(6)) for r in results)
+
+
+# --------------------------------------------------------------------- formats beyond 8-bit PNG/JPEG
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_not_clipped(tmp_path: Path, suffix: str) -> None:
+    # Pillow's convert("L") clips 16-bit values at 255: a ramp over 0..65535 came out 99.6% white.
+    ramp = np.linspace(0, 65535, 24 * 24).reshape(24, 24).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / f"ramp{suffix}")
+    expected = np.rint(ramp / 257.0).astype(np.uint8)  # the uint16 -> uint8 map: 65535 -> 255, 257 -> 1
+    for channels in (1, 3):
+        got = _formats.decode_image(tmp_path / f"ramp{suffix}", channels, None)
+        assert got.shape == (channels, 24, 24)
+        assert all(np.array_equal(got[c], expected) for c in range(channels))
+
+
+def test_floating_point_grey_in_the_unit_interval_is_scaled_and_other_ranges_are_refused(
+    tmp_path: Path,
+) -> None:
+    values = np.linspace(0.0, 1.0, 100).reshape(10, 10).astype(np.float32)
+    Image.fromarray(values).save(tmp_path / "unit.tif")
+    got = _formats.decode_image(tmp_path / "unit.tif", 1, None)
+    assert np.array_equal(got[0], np.rint(values.astype(np.float64) * 255).astype(np.uint8))
+    Image.fromarray(values * 4000).save(tmp_path / "raw.tif")
+    with pytest.raises(_formats.FormatError, match=r"values in \[0, 4000\].*8- or 16-bit"):
+        _formats.decode_image(tmp_path / "raw.tif", 1, None)
+
+
+def test_bmp_gif_and_tiff_are_images_of_a_folder_with_the_pixels_of_a_png(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    palette = rng.integers(0, 256, (16, 3), dtype=np.uint8)  # ≤ 256 colours: GIF stores them exactly
+    arr = palette[rng.integers(0, 16, (8, 8))]
+    for name in ("a.png", "b.BMP", "c.gif", "d.tif", "e.tiff"):
+        save(tmp_path / "pics" / "only" / name, arr)
+    ds = load_dataset(str(tmp_path / "pics"), "all")
+    assert len(ds) == 5
+    assert all(np.array_equal(ds.images[i].numpy().transpose(1, 2, 0), arr) for i in range(5))
+
+
+def test_decoded_image_caches_are_keyed_by_the_decoder_version(tmp_path: Path, cache: Path) -> None:
+    make_labelled(tmp_path / "pics", {"a": 2})
+    load_dataset(str(tmp_path / "pics"), "all")
+    (entry,) = (cache / "decoded").glob("*.npy")
+    assert entry.stem.endswith(f"d{_formats.DECODER_VERSION}")

@@ -271,8 +271,14 @@ def read_stl_labels(path: Path, num_classes: int = 10) -> np.ndarray:
 
 # ------------------------------------------------------------- own images (shorter side + centre crop)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})  # Pillow modes without colour
+DECODER_VERSION = 2
+"""Bumped whenever :func:`decode_image` gives other pixels for the same file, so caches of decoded images
+(keyed by it, :mod:`probssl.data.decode_cache`) are rebuilt rather than served stale. 2: 16-bit and
+floating-point grey scaled to 8 bits instead of clipped."""
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})  # modes without colour
+_WIDE_INTEGER_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit grey (Pillow: "I" too)
 
 
 def _open_pil(data: bytes | Path) -> Any:
@@ -286,7 +292,7 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width an
 
 def _exif_orientation(im: Any) -> int:
     """The EXIF orientation tag (1 = upright) of JPEG/WebP/PNG files that carry one; 1 otherwise."""
-    if im.format not in ("JPEG", "WEBP", "PNG", "MPO"):
+    if im.format not in ("JPEG", "WEBP", "PNG", "MPO", "TIFF"):
         return 1
     try:
         return int(im.getexif().get(0x0112, 1))
@@ -430,13 +436,41 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _to_eight_bit(im: Any) -> Any:
+    """A 16-bit or floating-point grey image as 8-bit grey ("L"); any other image unchanged.
+
+    Why: Pillow's ``convert("L")`` / ``convert("RGB")`` *clip* wide values at 255 instead of scaling
+    them, so a 16-bit PNG or TIFF (microscopy, medical, depth) came out ~all white. 16-bit integers are
+    scaled by their type's range (v / 257, rounded: 65535 → 255, the usual uint16 → uint8 mapping);
+    Pillow reads some 16-bit files as 32-bit "I", whose values are taken as 16-bit the same way (above
+    65535: clipped). Floating-point images have no standard range: values in [0, 1] are scaled by 255
+    (the float-image convention of PIL/torchvision); anything else is refused with what to do.
+    """
+    from PIL import Image
+
+    if im.mode in _WIDE_INTEGER_MODES:
+        wide = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.rint(np.clip(wide, 0, 65535) / 257.0).astype(np.uint8), mode="L")
+    if im.mode == "F":
+        values = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(values).all() or values.min() < 0.0 or values.max() > 1.0:
+            raise FormatError(
+                f"a floating-point image with values in [{np.nanmin(values):g}, {np.nanmax(values):g}]: only "
+                "[0, 1] has a defined meaning; save it as an 8- or 16-bit image (PNG/TIFF) instead"
+            )
+        return Image.fromarray(np.rint(values * 255.0).astype(np.uint8), mode="L")
+    return im
+
+
 def decode_image(data: bytes | Path, channels: int, image_size: int | None) -> np.ndarray:
     """One encoded image -> uint8 [channels, H, W], as every own-image source delivers it.
 
     ``channels`` 3 turns grey (and palette/alpha) images into RGB, 1 turns colour into luminance
-    (ITU-R 601, Pillow's "L"). With ``image_size`` N the shorter side is resized to N (Pillow's
-    antialiased bilinear filter) and the centre N x N is kept, so aspect ratio is never distorted;
-    without it the image is returned at its own size.
+    (ITU-R 601, Pillow's "L"); 16-bit and floating-point grey become 8-bit first
+    (:func:`_to_eight_bit`); an animated GIF or a multi-page TIFF gives its first frame. With
+    ``image_size`` N the shorter side is resized to N (Pillow's antialiased bilinear filter) and the
+    centre N x N is kept, so aspect ratio is never distorted; without it the image is returned at its
+    own size.
     """
     from PIL import Image, ImageOps
 
@@ -444,10 +478,12 @@ def decode_image(data: bytes | Path, channels: int, image_size: int | None) -> n
         with _open_pil(data) as im:
             if _exif_orientation(im) != 1:  # a camera's rotation flag: show the image upright
                 im = ImageOps.exif_transpose(im)
-            im = im.convert("L" if channels == 1 else "RGB")
+            im = _to_eight_bit(im).convert("L" if channels == 1 else "RGB")
             if image_size is not None:
                 im = resize_crop(im, image_size)
             arr = np.asarray(im, dtype=np.uint8)
+    except FormatError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FormatError(f"not a readable image ({type(e).__name__}: {e})") from e
     return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))

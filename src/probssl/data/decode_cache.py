@@ -7,8 +7,9 @@ batch needs.
 
 Keys: every entry is named by a hash of what determines its content — for a decoded array, the
 source's identity (the path, size and mtime of every file, or of the tar), the items of the split,
-the image size and the channel count. Changing, adding or removing a file changes the key, so the
-stale entry is never read again (and is deleted when its replacement is written).
+the image size, the channel count and the decoder's version (``_formats.DECODER_VERSION``).
+Changing, adding or removing a file changes the key, so the stale entry is never read again (and is
+deleted when its replacement is written).
 
 Writes are atomic (a temp file in the same folder, fsync, rename), so a decode killed half-way leaves
 at worst a temp file, never a cache entry that looks complete. A decode holds a lock file beside its
@@ -31,6 +32,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from probssl.data._formats import DECODER_VERSION
 from probssl.data.catalog import DatasetError
 from probssl.io import atomic_write as _atomic_write
 from probssl.io import read_json  # a cache miss (None), never an error
@@ -121,6 +123,7 @@ def decoded_array(
     place is found and removed); ``content_key`` names what it holds. The result is a copy-on-write
     memory map: writable for the caller, never written back to the cache.
     """
+    content_key = f"{content_key}d{DECODER_VERSION}"  # a decoder that changed pixels misses old entries
     folder = cache_root(cache_dir) / "decoded"
     shape = (len(source), source.channels, source.image_size, source.image_size)
     # Entries of one place at one size/channel count replace each other; other sizes stay cached.

@@ -11,8 +11,9 @@ Layout rules (the README's "Your own images" states them for users):
 - Otherwise the test split is carved from the folder: a fixed, stratified 10% of every class (at
   least one image of any class with two or more), chosen by a seeded permutation of the sorted file
   names, so it is the same on every machine and in every run. A flat folder gives a random 10%.
-- Split ``all`` is every image. Images are ``.png``, ``.jpg``/``.jpeg`` and ``.webp`` (any case);
-  other files and hidden files/folders (``.*``, ``__MACOSX``) are ignored.
+- Split ``all`` is every image. Images are ``.png``, ``.jpg``/``.jpeg``, ``.webp``, ``.bmp``,
+  ``.gif`` and ``.tif``/``.tiff`` (any case); other files and hidden files/folders (``.*``,
+  ``__MACOSX``) are ignored.
 - A tar whose members all lie under one top-level folder is read as that folder (a tar "of" a folder).
 
 Everything here works on relative POSIX names, so a directory walk and a tar index are laid out by
