@@ -234,3 +234,23 @@ def test_the_cost_ratio_needs_a_run_that_trained(tmp_path: Path) -> None:
     results = evaluate_run(run_dir, progress=False, suite_name="basic")
     assert results["meta/train_seconds"] == 5.0
     assert results["meta/eval_to_train"] == pytest.approx(results["meta/eval_seconds"] / 5.0)
+
+
+def test_a_smaller_encoder_batch_changes_memory_not_numbers(tmp_path: Path) -> None:
+    # `probssl eval --batch-size N`: what a user lowers when large images run evaluation out of memory.
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from probssl.cli import main
+
+    run_dir = _tiny_run(tmp_path, "simclr", ["backbone.width=8"])
+    assert main(["eval", str(run_dir), "--suite", "basic", "--no-progress"]) == 0
+    default = load_file(run_dir / "features" / "test_S1.safetensors")["mean"]
+    first = json.loads((run_dir / "eval.json").read_text())
+    shutil.rmtree(run_dir / "features")
+    assert main(["eval", str(run_dir), "--suite", "basic", "--no-progress", "--batch-size", "7"]) == 0
+    small = load_file(run_dir / "features" / "test_S1.safetensors")["mean"]
+    second = json.loads((run_dir / "eval.json").read_text())
+    torch.testing.assert_close(default, small, rtol=1e-5, atol=1e-6)
+    assert second["knn/top1@20"] == first["knn/top1@20"] and second["linear/top1"] == first["linear/top1"]

@@ -22,6 +22,17 @@ from probssl.registry import UnknownNameError
 USER_ERRORS = (ConfigError, UnknownNameError, DatasetError, CheckpointError, FileNotFoundError)
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (a batch of 0 images would loop forever or divide by zero)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a method (works under torchrun for DDP)")
     p.add_argument("--method", help="registered method name (probssl list)")
@@ -193,6 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         step=args.step,
         suite_name=args.suite,
         download=args.download,
+        batch_size=args.batch_size,
     )
     print(format_summary(results))
     name = "eval.json" if args.step is None else f"eval_step{args.step}.json"
@@ -363,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fetch missing OOD / transfer sets (other datasets) over the network; off: skip them",
     )
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help="images per encoder pass (default: the run's eval.batch_size); lower it if evaluation runs "
+        "out of memory — the numbers do not depend on it",
+    )
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser(
         "embed", help="embeddings, uncertainties and OOD p-values of your images under a trained run"
@@ -381,7 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="flag an image (ood_flag) when its OOD p-value is below ALPHA: at most a fraction ALPHA "
         "of images like the training data is flagged (default 0.05)",
     )
-    p.add_argument("--batch-size", type=int, help="images per batch (default: the run's eval.batch_size)")
+    p.add_argument(
+        "--batch-size", type=_positive_int, help="images per batch (default: the run's eval.batch_size)"
+    )
     p.add_argument("--workers", type=int, default=0, help="image-decoding worker processes")
     p.add_argument(
         "--skip-corrupt",

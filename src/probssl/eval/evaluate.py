@@ -243,8 +243,13 @@ def evaluate_run(
     reuse: bool = True,
     download: bool = False,
     dataset: str | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a trained run; writes ``eval.json`` (``eval_step<N>.json`` for a checkpoint).
+
+    ``batch_size``: images per encoder pass instead of the run's ``eval.batch_size`` — what to lower
+    when large images or a large network run the evaluation out of memory; the numbers do not depend
+    on it (up to float rounding).
 
     ``data_dir`` / ``dataset``: where the run's training data is now, if it moved since training
     (the registered sets' directory / the run's own image folder or tar; :func:`probssl.runs.point_at_data`).
@@ -259,8 +264,12 @@ def evaluate_run(
     if suite_name not in SUITES:
         raise ValueError(f"unknown suite '{suite_name}'; valid suites: {', '.join(SUITES)}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     run = load_run(run_dir, device, step=step, data_dir=data_dir, dataset=dataset)
     cfg = run.config
+    if batch_size is not None:
+        cfg.eval.batch_size = batch_size
     if cfg.train.channels_last:
         # The memory format the run trained in: 25–35% faster convolutions on CPU (bench speed), and
         # features equal to contiguous ones up to float rounding (≈ 1e-7 relative).
