@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from probssl.cli import main
@@ -254,3 +255,32 @@ def test_only_rank_zero_reports_the_run(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     assert main(_tiny_train(tmp_path / "run")) == 0
     assert capsys.readouterr().out.startswith("trained simclr on digits")
+
+
+@pytest.mark.parametrize(("layout", "said"), [("flat", "unlabelled images"), ("one_class", "a single class")])
+def test_eval_of_a_run_without_two_classes_says_what_works_instead(tmp_path, capsys, layout, said):
+    # It failed inside the kNN vote (index -1) or the probe (division by zero) before.
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "pics" / ("only" if layout == "one_class" else "")
+    folder.mkdir(parents=True)
+    for i in range(20):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = str(tmp_path / "run")
+    argv = ["train", "--method", "simclr", "--dataset", str(tmp_path / "pics"), "--epochs", "1"]
+    argv += [
+        "--batch-size",
+        "8",
+        "--out",
+        out,
+        "--no-progress",
+        "backbone.width=4",
+        "train.tensorboard=false",
+    ]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["eval", out, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0] and "probssl embed" in err[0]
+    assert not (tmp_path / "run" / "eval.json").exists()
