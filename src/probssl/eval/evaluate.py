@@ -35,6 +35,7 @@ from probssl.data.corruptions import corrupt, corruption_names
 from probssl.data.shift_sets import load_shift_set, ood_set_names, transfer_set_names
 from probssl.embedding import Embedding
 from probssl.eval import conformal, suite
+from probssl.eval.evaluable import require_classes
 from probssl.eval.features import FeatureBank, cached_features, content_key, extract_features
 from probssl.eval.knn import NeighbourCache, knn_predict_many, knn_predict_marginal_many
 from probssl.eval.linear import MAX_ITERATIONS
@@ -232,25 +233,6 @@ def training_seconds(run_dir: Path, epochs: int) -> float | None:
     return float(per_epoch) * epochs + float(summary.get("after_training_seconds") or 0.0)
 
 
-def _require_classes(num_classes: int, run_dir: str | Path) -> None:
-    """Refuse, with what to do instead, a run whose training images carry fewer than two classes.
-
-    Why: the protocol scores an embedding by how it separates classes — kNN and linear probes,
-    calibration, selective prediction, retrieval, and the class statistics of the OOD detectors — so a
-    run on an unlabelled (flat) folder or on one class has nothing to be scored against; it used to
-    fail deep inside the kNN vote or the probe with an index or division error.
-    """
-    if num_classes >= 2:
-        return
-    what = "unlabelled images (a flat folder)" if num_classes < 1 else "images of a single class"
-    raise DatasetError(
-        f"{run_dir} was trained on {what}: evaluation scores an embedding by how it separates classes "
-        "(kNN and linear probes, calibration, retrieval), which needs at least two. For embeddings, "
-        "uncertainties and OOD p-values of new images, which need no labels, use `probssl embed "
-        f"{run_dir} IMAGES --out FILE.npz`; to evaluate, train on a labelled folder (FOLDER/<class>/<image>)"
-    )
-
-
 def evaluate_run(
     run_dir: str | Path,
     data_dir: str | None = None,
@@ -286,7 +268,7 @@ def evaluate_run(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     run = load_run(run_dir, device, step=step, data_dir=data_dir, dataset=dataset)
-    _require_classes(run.info.num_classes, run_dir)
+    require_classes(run.info.num_classes, run_dir)
     cfg = run.config
     if batch_size is not None:
         cfg.eval.batch_size = batch_size
