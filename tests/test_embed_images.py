@@ -153,6 +153,17 @@ def test_embed_refuses_uint8_input_and_says_what_it_expects(simclr_run):
         method.embed(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
 
 
+def test_embed_refuses_one_image_without_its_batch_axis_and_float64(simclr_run):
+    method = load_run(simclr_run).method  # before: "expected 4D input (got 3D input)" from a BatchNorm
+    one_image = r"batch of images \[N, C, H, W\], got shape \[1, 8, 8\] \(one image: x.unsqueeze\(0\)\)"
+    with pytest.raises(ValueError, match=one_image):
+        method.embed(torch.zeros(1, 8, 8))
+    # before: "expected scalar type Double but found Float"
+    with pytest.raises(TypeError, match=r"float64 images: pass x.float\(\)"):
+        method.embed(torch.zeros(2, 1, 8, 8, dtype=torch.float64))
+    assert method.embed(torch.zeros(2, 1, 8, 8)).mean.shape[0] == 2
+
+
 def test_cli_embed_on_a_flat_folder_of_other_sized_rgb_images(scl_run, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
