@@ -222,6 +222,16 @@ def test_quality_benchmark_runs_arms_over_seeds_and_summarises(tiny_suite, tmp_p
     assert f"3 runs at fp32 on {cpu_name()}; 1 at bf16 on Other CPU (simclr-s1)." in mixed
 
 
+def test_table_only_without_finished_runs_is_refused_and_writes_nothing(tiny_suite, tmp_path):
+    # before: an empty results.md / results.json, exit 0, and --update published an empty section
+    bench_md = tmp_path / "BENCHMARKS.md"
+    bench_md.write_text("# Benchmarks\n")
+    refused = r"--table-only: no evaluated run of suite tiny under .*check --out"
+    with pytest.raises(ConfigError, match=refused):
+        suites.run_quality_benchmark("tiny", tmp_path / "bench", table_only=True, update=bench_md)
+    assert not (tmp_path / "bench").exists() and bench_md.read_text() == "# Benchmarks\n"
+
+
 def test_a_failing_arm_is_recorded_and_the_others_still_run(tiny_suite, tmp_path, monkeypatch):
     real = suites.train_and_evaluate
 

@@ -148,3 +148,39 @@ def test_values_a_type_admits_but_a_run_cannot_use_are_refused_up_front(override
     # evaluation after the whole training before these checks (see config._validate_ranges).
     with pytest.raises(ConfigError, match=message):
         build_config(overrides=[override])
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan"])
+def test_a_number_that_is_not_finite_is_refused(value, tmp_path):
+    # optim.lr=.nan passed every `<= 0` check and trained to a NaN loss at the first step
+    with pytest.raises(ConfigError, match="optim.lr must be a finite number"):
+        build_config(overrides=[f"optim.lr={value}"])
+    path = tmp_path / "nan.yaml"
+    path.write_text(f"optim: {{weight_decay: {value}}}\n")
+    with pytest.raises(ConfigError, match="optim.weight_decay must be a finite number"):
+        build_config(path)
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    # PyYAML keeps the last of two `train:` sections silently, dropping the first one's values
+    path = tmp_path / "twice.yaml"
+    path.write_text("method: simclr\ntrain: {epochs: 3}\noptim: {lr: 0.1}\ntrain: {batch_size: 64}\n")
+    with pytest.raises(ConfigError, match=r"key 'train' is given twice \(lines 2 and 4\)"):
+        build_config(path)
+    path.write_text("train: {epochs: 3, epochs: 4}\n")
+    with pytest.raises(ConfigError, match="key 'epochs' is given twice"):
+        build_config(path)
+    path.write_text("base: &b {epochs: 3}\n")  # anchors and merge keys still load
+    assert load_yaml(path) == {"base": {"epochs": 3}}
+
+
+def test_a_yaml_file_indented_with_tabs_says_to_use_spaces(tmp_path):
+    path = tmp_path / "tabs.yaml"
+    path.write_text("train:\n\tepochs: 1\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML \(indent with spaces"):
+        build_config(path)
+
+
+def test_a_path_object_is_accepted_where_a_path_string_is(tmp_path):
+    cfg = build_config(data={"dataset": tmp_path / "pictures", "cache_dir": tmp_path})
+    assert cfg.data.dataset == str(tmp_path / "pictures") and cfg.data.cache_dir == str(tmp_path)

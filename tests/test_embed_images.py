@@ -147,10 +147,66 @@ def test_one_image_file_of_another_size_and_colour(simclr_run, tmp_path):
     assert np.isfinite(found["ood_score"]).all()
 
 
+def test_images_in_memory_embed_as_the_same_images_in_a_folder(simclr_run, tmp_path, monkeypatch):
+    # before: a tensor, an array or a list went to pathlib ("expected str, bytes or os.PathLike")
+    from PIL import Image
+
+    monkeypatch.setenv("PROBSSL_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    small = load_dataset("digits", "test").images[:5]  # uint8 [5, 1, 8, 8]: the run's size
+    wide = rng.integers(0, 256, (3, 3, 12, 20), dtype=np.uint8)  # other size, aspect and colour
+    for name, images in (("small", small.numpy()), ("wide", wide)):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(images):
+            pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+            pil.save(tmp_path / name / f"{i}.png")
+        from_files = probssl.embed_images(simclr_run, tmp_path / name)
+        paths = sorted((tmp_path / name).glob("*.png"))
+        given = {
+            "tensor": torch.from_numpy(images),
+            "array": images,
+            "pillow": [Image.open(path) for path in paths],
+            "paths": [str(path) for path in paths],
+        }
+        for kind, source in given.items():
+            found = probssl.embed_images(simclr_run, source)
+            np.testing.assert_allclose(found["embedding"], from_files["embedding"], atol=1e-6, err_msg=kind)
+            np.testing.assert_allclose(found["ood_pvalue"], from_files["ood_pvalue"], err_msg=kind)
+        assert list(found["path"]) == [str(path) for path in paths]
+    assert list(probssl.embed_images(simclr_run, small)["path"][:2]) == ["images[0]", "images[1]"]
+
+
+@pytest.mark.parametrize(
+    "images, message",
+    [
+        (np.zeros((2, 1, 8, 8), np.float32), r"must be uint8 pixels \(0-255\), got float32"),
+        (np.zeros((1, 8, 8), np.uint8), r"one image: add its batch axis, images\[None\]"),
+        (np.zeros((2, 8, 8, 3), np.uint8), r"or 3 \(RGB\), got \[2, 8, 8, 3\] \(channels last"),
+        ([], "no images given"),
+        ([3], "images\\[0\\] is a int; a list must hold Pillow images or image paths"),
+        (42, "cannot read images from a int; pass an image folder"),
+    ],
+)
+def test_images_in_memory_of_the_wrong_kind_say_what_to_pass(simclr_run, images, message):
+    with pytest.raises((probssl.data.DatasetError, TypeError), match=message):
+        probssl.embed_images(simclr_run, images)
+
+
 def test_embed_refuses_uint8_input_and_says_what_it_expects(simclr_run):
     method = load_run(simclr_run).method
     with pytest.raises(TypeError, match="expects normalised float images.*to_float"):
         method.embed(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
+
+
+def test_embed_refuses_one_image_without_its_batch_axis_and_float64(simclr_run):
+    method = load_run(simclr_run).method  # before: "expected 4D input (got 3D input)" from a BatchNorm
+    one_image = r"batch of images \[N, C, H, W\], got shape \[1, 8, 8\] \(one image: x.unsqueeze\(0\)\)"
+    with pytest.raises(ValueError, match=one_image):
+        method.embed(torch.zeros(1, 8, 8))
+    # before: "expected scalar type Double but found Float"
+    with pytest.raises(TypeError, match=r"float64 images: pass x.float\(\)"):
+        method.embed(torch.zeros(2, 1, 8, 8, dtype=torch.float64))
+    assert method.embed(torch.zeros(2, 1, 8, 8)).mean.shape[0] == 2
 
 
 def test_cli_embed_on_a_flat_folder_of_other_sized_rgb_images(scl_run, tmp_path, monkeypatch, capsys):

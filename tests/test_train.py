@@ -175,3 +175,19 @@ def test_full_suite_fills_every_prefix(tmp_path, shared_data):
     assert {"reliability", "ood", "shift", "sparsification", "ranked_images"} <= set(details)
     assert details["ranked_images"]["classes"] == [str(digit) for digit in range(10)]  # the report names them
     assert len((run / "splits" / "lowshot_1pct_seed0.txt").read_text().split()) >= 10
+
+
+def test_fit_takes_a_mapping_laid_out_as_a_yaml_config(tmp_path):
+    # before: AttributeError: 'dict' object has no attribute 'train'
+    settings = {
+        "method": "simclr",
+        "backbone": {"name": "convnet", "width": 4},
+        "data": {"dataset": "digits", "subset": 64},
+        "train": {"epochs": 1, "batch_size": 32, "progress": False, "tensorboard": False},
+    }
+    run = train(settings, tmp_path / "run")
+    assert (run / "model.safetensors").is_file()
+    saved = (run / "config.yaml").read_text()
+    assert "width: 4" in saved and "subset: 64" in saved
+    with pytest.raises(TypeError, match="takes a RunConfig .* or a mapping, got str"):
+        train("simclr", tmp_path / "other")

@@ -31,6 +31,7 @@ import torch
 
 from probssl.config import ConfigError
 from probssl.data import DatasetError, open_source, skipped_items, to_float
+from probssl.data.given_images import GIVEN, images_in_memory, is_in_memory
 from probssl.data.pipeline import sequential_batches
 from probssl.data.shift_sets import conform
 from probssl.data.sources import ImageSource
@@ -42,16 +43,24 @@ __all__ = ["embed_images", "embedding_paths", "knn_cosine_distance", "open_image
 
 
 def open_images(
-    source: str | os.PathLike[str] | ImageSource, image_size: int, skip_corrupt: bool = False
+    source: str | os.PathLike[str] | ImageSource | Any,
+    image_size: int,
+    skip_corrupt: bool = False,
 ) -> ImageSource:
-    """A folder (flat or with class folders), a tar of one, one image file, or an ImageSource as it is.
+    """A folder (flat or with class folders), a tar of one, one image file, or an ImageSource as it is;
+    or images in memory (:func:`probssl.data.given_images.images_in_memory`: uint8 [N, C, H, W], a
+    list of Pillow images or image paths).
 
-    Paths are read at the run's ``image_size`` (shorter side + centre crop); channels are matched per
+    Images are read at the run's ``image_size`` (shorter side + centre crop); channels are matched per
     batch (grey <-> RGB) by :func:`embed_images`. ``skip_corrupt`` decodes every image once up front
     and leaves the unreadable ones out (``skipped_items`` names them) instead of stopping at the first.
     """
     if isinstance(source, ImageSource):
         return source
+    if is_in_memory(source):
+        return images_in_memory(source, image_size)
+    if not isinstance(source, str | os.PathLike):
+        raise TypeError(f"cannot read images from a {type(source).__name__}; pass {GIVEN}")
     path = Path(source).expanduser()
     if not path.exists():
         raise DatasetError(f"{path} does not exist; pass an image folder, a .tar of one, or an image file")
@@ -94,7 +103,7 @@ def check_samples(samples: int | None, available: int | None = None, run_dir: ob
 
 def embed_images(
     run_dir: str | os.PathLike[str],
-    source: str | os.PathLike[str] | ImageSource,
+    source: str | os.PathLike[str] | ImageSource | Any,
     samples: int | None = None,
     *,
     k: int = 1,
@@ -107,7 +116,9 @@ def embed_images(
     skip_corrupt: bool = False,
     dataset: str | None = None,
 ) -> dict[str, Any]:
-    """Embed every image of ``source`` with the run in ``run_dir``.
+    """Embed every image of ``source`` with the run in ``run_dir``: a folder, a tar of one or an image
+    file; or images in memory — uint8 pixels [N, C, H, W] (tensor or array, C = 1 or 3) or a list of
+    Pillow images or image paths — resized, converted and normalised as the run's own images were.
 
     Returns numpy arrays: ``embedding`` [N, D] (the mean embedding), ``uncertainty`` [N] (the
     method's own; zeros for deterministic methods), ``ood_pvalue`` [N] (the combined conformal
@@ -138,7 +149,7 @@ def embed_images(
     check_samples(samples, method.available_draws(), run_dir)
     images = open_images(source, info.image_size, skip_corrupt)
     if len(images) == 0:
-        raise DatasetError(f"{source} holds no images")
+        raise DatasetError("no images given" if is_in_memory(source) else f"{source} holds no images")
 
     evaluator = Evaluator(run, data_dir, cfg.eval.samples, device, progress)
     method.prepare_for_evaluation(evaluator.training_batches)  # e.g. BatchNorm statistics per draw

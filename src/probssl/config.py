@@ -8,7 +8,10 @@ silently training with a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -171,17 +174,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e30` (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e30` (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if not math.isfinite(number):  # `.nan` / `.inf` pass every `<= 0` check and train to a NaN loss
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):  # a pathlib.Path for data.dataset, data_dir, cache_dir
+            return os.fspath(value)
         raise ConfigError(f"{where} must be a string, got {value!r}")
     if origin is tuple:
         (item_type, *_rest) = typing.get_args(annotation)
@@ -279,14 +287,41 @@ def overrides_to_mapping(overrides: list[str]) -> dict[str, Any]:
     return mapping
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, except that a key given twice in one mapping is an error: PyYAML keeps the
+    last one silently, so a second ``train:`` section would drop every value of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` overrides by design
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error below says so
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {first} and {line}); keep one, or merge them",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        content = yaml.safe_load(path.read_text()) or {}
+        content = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        hint = " (indent with spaces: YAML does not allow tabs)" if "'\\t'" in str(err) else ""
+        raise ConfigError(f"config file {path} is not valid YAML{hint}: {err}") from None
     if not isinstance(content, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(content).__name__}")
     return content

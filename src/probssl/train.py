@@ -22,7 +22,7 @@ import os
 import random
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from probssl.checkpoint import (
     staging_dir,
 )
 from probssl.checkpoint_ranks import resume_checkpoint, save_rng_states
-from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, TrainConfig, save_config
+from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, TrainConfig, build_config, save_config
 from probssl.data import (
     DatasetError,
     DatasetInfo,
@@ -257,14 +257,23 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def train(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> Path:
+def train(cfg: RunConfig | Mapping[str, Any], out_dir: str | Path, resume: bool = False) -> Path:
     """Train ``cfg.method`` and write the run directory; returns it. Works under ``torchrun``.
+
+    ``cfg`` may also be a mapping laid out as a YAML config (``{"method": "simclr", "train": {...}}``),
+    validated by :func:`probssl.config.build_config`.
 
     One process trains a run directory at a time: the main process holds ``RUN/.train.lock``
     (:mod:`probssl.run_lock`) from before anything is read or written until the run is saved, so a
     second ``probssl train`` into the same ``--out`` is refused naming the first one's pid, and the
     lock of a process that died (even by SIGKILL) is taken over.
     """
+    if isinstance(cfg, Mapping):  # else "'dict' object has no attribute 'train'"
+        cfg = build_config(**cfg)
+    if not isinstance(cfg, RunConfig):
+        raise TypeError(
+            f"train/fit takes a RunConfig (probssl.build_config) or a mapping, got {type(cfg).__name__}"
+        )
     out_dir = Path(out_dir)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(auto_threads(cfg.train.threads)[0])  # probssl.threads: why not torch's default

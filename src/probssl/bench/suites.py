@@ -148,6 +148,11 @@ def run_quality_benchmark(
             if name == arm.name and seed is not None and seed not in runs.get(arm.name, {}):
                 runs.setdefault(arm.name, {})[seed] = load_run_results(eval_path.parent)
     runs = {a.name: dict(sorted(runs[a.name].items())) for a in every if a.name in runs}
+    if table_only and not runs and not failures:  # else an empty table, and --update would publish it
+        raise ConfigError(
+            f"--table-only: no evaluated run of suite {suite.name} under {out / suite.name} "
+            f"(<arm>-s<seed>/eval.json); check --out, or run `probssl bench {suite.name} --out {out}` first"
+        )
     columns = suite.columns()
     summary = summarise(runs, columns)  # the against-base columns are among the tables' (tested)
     results = {

@@ -472,18 +472,25 @@ def decode_image(data: bytes | Path, channels: int, image_size: int | None) -> n
     centre N x N is kept, so aspect ratio is never distorted; without it the image is returned at its
     own size.
     """
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     try:
         with _open_pil(data) as im:
-            if _exif_orientation(im) != 1:  # a camera's rotation flag: show the image upright
-                im = ImageOps.exif_transpose(im)
-            im = _to_eight_bit(im).convert("L" if channels == 1 else "RGB")
-            if image_size is not None:
-                im = resize_crop(im, image_size)
-            arr = np.asarray(im, dtype=np.uint8)
+            return image_to_array(im, channels, image_size)
     except FormatError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise FormatError(f"not a readable image ({type(e).__name__}: {e})") from e
+
+
+def image_to_array(im: Any, channels: int, image_size: int | None) -> np.ndarray:
+    """An open Pillow image (a file's, or one given in memory) -> uint8 [channels, H, W], as decode_image."""
+    from PIL import ImageOps
+
+    if _exif_orientation(im) != 1:  # a camera's rotation flag: show the image upright
+        im = ImageOps.exif_transpose(im)
+    im = _to_eight_bit(im).convert("L" if channels == 1 else "RGB")
+    if image_size is not None:
+        im = resize_crop(im, image_size)
+    arr = np.asarray(im, dtype=np.uint8)
     return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))

@@ -49,7 +49,13 @@ class ArraySource:
     """An :class:`ImageSource` over images already in memory (the built-in datasets, tests)."""
 
     def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, classes: list[str], name: str, split: str
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        classes: list[str],
+        name: str,
+        split: str,
+        ids: list[str] | None = None,
     ) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[2] != images.shape[3]:
             shape = list(images.shape)
@@ -58,6 +64,7 @@ class ArraySource:
         self._labels = labels.to(torch.int64).numpy()
         self.classes, self.name, self.split = list(classes), name, split
         self.channels, self.image_size = int(images.shape[1]), int(images.shape[2])
+        self._ids = None if ids is None else list(ids)  # each item's name (a path); default NAME/SPLIT[i]
 
     def __len__(self) -> int:
         return int(self._images.shape[0])
@@ -67,7 +74,7 @@ class ArraySource:
         return self._labels
 
     def item_id(self, index: int) -> str:
-        return f"{self.name}/{self.split}[{index}]"
+        return self._ids[index] if self._ids is not None else f"{self.name}/{self.split}[{index}]"
 
     def read(self, index: int) -> np.ndarray:
         return self._images[index].numpy()

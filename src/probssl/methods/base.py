@@ -136,8 +136,18 @@ def _expects_normalised_float(embed: Callable[..., Embedding]) -> Callable[..., 
                 f"{type(self).__name__}.embed expects normalised float images [N, C, H, W], got {got}. "
                 "Convert uint8 images with probssl.data.to_float(images, info.mean, info.std) using the "
                 "run's DatasetInfo (probssl.load_run(run_dir).info), or call "
-                "probssl.embed_images(run_dir, images_folder), which does it for you."
+                "probssl.embed_images(run_dir, images) with the uint8 images or their folder, which does "
+                "it for you."
             )
+        if x.dim() != 4:  # else a layer deep inside reports "expected 4D input (got 3D input)"
+            single = " (one image: x.unsqueeze(0))" if x.dim() == 3 else ""
+            raise ValueError(
+                f"{type(self).__name__}.embed expects a batch of images [N, C, H, W], got shape "
+                f"{list(x.shape)}{single}"
+            )
+        if x.dtype == torch.float64:  # else "expected scalar type Double but found Float" from a conv
+            name = type(self).__name__
+            raise TypeError(f"{name}.embed computes in float32; got float64 images: pass x.float()")
         return embed(self, x, *args, **kwargs)
 
     checked.__guarded_input__ = True  # type: ignore[attr-defined]
