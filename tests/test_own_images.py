@@ -108,7 +108,7 @@ def test_split_folders_are_the_splits_and_share_the_train_classes() -> None:
     assert [sorted_files[i] for i in test_idx] == ["val/dog/9.png"] and test_y.tolist() == [1]
     assert [sorted_files[i] for i in train_idx] == ["train/cat/1.png", "train/cat/2.png", "train/dog/1.png"]
     assert len(layout.splits["all"][0]) == 4
-    with pytest.raises(LayoutError, match="class folder.*bird.*lacks"):
+    with pytest.raises(LayoutError, match="class folder.*bird.*lacks.*add ROOT/train/bird/ with images"):
         plan_layout(["test/bird/1.png", "train/cat/1.png"], [], "ROOT")
 
 

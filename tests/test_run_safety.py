@@ -281,3 +281,10 @@ def test_embed_samples_must_be_a_positive_count_of_the_runs_draws(csghmc_run, tm
 def test_eval_samples_must_be_positive(run, capsys):
     assert main(["eval", str(run), "--samples", "0", "--no-progress"]) == 2
     assert "error: --samples must be a positive integer" in capsys.readouterr().err
+
+
+def test_training_into_a_run_that_exists_names_the_flag_and_the_python_argument(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(max_steps=1, epochs=2), out)  # a checkpoint, not finished
+    with pytest.raises(TrainingError, match=r"already holds a run; pass --resume \(Python: resume=True\)"):
+        train(_cfg(epochs=2), out)

@@ -395,7 +395,8 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
         is_main and (out_dir / "config.yaml").is_file() and latest_checkpoint(out_dir) is not None
     ):
         raise TrainingError(
-            f"{out_dir} already holds a run; pass --resume to continue it or choose another --out"
+            f"{out_dir} already holds a run; pass --resume (Python: resume=True) to continue it or choose "
+            "another --out"
         )
     elif is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -200,7 +200,8 @@ def _split_folders(files: list[str], dirs: list[str], where: str, test_dir: str)
     if unknown:
         raise LayoutError(
             f"{where}/{test_dir} has class folder(s) {', '.join(unknown[:5])} that {where}/train lacks; "
-            f"every test class needs training images"
+            f"every test class needs training images: add {where}/train/{unknown[0]}/ with images of it, or "
+            f"move {where}/{test_dir}/{unknown[0]}/ out of the data"
         )
     index = {c: k for k, c in enumerate(train_classes)}
     layout = Layout(list(train_classes))
