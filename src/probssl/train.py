@@ -40,7 +40,7 @@ from probssl.checkpoint import (
     staging_dir,
 )
 from probssl.checkpoint_ranks import resume_checkpoint, save_rng_states
-from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, TrainConfig, build_config, save_config
+from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, TrainConfig, config_from_dict, save_config
 from probssl.data import (
     DatasetError,
     DatasetInfo,
@@ -261,7 +261,7 @@ def train(cfg: RunConfig | Mapping[str, Any], out_dir: str | Path, resume: bool 
     """Train ``cfg.method`` and write the run directory; returns it. Works under ``torchrun``.
 
     ``cfg`` may also be a mapping laid out as a YAML config (``{"method": "simclr", "train": {...}}``),
-    validated by :func:`probssl.config.build_config`.
+    validated by :func:`probssl.config.config_from_dict`.
 
     One process trains a run directory at a time: the main process holds ``RUN/.train.lock``
     (:mod:`probssl.run_lock`) from before anything is read or written until the run is saved, so a
@@ -269,7 +269,7 @@ def train(cfg: RunConfig | Mapping[str, Any], out_dir: str | Path, resume: bool 
     lock of a process that died (even by SIGKILL) is taken over.
     """
     if isinstance(cfg, Mapping):  # else "'dict' object has no attribute 'train'"
-        cfg = build_config(**cfg)
+        cfg = config_from_dict(dict(cfg))
     if not isinstance(cfg, RunConfig):
         raise TypeError(
             f"train/fit takes a RunConfig (probssl.build_config) or a mapping, got {type(cfg).__name__}"

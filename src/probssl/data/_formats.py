@@ -291,7 +291,7 @@ _QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width an
 
 
 def _exif_orientation(im: Any) -> int:
-    """The EXIF orientation tag (1 = upright) of JPEG/WebP/PNG files that carry one; 1 otherwise."""
+    """The EXIF orientation tag (1 = upright) of JPEG/WebP/PNG/TIFF files that carry one; 1 otherwise."""
     if im.format not in ("JPEG", "WEBP", "PNG", "MPO", "TIFF"):
         return 1
     try:

@@ -84,14 +84,15 @@ def _listed(items: list[Any], image_size: int) -> tuple[np.ndarray, list[str]]:
         if not isinstance(item, Image.Image | str | os.PathLike):
             kind = type(item).__name__
             raise TypeError(f"images[{i}] is a {kind}; a list must hold Pillow images or image paths")
-    channels = 1 if all(_is_grey(item, i) for i, item in enumerate(items)) else 3
+    items = [item if isinstance(item, Image.Image) else _file(item, i) for i, item in enumerate(items)]
+    channels = 1 if all(_is_grey(item) for item in items) else 3
     pixels, names = [], []
     for i, item in enumerate(items):
         if isinstance(item, Image.Image):
             pixels.append(_formats.image_to_array(item, channels, image_size))
             names.append(getattr(item, "filename", "") or f"images[{i}]")
             continue
-        path = _file(item, i)
+        path = item
         try:
             pixels.append(_formats.decode_image(path, channels, image_size))
         except _formats.FormatError as e:
@@ -107,13 +108,14 @@ def _file(item: str | os.PathLike[str], index: int) -> Path:
     return path
 
 
-def _is_grey(item: Any, index: int) -> bool:
-    """Whether a Pillow image or an image file has no colour (its header; the file is not decoded)."""
+def _is_grey(item: Any) -> bool:
+    """Whether a Pillow image or an image file (a checked path) has no colour (its header; the file is
+    not decoded)."""
     from PIL import Image
 
     if isinstance(item, Image.Image):
         return item.mode in _formats._GRAY_MODES  # what a folder's header scan decides by
-    path = _file(item, index)
+    path = item
     try:
         return _formats.image_header(path)[2]
     except _formats.FormatError as e:
