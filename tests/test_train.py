@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from probssl.cli import main
-from probssl.config import build_config
+from probssl.config import ConfigError, build_config, load_yaml
 from probssl.train import train
 
 FAST = {
@@ -46,6 +46,27 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, method):
         assert torch.equal(a[key], b[key]), key
     rows = (part / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,epoch,loss") and len(rows) > 2
+
+
+def test_a_run_resumes_across_a_changed_evaluation_setting_and_records_it(tmp_path, capsys):
+    """A suite run interrupted before an evaluation default changed (eval.linear_max_iter 200 → 10,000
+    did) must resume: evaluation settings never change what is trained. The run then records the new
+    ones, keeps its header comment, and a change of anything that is trained is still refused."""
+    part = train(_cfg("simclr", max_steps=5), tmp_path / "part")
+    path = part / "config.yaml"
+    old_default = path.read_text().replace("linear_max_iter: 10000", "linear_max_iter: 200")
+    path.write_text("# a header line\n" + old_default)
+    changed = build_config(None, ["eval.knn_k=[5]", "optim.lr=0.2"], **_cfg("simclr").to_dict())
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.05 → 0\.2") as err:
+        train(changed, part, resume=True)
+    assert "linear_max_iter" not in str(err.value) and "knn_k" not in str(err.value)
+    train(build_config(None, ["eval.knn_k=[5]"], **_cfg("simclr").to_dict()), part, resume=True)
+    assert (part / "model.safetensors").is_file()
+    assert "linear_max_iter: 200 → 10000" in capsys.readouterr().out
+    stored = load_yaml(path)
+    assert stored["eval"]["linear_max_iter"] == 10000 and stored["eval"]["knn_k"] == [5]
+    assert path.read_text().startswith("# a header line\n")
+    assert stored["optim"]["lr"] == 0.05
 
 
 def test_a_resumed_run_continues_at_the_precision_it_started_at(tmp_path, monkeypatch):

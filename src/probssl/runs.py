@@ -11,14 +11,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from probssl.backbone_choice import WEIGHTS_KEY, chosen_backbone, stored_backbone
 from probssl.checkpoint import CheckpointError, final_weights_intact, latest_checkpoint, load_model_state
-from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, config_from_dict, load_yaml, named_mappings
+from probssl.config import (
+    RUNTIME_KEYS,
+    ConfigError,
+    RunConfig,
+    config_from_dict,
+    load_yaml,
+    named_mappings,
+    yaml_safe,
+)
 from probssl.data import DatasetError, DatasetInfo, default_data_dir, get_dataset_info, preset_for_dataset
 from probssl.data.resolve import is_path_dataset, open_source
-from probssl.io import read_json
+from probssl.io import atomic_write_text, read_json
 from probssl.methods import METHODS, SSLMethod, build_method
 from probssl.nn import build_backbone
 from probssl.nn.frozen import freeze_backbone
@@ -384,3 +393,24 @@ def training_data_error(cfg: RunConfig, error: DatasetError) -> DatasetError:
             "--data-dir NEWDIR)"
         )
     return error
+
+
+def adopt_evaluation_settings(out_dir: Path, saved: RunConfig, new: RunConfig) -> None:
+    """Write ``new``'s ``eval`` section into the run's config.yaml when it differs from the stored one,
+    so the ``probssl eval`` that follows the resumed training uses what this invocation asked for;
+    every other line of the file (its header comment included) stays as it was."""
+    if saved.eval == new.eval:
+        return
+    path = out_dir / "config.yaml"
+    text = path.read_text()
+    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    stored = load_yaml(path)
+    old_eval = stored.get("eval") or {}
+    stored["eval"] = yaml_safe(new.to_dict()["eval"])
+    changes = ", ".join(
+        f"{key}: {old_eval.get(key)!r} → {value!r}"
+        for key, value in stored["eval"].items()
+        if old_eval.get(key) != value
+    )
+    atomic_write_text(path, header + yaml.safe_dump(stored, sort_keys=False))
+    print(f"resume: the run's evaluation settings are now this invocation's ({changes})", flush=True)

@@ -80,6 +80,7 @@ from probssl.run_lock import TRAIN_LOCK, RunBusy, run_lock
 from probssl.run_log import MetricLogger
 from probssl.runs import (
     DATASET_INFO_FILE,
+    adopt_evaluation_settings,
     build_model,
     build_run_backbone,
     dataset_info_from_json,
@@ -94,6 +95,8 @@ from probssl.threads import auto_threads
 
 # Keys that may differ between a run and its resumption (probssl.config.RUNTIME_KEYS).
 RESUMABLE_KEYS = set(RUNTIME_KEYS)
+# Settings of the evaluation only: a resume may change them (check_resumable).
+EVAL_PREFIX = "eval."
 
 
 class TrainingError(RuntimeError):
@@ -228,11 +231,17 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 def check_resumable(saved: RunConfig, new: RunConfig) -> None:
     """Refuse a resume whose config would compute something else (both sides resolved, so ``auto``
     and an omitted default compare equal to the values they stand for). Own images that moved are
-    the same run: ``data.dataset`` may change from one path to another."""
+    the same run: ``data.dataset`` may change from one path to another. ``eval.*`` settings never
+    change what is trained (:func:`adopt_evaluation_settings` records new ones): a run begun before an
+    evaluation default changed must still resume — a benchmark suite picked up next session does."""
     old_flat, new_flat = saved.flat(), new.flat()
     moved = is_path_dataset(saved.data.dataset) and is_path_dataset(new.data.dataset)
     resumable = RESUMABLE_KEYS | ({"data.dataset"} if moved else set())
-    changed = [k for k in old_flat if k not in resumable and old_flat[k] != new_flat.get(k)]
+    changed = [
+        k
+        for k in old_flat
+        if k not in resumable and not k.startswith(EVAL_PREFIX) and old_flat[k] != new_flat.get(k)
+    ]
     if changed:
         details = ", ".join(f"{k}: {old_flat[k]!r} → {new_flat.get(k)!r}" for k in changed)
         raise ConfigError(
@@ -380,7 +389,9 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
         def check_run() -> None:  # on rank 0, the one machine that holds the run directory
             if not (out_dir / "config.yaml").is_file():
                 raise TrainingError(f"--resume: {out_dir} has no config.yaml; there is no run to resume")
-            check_resumable(read_run_config(out_dir, info), cfg)
+            saved = read_run_config(out_dir, info)
+            check_resumable(saved, cfg)
+            adopt_evaluation_settings(out_dir, saved, cfg)
 
         ckpt = resume_checkpoint(out_dir, check_run)
         if ckpt is not None:
