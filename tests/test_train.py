@@ -69,6 +69,33 @@ def test_a_run_resumes_across_a_changed_evaluation_setting_and_records_it(tmp_pa
     assert stored["optim"]["lr"] == 0.05
 
 
+def test_a_resumed_runs_training_wall_sums_its_invocations(tmp_path):
+    """A run trained over several invocations reports the step loops of all of them (the cost tables
+    divide evaluation by it): the last invocation's seconds per epoch × epochs is wrong whenever that
+    invocation ran at another speed (a starved resume said 1,590 s an epoch for a ~140 s epoch). A run
+    resumed from a checkpoint that did not record its time keeps the old extrapolation."""
+    from probssl.eval.evaluate import training_seconds
+
+    for name, recorded in (("recorded", True), ("old", False)):
+        part = train(_cfg("simclr", max_steps=5), tmp_path / name)
+        latest = (part / "checkpoints" / "latest").read_text().strip()
+        meta_path = part / "checkpoints" / latest / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        assert meta["loop_seconds"] > 0
+        if not recorded:  # as a checkpoint written before the time was recorded
+            meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "loop_seconds"}))
+        train(_cfg("simclr"), part, resume=True)
+        summary = json.loads((part / "train_summary.json").read_text())
+        after = summary["after_training_seconds"]
+        if recorded:
+            assert summary["total_seconds"] == pytest.approx(meta["loop_seconds"] + summary["seconds"])
+            assert training_seconds(part, epochs=3) == pytest.approx(summary["total_seconds"] + after)
+        else:
+            assert summary["total_seconds"] is None
+            expected = summary["seconds_per_epoch"] * 3 + after
+            assert training_seconds(part, epochs=3) == pytest.approx(expected)
+
+
 def test_a_resumed_run_continues_at_the_precision_it_started_at(tmp_path, monkeypatch):
     """precision: auto is decided per machine; a run begun in bf16 and resumed where auto says fp32 goes
     on in bf16 (with a warning), so it equals the uninterrupted bf16 run bit for bit."""

@@ -383,6 +383,9 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
 
     # ---- resume or start ----------------------------------------------------------------------
     start_step = 0
+    # Step-loop seconds of the earlier invocations up to the checkpoint resumed from (None: a checkpoint
+    # written before they were recorded), so a resumed run's training wall is the sum, not an extrapolation.
+    earlier_seconds: float | None = 0.0
     precision = resolve_precision(tc.precision, device)  # what `auto` becomes here (a resume may pin it)
     if resume:
 
@@ -400,6 +403,7 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
                 optimizer.load_state_dict(ckpt["optimizer"])
             restore_rng(*ckpt["rng"])
             start_step = int(ckpt["meta"]["step"])
+            earlier_seconds = ckpt["meta"].get("loop_seconds")
             precision = _resumed_precision(ckpt["meta"].get("precision"), precision, tc.precision)
     # rank 0 looks (only its machine need hold the run directory) and every rank obeys
     elif broadcast_object(
@@ -447,6 +451,8 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
                 "method": cfg.method,
                 "precision": precision,  # a resume continues at it, whatever `auto` says then
             }
+            if earlier_seconds is not None:  # every invocation's step loop up to this checkpoint
+                meta["loop_seconds"] = earlier_seconds + time.perf_counter() - train_start
             path = finalize_checkpoint(
                 out_dir, step, method.state_dict(), optimizer.state_dict(), meta, tc.keep_checkpoints
             )
@@ -551,6 +557,9 @@ def _train(cfg: RunConfig, out_dir: Path, resume: bool) -> Path:
             "seconds": loop_seconds,  # the step loop of this invocation
             "img_per_s": steps_run * tc.batch_size / max(loop_seconds, 1e-9),
             "seconds_per_epoch": loop_seconds * steps_per_epoch / steps_run if steps_run else None,
+            # every invocation's step loop (the steps an interrupted invocation ran past its last checkpoint
+            # were redone, and only the redone ones count); absent when an earlier one was not recorded
+            "total_seconds": None if earlier_seconds is None else earlier_seconds + loop_seconds,
             "after_training_seconds": after_training_seconds,  # e.g. post-hoc LAM's Hessian pass
             "device": str(device),
             "precision": precision,  # what `auto` became (or, resumed, what the run started at)

@@ -223,14 +223,21 @@ class Evaluator:
 
 
 def training_seconds(run_dir: Path, epochs: int) -> float | None:
-    """Wall seconds the run's training took: its step loop per epoch × epochs (so a resumed run counts
-    in full, not only its last invocation) plus any after-training step (LAM's post-hoc Laplace fit).
-    None without a ``train_summary.json`` (an imported or partial run)."""
+    """Wall seconds the run's training took plus any after-training step (LAM's post-hoc Laplace fit):
+    the step loops of every invocation (``total_seconds``), or, for a run whose earlier invocations were
+    not recorded, its last invocation's seconds per epoch × epochs — an extrapolation that is wrong
+    when that invocation ran at another speed. None without a ``train_summary.json`` (an imported or
+    partial run)."""
     summary = read_json(Path(run_dir) / "train_summary.json")
-    per_epoch = summary.get("seconds_per_epoch") if isinstance(summary, dict) else None
+    if not isinstance(summary, dict):
+        return None
+    after = float(summary.get("after_training_seconds") or 0.0)
+    if summary.get("total_seconds") is not None:
+        return float(summary["total_seconds"]) + after
+    per_epoch = summary.get("seconds_per_epoch")
     if not per_epoch:
         return None
-    return float(per_epoch) * epochs + float(summary.get("after_training_seconds") or 0.0)
+    return float(per_epoch) * epochs + after
 
 
 def evaluate_run(
