@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import sys
 import warnings
@@ -402,8 +403,8 @@ def adopt_evaluation_settings(out_dir: Path, saved: RunConfig, new: RunConfig) -
     if saved.eval == new.eval:
         return
     path = out_dir / "config.yaml"
-    text = path.read_text()
-    header = "".join(line for line in text.splitlines(keepends=True) if line.startswith("#"))
+    lines = path.read_text().splitlines(keepends=True)
+    header = "".join(itertools.takewhile(lambda line: line.startswith("#"), lines))
     stored = load_yaml(path)
     old_eval = stored.get("eval") or {}
     stored["eval"] = yaml_safe(new.to_dict()["eval"])
