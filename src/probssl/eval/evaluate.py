@@ -223,11 +223,9 @@ class Evaluator:
 
 
 def training_seconds(run_dir: Path, epochs: int) -> float | None:
-    """Wall seconds the run's training took plus any after-training step (LAM's post-hoc Laplace fit):
-    the step loops of every invocation (``total_seconds``), or, for a run whose earlier invocations were
-    not recorded, its last invocation's seconds per epoch × epochs — an extrapolation that is wrong
-    when that invocation ran at another speed. None without a ``train_summary.json`` (an imported or
-    partial run)."""
+    """Wall seconds of training plus any after-training step (post-hoc LAM's fit): every invocation's step
+    loop (``total_seconds``), else — earlier invocations unrecorded — the last one's seconds per epoch ×
+    epochs (wrong if it ran at another speed). None without ``train_summary.json``."""
     summary = read_json(Path(run_dir) / "train_summary.json")
     if not isinstance(summary, dict):
         return None
