@@ -40,7 +40,15 @@ from probssl.checkpoint import (
     staging_dir,
 )
 from probssl.checkpoint_ranks import resume_checkpoint, save_rng_states
-from probssl.config import RUNTIME_KEYS, ConfigError, RunConfig, TrainConfig, config_from_dict, save_config
+from probssl.config import (
+    RUNTIME_KEYS,
+    ConfigError,
+    EvalConfig,
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    save_config,
+)
 from probssl.data import (
     DatasetError,
     DatasetInfo,
@@ -93,10 +101,9 @@ from probssl.runs import (
 from probssl.step_clock import StepClock
 from probssl.threads import auto_threads
 
-# Keys that may differ between a run and its resumption (probssl.config.RUNTIME_KEYS).
-RESUMABLE_KEYS = set(RUNTIME_KEYS)
-# Settings of the evaluation only: a resume may change them (check_resumable).
-EVAL_PREFIX = "eval."
+# Keys that may differ between a run and its resumption: how it runs (probssl.config.RUNTIME_KEYS) and
+# how it will be evaluated, which never changes what is trained (adopt_evaluation_settings records them).
+RESUMABLE_KEYS = set(RUNTIME_KEYS) | {f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)}
 
 
 class TrainingError(RuntimeError):
@@ -237,11 +244,7 @@ def check_resumable(saved: RunConfig, new: RunConfig) -> None:
     old_flat, new_flat = saved.flat(), new.flat()
     moved = is_path_dataset(saved.data.dataset) and is_path_dataset(new.data.dataset)
     resumable = RESUMABLE_KEYS | ({"data.dataset"} if moved else set())
-    changed = [
-        k
-        for k in old_flat
-        if k not in resumable and not k.startswith(EVAL_PREFIX) and old_flat[k] != new_flat.get(k)
-    ]
+    changed = [k for k in old_flat if k not in resumable and old_flat[k] != new_flat.get(k)]
     if changed:
         details = ", ".join(f"{k}: {old_flat[k]!r} → {new_flat.get(k)!r}" for k in changed)
         raise ConfigError(
